@@ -1,0 +1,1 @@
+//! Room, participant and track actors (control) and the media data plane (packets).

@@ -1,0 +1,1 @@
+//! Seeded, deterministic discrete-event simulators that drive the real `arbor-topology` code.

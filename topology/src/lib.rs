@@ -1,0 +1,1 @@
+//! Cluster topology: node registry, regions, relay-tree planning, relay links, Raft membership.
