@@ -131,10 +131,14 @@ pub async fn session(socket: WebSocket, state: AppState, params: JoinParams, roo
     let timeout = Duration::from_secs(u64::from(state.settings.ping_timeout) + 5);
     let mut clean = false;
     let mut close_tx = Some(close_tx);
+    let mut writer_done = false;
     loop {
         let next = tokio::select! {
             n = tokio::time::timeout(timeout, ws_rx.next()) => n,
-            _ = &mut writer => break,
+            _ = &mut writer => {
+                writer_done = true;
+                break;
+            }
         };
         let msg = match next {
             Err(_) => {
@@ -184,6 +188,8 @@ pub async fn session(socket: WebSocket, state: AppState, params: JoinParams, roo
     }
     participant.do_send(SocketClosed { clean });
     // Let the writer flush a final close frame, but never wait long.
-    let _ = tokio::time::timeout(Duration::from_secs(2), &mut writer).await;
-    writer.abort();
+    if !writer_done {
+        let _ = tokio::time::timeout(Duration::from_secs(2), &mut writer).await;
+        writer.abort();
+    }
 }
