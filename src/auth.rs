@@ -9,7 +9,9 @@ use thiserror::Error;
 /// Why a token was refused. `status()` gives the HTTP status LiveKit uses.
 #[derive(Debug, Error)]
 pub enum AuthError {
-    #[error("authorization token is missing (send `Authorization: Bearer <jwt>` or `?access_token=`)")]
+    #[error(
+        "authorization token is missing (send `Authorization: Bearer <jwt>` or `?access_token=`)"
+    )]
     Missing,
     #[error("invalid authorization token: {0}")]
     Invalid(String),
@@ -46,7 +48,8 @@ impl Auth {
             return Err(AuthError::Missing);
         }
         // `iss` names the key; read it unverified, then verify with that key's secret.
-        let unverified = Claims::from_unverified(token).map_err(|e| AuthError::Invalid(e.to_string()))?;
+        let unverified =
+            Claims::from_unverified(token).map_err(|e| AuthError::Invalid(e.to_string()))?;
         let secret = self
             .keys
             .get(&unverified.iss)
@@ -116,11 +119,23 @@ mod tests {
     #[test]
     fn bad_tokens_are_refused() {
         assert!(matches!(auth().verify(""), Err(AuthError::Missing)));
-        assert!(matches!(auth().verify("garbage"), Err(AuthError::Invalid(_))));
-        let wrong = AccessToken::with_api_key("devkey", "other").with_identity("a").to_jwt().unwrap();
+        assert!(matches!(
+            auth().verify("garbage"),
+            Err(AuthError::Invalid(_))
+        ));
+        let wrong = AccessToken::with_api_key("devkey", "other")
+            .with_identity("a")
+            .to_jwt()
+            .unwrap();
         assert!(matches!(auth().verify(&wrong), Err(AuthError::Invalid(_))));
-        let unknown = AccessToken::with_api_key("nokey", "secret").with_identity("a").to_jwt().unwrap();
-        assert!(matches!(auth().verify(&unknown), Err(AuthError::UnknownKey(_))));
+        let unknown = AccessToken::with_api_key("nokey", "secret")
+            .with_identity("a")
+            .to_jwt()
+            .unwrap();
+        assert!(matches!(
+            auth().verify(&unknown),
+            Err(AuthError::UnknownKey(_))
+        ));
         let expired = AccessToken::with_api_key("devkey", "secret")
             .with_identity("a")
             .with_ttl(std::time::Duration::from_secs(0))

@@ -70,7 +70,10 @@ pub fn encode(msg: lk::signal_response::Message, json: bool) -> Message {
 
 /// Run one signal session until either side ends it.
 pub async fn session(socket: WebSocket, state: AppState, params: JoinParams, room: Addr<Room>) {
-    let room_span = room.send(GetSpan).await.unwrap_or_else(|_| tracing::Span::none());
+    let room_span = room
+        .send(GetSpan)
+        .await
+        .unwrap_or_else(|_| tracing::Span::none());
     let (signal_tx, mut signal_rx) = mpsc::channel(state.settings.signal_queue);
     let init = ParticipantInit {
         identity: params.identity.clone(),
@@ -149,7 +152,10 @@ pub async fn session(socket: WebSocket, state: AppState, params: JoinParams, roo
             Ok(Some(Err(e))) => {
                 METRICS.inc_signal_errors();
                 let text = e.to_string();
-                let code = if text.contains("too long") || text.contains("too big") || text.contains("size") {
+                let code = if text.contains("too long")
+                    || text.contains("too big")
+                    || text.contains("size")
+                {
                     1009
                 } else {
                     1002
@@ -191,5 +197,51 @@ pub async fn session(socket: WebSocket, state: AppState, params: JoinParams, roo
     if !writer_done {
         let _ = tokio::time::timeout(Duration::from_secs(2), &mut writer).await;
         writer.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        let json = AtomicBool::new(false);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for n in 0..2000 {
+            let len = rng.random_range(0..256);
+            let bytes: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+            let _ = decode(&Message::Binary(bytes.clone().into()), &json);
+            let text = String::from_utf8_lossy(&bytes).to_string();
+            let _ = decode(&Message::Text(text.into()), &json);
+            if n == 0 {
+                assert!(decode(&Message::Text("{".into()), &json).is_err());
+            }
+        }
+        assert!(decode(&Message::Binary(vec![0xff, 0xff, 0xff].into()), &json).is_err());
+    }
+
+    #[test]
+    fn protobuf_and_json_round_trip() {
+        let json = AtomicBool::new(false);
+        let req = lk::SignalRequest {
+            message: Some(lk::signal_request::Message::Ping(42)),
+        };
+        let got = decode(&Message::Binary(req.encode_to_vec().into()), &json)
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, req);
+        assert!(!json.load(Ordering::Relaxed));
+        let got = decode(&Message::Text(r#"{"ping":"42"}"#.into()), &json)
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, req);
+        assert!(json.load(Ordering::Relaxed));
+        // Responses follow the client's encoding.
+        match encode(lk::signal_response::Message::Pong(1), true) {
+            Message::Text(t) => assert!(t.as_str().contains("pong")),
+            other => panic!("expected text, got {other:?}"),
+        }
     }
 }

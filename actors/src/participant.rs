@@ -86,7 +86,9 @@ fn now_ms() -> i64 {
 }
 
 fn stream_for_source(source: i32) -> &'static str {
-    if source == lk::TrackSource::ScreenShare as i32 || source == lk::TrackSource::ScreenShareAudio as i32 {
+    if source == lk::TrackSource::ScreenShare as i32
+        || source == lk::TrackSource::ScreenShareAudio as i32
+    {
         "screen"
     } else {
         "camera"
@@ -95,7 +97,10 @@ fn stream_for_source(source: i32) -> &'static str {
 
 impl Participant {
     /// Create a participant session and start it on `arbiter` (the control-plane thread).
-    pub fn start_session(init: ParticipantInit, arbiter: &ArbiterHandle) -> (Addr<Participant>, String) {
+    pub fn start_session(
+        init: ParticipantInit,
+        arbiter: &ArbiterHandle,
+    ) -> (Addr<Participant>, String) {
         let sid = new_sid("PA_");
         let ms = now_ms();
         let info = lk::ParticipantInfo {
@@ -143,7 +148,9 @@ impl Participant {
                 tracing::warn!(parent: &self.span, "signal queue full (limit.signal_queue); disconnecting slow client");
                 self.leave(lk::DisconnectReason::SignalClose, ctx);
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => self.leave(lk::DisconnectReason::SignalClose, ctx),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.leave(lk::DisconnectReason::SignalClose, ctx)
+            }
         }
     }
 
@@ -172,7 +179,14 @@ impl Participant {
         self.leave(reason, ctx);
     }
 
-    fn request_error(&mut self, request_id: u32, reason: lk::request_response::Reason, message: String, request: Option<lk::request_response::Request>, ctx: &mut Context<Self>) {
+    fn request_error(
+        &mut self,
+        request_id: u32,
+        reason: lk::request_response::Reason,
+        message: String,
+        request: Option<lk::request_response::Request>,
+        ctx: &mut Context<Self>,
+    ) {
         METRICS.inc_signal_errors();
         tracing::info!(parent: &self.span, %message, "request rejected");
         self.send(
@@ -188,13 +202,23 @@ impl Participant {
 
     fn can_publish_source(&self, source: i32) -> bool {
         let p = self.perm();
-        p.can_publish && (p.can_publish_sources.is_empty() || p.can_publish_sources.contains(&source))
+        p.can_publish
+            && (p.can_publish_sources.is_empty() || p.can_publish_sources.contains(&source))
     }
 
     fn handle_add_track(&mut self, req: lk::AddTrackRequest, ctx: &mut Context<Self>) {
         if !self.can_publish_source(req.source) {
-            let msg = format!("not allowed to publish source {} (token grants)", req.source);
-            self.request_error(0, lk::request_response::Reason::NotAllowed, msg, Some(lk::request_response::Request::AddTrack(req)), ctx);
+            let msg = format!(
+                "not allowed to publish source {} (token grants)",
+                req.source
+            );
+            self.request_error(
+                0,
+                lk::request_response::Reason::NotAllowed,
+                msg,
+                Some(lk::request_response::Request::AddTrack(req)),
+                ctx,
+            );
             return;
         }
         let count = self.pending.len() + self.published.len();
@@ -203,15 +227,28 @@ impl Participant {
                 "too many tracks (limit.max_tracks_per_participant = {})",
                 self.init.settings.max_tracks_per_participant
             );
-            self.request_error(0, lk::request_response::Reason::LimitExceeded, msg, Some(lk::request_response::Request::AddTrack(req)), ctx);
+            self.request_error(
+                0,
+                lk::request_response::Reason::LimitExceeded,
+                msg,
+                Some(lk::request_response::Request::AddTrack(req)),
+                ctx,
+            );
             return;
         }
         if req.cid.is_empty() || self.pending.contains_key(&req.cid) {
             let msg = "track cid missing or already pending".to_string();
-            self.request_error(0, lk::request_response::Reason::InvalidRequest, msg, Some(lk::request_response::Request::AddTrack(req)), ctx);
+            self.request_error(
+                0,
+                lk::request_response::Reason::InvalidRequest,
+                msg,
+                Some(lk::request_response::Request::AddTrack(req)),
+                ctx,
+            );
             return;
         }
-        let simulcast = req.layers.len() > 1 || req.simulcast_codecs.iter().any(|c| c.layers.len() > 1);
+        let simulcast =
+            req.layers.len() > 1 || req.simulcast_codecs.iter().any(|c| c.layers.len() > 1);
         let stream = if req.stream.is_empty() {
             stream_for_source(req.source).to_string()
         } else {
@@ -377,19 +414,42 @@ impl Participant {
         }
     }
 
-    fn handle_update_metadata(&mut self, req: lk::UpdateParticipantMetadata, ctx: &mut Context<Self>) {
+    fn handle_update_metadata(
+        &mut self,
+        req: lk::UpdateParticipantMetadata,
+        ctx: &mut Context<Self>,
+    ) {
         let rid = req.request_id;
         if !self.perm().can_update_metadata {
             let msg = "not allowed to update own metadata (canUpdateOwnMetadata)".to_string();
-            self.request_error(rid, lk::request_response::Reason::NotAllowed, msg, Some(lk::request_response::Request::UpdateMetadata(req)), ctx);
+            self.request_error(
+                rid,
+                lk::request_response::Reason::NotAllowed,
+                msg,
+                Some(lk::request_response::Request::UpdateMetadata(req)),
+                ctx,
+            );
             return;
         }
         let size = req.metadata.len()
             + req.name.len()
-            + req.attributes.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+            + req
+                .attributes
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>();
         if size > self.init.settings.max_metadata_bytes {
-            let msg = format!("metadata too large (limit.max_metadata_bytes = {})", self.init.settings.max_metadata_bytes);
-            self.request_error(rid, lk::request_response::Reason::LimitExceeded, msg, Some(lk::request_response::Request::UpdateMetadata(req)), ctx);
+            let msg = format!(
+                "metadata too large (limit.max_metadata_bytes = {})",
+                self.init.settings.max_metadata_bytes
+            );
+            self.request_error(
+                rid,
+                lk::request_response::Reason::LimitExceeded,
+                msg,
+                Some(lk::request_response::Request::UpdateMetadata(req)),
+                ctx,
+            );
             return;
         }
         self.init.room.do_send(room::UpdateMetadata {
@@ -450,13 +510,21 @@ impl Actor for Participant {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(256);
-        METRICS.participants.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        METRICS
+            .participants
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (pub_tx, pub_rx) = mpsc::channel(PEER_EVENT_QUEUE);
         let (sub_tx, sub_rx) = mpsc::channel(PEER_EVENT_QUEUE);
         let pub_peer = self.pub_peer;
         let sub_peer = self.sub_peer;
-        ctx.add_stream(PeerEvents { peer: pub_peer, rx: pub_rx });
-        ctx.add_stream(PeerEvents { peer: sub_peer, rx: sub_rx });
+        ctx.add_stream(PeerEvents {
+            peer: pub_peer,
+            rx: pub_rx,
+        });
+        ctx.add_stream(PeerEvents {
+            peer: sub_peer,
+            rx: sub_rx,
+        });
         let media = self.init.media.clone();
         let room = self.init.room.clone();
         let join = room::Join {
@@ -467,8 +535,12 @@ impl Actor for Participant {
             hidden: self.perm().hidden,
         };
         let fut = async move {
-            media.add_peer(pub_peer, PeerRole::Publisher, pub_tx).await?;
-            media.add_peer(sub_peer, PeerRole::Subscriber, sub_tx).await?;
+            media
+                .add_peer(pub_peer, PeerRole::Publisher, pub_tx)
+                .await?;
+            media
+                .add_peer(sub_peer, PeerRole::Subscriber, sub_tx)
+                .await?;
             let r = room
                 .send(join)
                 .await
@@ -519,15 +591,21 @@ impl Actor for Participant {
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
-        METRICS.participants.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        METRICS
+            .participants
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         if !self.left && self.joined {
             self.init.room.do_send(room::Leave {
                 sid: self.sid.clone(),
                 reason: lk::DisconnectReason::SignalClose,
             });
         }
-        let _ = self.init.media.send(Command::RemovePeer { peer: self.pub_peer });
-        let _ = self.init.media.send(Command::RemovePeer { peer: self.sub_peer });
+        let _ = self.init.media.send(Command::RemovePeer {
+            peer: self.pub_peer,
+        });
+        let _ = self.init.media.send(Command::RemovePeer {
+            peer: self.sub_peer,
+        });
         tracing::info!(parent: &self.span, "session ended");
     }
 }
@@ -628,7 +706,10 @@ impl Handler<SignalIn> for Participant {
                     self.pub_peer
                 };
                 if let Some(candidate) = candidate_from_init(&t.candidate_init) {
-                    let _ = self.init.media.send(Command::RemoteCandidate { peer, candidate });
+                    let _ = self
+                        .init
+                        .media
+                        .send(Command::RemoteCandidate { peer, candidate });
                 }
             }
             Req::AddTrack(req) => self.handle_add_track(req, ctx),

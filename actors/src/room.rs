@@ -191,13 +191,17 @@ impl Actor for Room {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(1024);
-        METRICS.rooms.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        METRICS
+            .rooms
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(parent: &self.span, "room started");
         self.schedule_close(ctx, self.settings.empty_timeout);
     }
 
     fn stopped(&mut self, ctx: &mut Self::Context) {
-        METRICS.rooms.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        METRICS
+            .rooms
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         for (_, t) in std::mem::take(&mut self.tracks) {
             t.addr.do_send(CloseTrack);
         }
@@ -445,7 +449,14 @@ impl Handler<PublishTrack> for Room {
         m.info.is_publisher = true;
         m.info.version += 1;
         let track_sid = msg.track.sid.clone();
-        let addr = Track::new(msg.track, msg.sid.clone(), msg.key, self.media.clone(), &self.span).start();
+        let addr = Track::new(
+            msg.track,
+            msg.sid.clone(),
+            msg.key,
+            self.media.clone(),
+            &self.span,
+        )
+        .start();
         self.tracks.insert(
             track_sid.clone(),
             TrackEntry {
@@ -567,7 +578,7 @@ impl Handler<RouteData> for Room {
             if *sid == msg.from_sid {
                 continue;
             }
-            if !msg.destinations.is_empty() && !msg.destinations.iter().any(|d| *d == m.info.identity) {
+            if !msg.destinations.is_empty() && !msg.destinations.contains(&m.info.identity) {
                 continue;
             }
             let cmd = Command::SendData {

@@ -32,7 +32,8 @@ impl Track {
         media: MediaHandle,
         room_span: &tracing::Span,
     ) -> Self {
-        let span = tracing::info_span!(parent: room_span, "track", sid = %info.sid, kind = info.r#type);
+        let span =
+            tracing::info_span!(parent: room_span, "track", sid = %info.sid, kind = info.r#type);
         Track {
             info,
             publisher_sid,
@@ -49,12 +50,16 @@ impl Actor for Track {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(256);
-        METRICS.tracks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        METRICS
+            .tracks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(parent: &self.span, "track published");
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
-        METRICS.tracks.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        METRICS
+            .tracks
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         let _ = self.media.send(Command::UnbindTrack { track: self.key });
         tracing::info!(parent: &self.span, "track closed");
     }

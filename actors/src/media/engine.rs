@@ -41,7 +41,13 @@ use crate::metrics::METRICS;
 /// Where the engine's outputs go. Implemented by the shell (sockets + channels) and by tests.
 pub trait Output {
     /// Send `contents` from `source` to `destination` over `proto`.
-    fn transmit(&mut self, proto: Protocol, source: SocketAddr, destination: SocketAddr, contents: &[u8]);
+    fn transmit(
+        &mut self,
+        proto: Protocol,
+        source: SocketAddr,
+        destination: SocketAddr,
+        contents: &[u8],
+    );
     /// Deliver an event to the control plane owner of `peer`.
     fn event(&mut self, peer: PeerId, event: PeerEvent);
 }
@@ -137,6 +143,10 @@ struct FwdTrack {
 }
 
 /// Work produced while draining one peer that involves other peers.
+///
+/// `MediaData` is large, but boxing it would allocate once per packet; the queue's storage is
+/// reused, so the size costs nothing after warm-up.
+#[allow(clippy::large_enum_variant)]
 enum Pending {
     Media { from: PeerId, data: MediaData },
     Keyframe { sub: PeerId, mid: Mid },
@@ -265,7 +275,9 @@ impl Engine {
     /// Apply one control command.
     pub fn handle_command(&mut self, now: Instant, cmd: Command, out: &mut dyn Output) {
         match cmd {
-            Command::AddPeer { peer, role, reply, .. } => {
+            Command::AddPeer {
+                peer, role, reply, ..
+            } => {
                 let r = self.add_peer(now, peer, role, out);
                 let _ = reply.send(r);
             }
@@ -291,7 +303,9 @@ impl Engine {
                             p.rtc.add_remote_candidate(c);
                             Self::drain(peer, p, &mut self.queue, out);
                         }
-                        Err(e) => tracing::debug!(peer = peer.0, error = %e, "bad remote candidate"),
+                        Err(e) => {
+                            tracing::debug!(peer = peer.0, error = %e, "bad remote candidate")
+                        }
                     }
                 }
             }
@@ -398,7 +412,10 @@ impl Engine {
         out: &mut dyn Output,
     ) -> Result<String, MediaError> {
         let offer = SdpOffer::from_sdp_string(sdp).map_err(|e| MediaError::Sdp(e.to_string()))?;
-        let peer = self.peers.get_mut(&id).ok_or(MediaError::UnknownPeer(id.0))?;
+        let peer = self
+            .peers
+            .get_mut(&id)
+            .ok_or(MediaError::UnknownPeer(id.0))?;
         if peer.role != PeerRole::Publisher {
             return Err(MediaError::WrongRole("offer on a subscriber connection"));
         }
@@ -410,7 +427,11 @@ impl Engine {
         Self::drain(id, peer, &mut self.queue, out);
         for (mid, track) in bind {
             let mid = Mid::from(mid.as_str());
-            let kind = peer.rtc.media(mid).map(|m| m.kind()).unwrap_or(MediaKind::Video);
+            let kind = peer
+                .rtc
+                .media(mid)
+                .map(|m| m.kind())
+                .unwrap_or(MediaKind::Video);
             peer.media_in.insert(mid, track);
             self.tracks.insert(
                 track,
@@ -438,7 +459,10 @@ impl Engine {
         out: &mut dyn Output,
     ) -> Result<(), MediaError> {
         let answer = SdpAnswer::from_sdp_string(sdp).map_err(|e| MediaError::Sdp(e.to_string()))?;
-        let peer = self.peers.get_mut(&id).ok_or(MediaError::UnknownPeer(id.0))?;
+        let peer = self
+            .peers
+            .get_mut(&id)
+            .ok_or(MediaError::UnknownPeer(id.0))?;
         let Some(pending) = peer.pending.take() else {
             return Err(MediaError::NoPendingOffer);
         };
@@ -482,7 +506,8 @@ impl Engine {
             return;
         };
         if peer.media_out.iter().any(|o| {
-            o.track == track && !matches!(o.state, OutState::ToStop(_) | OutState::NegotiatingStop(_))
+            o.track == track
+                && !matches!(o.state, OutState::ToStop(_) | OutState::NegotiatingStop(_))
         }) {
             return;
         }
@@ -564,7 +589,13 @@ impl Engine {
     }
 
     /// Ask the publisher of `track` for a keyframe, coalesced per layer.
-    fn request_keyframe(&mut self, now: Instant, track: TrackKey, rid: Option<Rid>, out: &mut dyn Output) {
+    fn request_keyframe(
+        &mut self,
+        now: Instant,
+        track: TrackKey,
+        rid: Option<Rid>,
+        out: &mut dyn Output,
+    ) {
         let Some(ft) = self.tracks.get_mut(&track) else {
             return;
         };
@@ -686,13 +717,14 @@ impl Engine {
                     Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
                         out.event(id, PeerEvent::IceDisconnected);
                     }
-                    Event::MediaData(data) => {
-                        if peer.role == PeerRole::Publisher {
-                            queue.push_back(Pending::Media { from: id, data });
-                        }
+                    Event::MediaData(data) if peer.role == PeerRole::Publisher => {
+                        queue.push_back(Pending::Media { from: id, data });
                     }
                     Event::KeyframeRequest(req) => {
-                        queue.push_back(Pending::Keyframe { sub: id, mid: req.mid });
+                        queue.push_back(Pending::Keyframe {
+                            sub: id,
+                            mid: req.mid,
+                        });
                     }
                     Event::ChannelOpen(cid, label) => {
                         let kind = match label.as_str() {

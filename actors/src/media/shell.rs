@@ -161,7 +161,13 @@ struct ShellOut<'a> {
 }
 
 impl Output for ShellOut<'_> {
-    fn transmit(&mut self, proto: Protocol, _source: SocketAddr, destination: SocketAddr, contents: &[u8]) {
+    fn transmit(
+        &mut self,
+        proto: Protocol,
+        _source: SocketAddr,
+        destination: SocketAddr,
+        contents: &[u8],
+    ) {
         match proto {
             Protocol::Udp => match self.udp.try_send_to(contents, destination) {
                 Ok(_) => METRICS.add_sent(contents.len()),
