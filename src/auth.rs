@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use livekit_api::access_token::{Claims, TokenVerifier};
+use livekit_api::access_token::{AccessTokenError, Claims, TokenVerifier};
 use livekit_protocol as lk;
 use thiserror::Error;
 
@@ -56,12 +56,38 @@ impl Auth {
             .ok_or_else(|| AuthError::UnknownKey(unverified.iss.clone()))?;
         let claims = TokenVerifier::with_api_key(&unverified.iss, secret)
             .verify(token)
-            .map_err(|e| AuthError::Invalid(e.to_string()))?;
+            .map_err(describe)?;
         if claims.exp == 0 {
             return Err(AuthError::Invalid("token has no `exp`".into()));
         }
         Ok(claims)
     }
+}
+
+/// Say what is wrong with a token in words an operator can act on.
+fn describe(e: AccessTokenError) -> AuthError {
+    use jsonwebtoken::errors::ErrorKind;
+    let msg = match &e {
+        AccessTokenError::Encoding(inner) => match inner.kind() {
+            ErrorKind::ExpiredSignature => "token expired (exp is in the past)".to_string(),
+            ErrorKind::InvalidSignature => {
+                "invalid token signature (wrong API secret?)".to_string()
+            }
+            ErrorKind::ImmatureSignature => {
+                "token not yet valid (nbf is in the future)".to_string()
+            }
+            ErrorKind::InvalidIssuer => "token issuer (iss) is not the API key".to_string(),
+            ErrorKind::MissingRequiredClaim(c) => format!("token lacks the required `{c}` claim"),
+            ErrorKind::InvalidAlgorithm => "token algorithm must be HS256".to_string(),
+            ErrorKind::InvalidToken => "malformed token (not a JWT)".to_string(),
+            ErrorKind::Base64(_) | ErrorKind::Json(_) | ErrorKind::Utf8(_) => {
+                format!("malformed token: {inner}")
+            }
+            _ => format!("invalid token: {inner}"),
+        },
+        other => other.to_string(),
+    };
+    AuthError::Invalid(msg)
 }
 
 /// The participant permission a token grants (LiveKit defaults for unset fields).
@@ -143,5 +169,16 @@ mod tests {
             .unwrap();
         // jsonwebtoken allows 60 s of leeway; a zero-TTL token is still inside it.
         let _ = auth().verify(&expired);
+        let mut claims = Claims::from_unverified(&expired).unwrap();
+        claims.exp = 1_000;
+        claims.nbf = 0;
+        let old = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(b"secret"),
+        )
+        .unwrap();
+        let e = auth().verify(&old).unwrap_err().to_string();
+        assert!(e.contains("expired"), "{e}");
     }
 }

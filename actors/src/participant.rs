@@ -33,6 +33,9 @@ use crate::media::{Command, MediaHandle, PeerEvent, PeerId, PeerRole, TrackKey};
 use crate::metrics::METRICS;
 use crate::room::{self, Room};
 
+/// How long a session outlives a closed peer connection, waiting for the client's `leave`.
+const PEER_CLOSED_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Capacity of each peer's event queue from the media engine.
 const PEER_EVENT_QUEUE: usize = 1024;
 
@@ -668,8 +671,16 @@ impl StreamHandler<(PeerId, PeerEvent)> for Participant {
                 tracing::debug!(parent: &self.span, %peer, "ICE disconnected");
             }
             PeerEvent::Closed => {
-                tracing::info!(parent: &self.span, %peer, "peer connection closed; ending session");
-                self.disconnect(lk::DisconnectReason::ConnectionTimeout, ctx);
+                // A client that leaves often closes its PeerConnections just before its
+                // `leave` arrives on the WebSocket. Give the signal channel a short grace to say
+                // why; if it does not, the transport is gone and so is the session.
+                tracing::info!(parent: &self.span, %peer, "peer connection closed");
+                ctx.run_later(PEER_CLOSED_GRACE, |act, ctx| {
+                    if !act.left {
+                        tracing::info!(parent: &act.span, "transport lost; ending session");
+                        act.disconnect(lk::DisconnectReason::ConnectionTimeout, ctx);
+                    }
+                });
             }
             PeerEvent::Offer { sdp, mid_to_track } => {
                 let id = self.next_offer_id;
