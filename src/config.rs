@@ -311,6 +311,13 @@ mod tests {
     }
 
     #[test]
+    fn sample_config_is_valid() {
+        let c = Config::from_yaml(include_str!("../deploy/config-sample.yaml")).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.port, Config::default().port);
+    }
+
+    #[test]
     fn validation_names_the_key() {
         let mut c = Config::dev();
         c.port = 0;
