@@ -13,6 +13,7 @@ pub mod manager;
 pub mod media;
 pub mod metrics;
 pub mod participant;
+pub mod quality;
 pub mod room;
 pub mod track;
 

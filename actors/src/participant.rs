@@ -78,6 +78,9 @@ pub struct Participant {
     left: bool,
     active: bool,
     next_offer_id: u32,
+    /// Latest link statistics of the publisher and subscriber connections.
+    pub_link: Option<crate::quality::LinkStats>,
+    sub_link: Option<crate::quality::LinkStats>,
     span: tracing::Span,
 }
 
@@ -134,6 +137,8 @@ impl Participant {
             left: false,
             active: false,
             next_offer_id: 1,
+            pub_link: None,
+            sub_link: None,
             span,
         };
         (Participant::start_in_arbiter(arbiter, move |_| p), sid)
@@ -461,6 +466,21 @@ impl Participant {
         });
     }
 
+    /// The worse of the two connections, but "lost" only when neither hears the client.
+    fn combined_link(&self) -> Option<crate::quality::LinkStats> {
+        let (a, b) = match (self.pub_link, self.sub_link) {
+            (Some(a), Some(b)) => (a, b),
+            (Some(a), None) | (None, Some(a)) => (a, a),
+            (None, None) => return None,
+        };
+        Some(crate::quality::LinkStats {
+            loss: a.loss.max(b.loss),
+            rtt: a.rtt.max(b.rtt),
+            jitter: a.jitter.max(b.jitter),
+            silent_for: a.silent_for.min(b.silent_for),
+        })
+    }
+
     fn handle_data(&mut self, reliable: bool, data: Vec<u8>, ctx: &mut Context<Self>) {
         let _ = ctx;
         if data.len() > self.init.settings.max_data_packet_bytes {
@@ -696,6 +716,55 @@ impl StreamHandler<(PeerId, PeerEvent)> for Participant {
                 );
             }
             PeerEvent::Data { reliable, data } => self.handle_data(reliable, data, ctx),
+            PeerEvent::StreamState {
+                track_sid,
+                publisher_sid,
+                paused,
+            } => {
+                let state = if paused {
+                    lk::StreamState::Paused
+                } else {
+                    lk::StreamState::Active
+                };
+                self.send(
+                    Resp::StreamStateUpdate(lk::StreamStateUpdate {
+                        stream_states: vec![lk::StreamStateInfo {
+                            participant_sid: publisher_sid,
+                            track_sid,
+                            state: state as i32,
+                        }],
+                    }),
+                    ctx,
+                );
+            }
+            PeerEvent::AudioLevel {
+                track,
+                level,
+                active,
+            } => {
+                if let Some(p) = self.published.values().find(|p| p.key == track) {
+                    self.init.room.do_send(room::AudioLevel {
+                        sid: self.sid.clone(),
+                        track_sid: p.track_sid.clone(),
+                        level,
+                        active,
+                    });
+                }
+            }
+            PeerEvent::Stats(link) => {
+                if peer == self.pub_peer {
+                    self.pub_link = Some(link);
+                } else {
+                    self.sub_link = Some(link);
+                }
+                if let Some(combined) = self.combined_link() {
+                    self.init.room.do_send(room::ConnQuality {
+                        sid: self.sid.clone(),
+                        quality: crate::quality::quality(&combined),
+                        score: crate::quality::score(&combined),
+                    });
+                }
+            }
         }
     }
 
@@ -749,6 +818,10 @@ impl Handler<SignalIn> for Participant {
                 ctx,
             ),
             Req::UpdateMetadata(req) => self.handle_update_metadata(req, ctx),
+            Req::TrackSetting(settings) => self.init.room.do_send(room::TrackSettings {
+                sid: self.sid.clone(),
+                settings,
+            }),
             // Accepted and ignored, as the reference server does for features not implemented
             // yet (adaptive stream settings arrive here; see ARCHITECTURE.md non-goals).
             _ => {}
