@@ -1,4 +1,176 @@
+//! `arbor`: a self-hosted SFU that speaks the LiveKit protocol.
+//!
+//! This binary is the edge: CLI, configuration, the HTTP/WebSocket front, and the wiring of
+//! the control plane (actix actors on the system arbiter) to the media plane (its own thread).
+
+mod auth;
+mod config;
+mod http;
+mod signal;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context as _};
+use clap::Parser;
+
+use arbor_actors::manager::RoomManager;
+use arbor_actors::media::{MediaHandle, MediaSettings};
+
+use crate::config::Config;
+
+/// Arbor: an SFU for LiveKit clients.
+#[derive(Debug, Parser)]
+#[command(name = "arbor", version, about)]
+struct Cli {
+    /// Development mode: no config needed; API key `devkey`, secret `secret`,
+    /// HTTP on 127.0.0.1:7880, media on UDP 7882 and ICE-TCP 7881.
+    #[arg(long)]
+    dev: bool,
+    /// YAML configuration file (see deploy/config-sample.yaml).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address the HTTP/WebSocket server listens on.
+    #[arg(long, value_name = "IP")]
+    bind: Option<IpAddr>,
+    /// HTTP/WebSocket port.
+    #[arg(long)]
+    port: Option<u16>,
+    /// UDP media port.
+    #[arg(long)]
+    udp_port: Option<u16>,
+    /// ICE-TCP port (0 disables).
+    #[arg(long)]
+    tcp_port: Option<u16>,
+    /// Address advertised in ICE candidates.
+    #[arg(long, value_name = "IP")]
+    node_ip: Option<IpAddr>,
+    /// Seconds a room stays open with nobody in it (sets room.empty_timeout and
+    /// room.departure_timeout).
+    #[arg(long, value_name = "SECS")]
+    empty_timeout: Option<u64>,
+}
+
+fn load_config(cli: &Cli) -> anyhow::Result<Config> {
+    let mut cfg = match (&cli.config, cli.dev) {
+        (Some(path), dev) => {
+            let mut c = Config::from_file(path)?;
+            if dev && c.keys.is_empty() {
+                c.keys.insert("devkey".into(), "secret".into());
+            }
+            c
+        }
+        (None, true) => Config::dev(),
+        (None, false) => bail!("no configuration: run `arbor --dev` for development, or `arbor --config FILE`"),
+    };
+    if let Some(b) = cli.bind {
+        cfg.bind_addresses = vec![b];
+    }
+    if let Some(p) = cli.port {
+        cfg.port = p;
+    }
+    if let Some(p) = cli.udp_port {
+        cfg.rtc.udp_port = p;
+    }
+    if let Some(p) = cli.tcp_port {
+        cfg.rtc.tcp_port = p;
+    }
+    if let Some(ip) = cli.node_ip {
+        cfg.rtc.node_ip = Some(ip);
+    }
+    if let Some(t) = cli.empty_timeout {
+        cfg.room.empty_timeout = t;
+        cfg.room.departure_timeout = t;
+    }
+    cfg.load_key_file()?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// The first non-loopback IPv4 address of an interface that is up, else 127.0.0.1.
+fn default_node_ip() -> IpAddr {
+    if let Ok(ifs) = if_addrs::get_if_addrs() {
+        for i in ifs {
+            if !i.is_loopback() {
+                if let IpAddr::V4(v4) = i.ip() {
+                    return IpAddr::V4(v4);
+                }
+            }
+        }
+    }
+    IpAddr::V4(Ipv4Addr::LOCALHOST)
+}
+
 fn main() -> anyhow::Result<()> {
-    println!("arbor {}", env!("CARGO_PKG_VERSION"));
-    Ok(())
+    let cli = Cli::parse();
+    let cfg = load_config(&cli)?;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{},str0m=warn", cfg.logging.level)));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+
+    let seed = cfg.seed.unwrap_or_else(rand::random);
+    arbor_actors::ids::seed(seed);
+    arbor_actors::media::init_crypto();
+
+    let node_ip = cfg.rtc.node_ip.unwrap_or_else(default_node_ip);
+    let media_bind = cfg.rtc.bind.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    let media = MediaHandle::start(MediaSettings {
+        udp_bind: SocketAddr::new(media_bind, cfg.rtc.udp_port),
+        tcp_bind: (cfg.rtc.tcp_port != 0).then(|| SocketAddr::new(media_bind, cfg.rtc.tcp_port)),
+        node_ip,
+        max_peers: cfg.limit.max_peers,
+        command_queue: 8192,
+    })
+    .with_context(|| format!("starting media on UDP {} / TCP {}", cfg.rtc.udp_port, cfg.rtc.tcp_port))?;
+
+    let node_id = cfg
+        .node_id
+        .clone()
+        .unwrap_or_else(|| arbor_actors::ids::new_sid("ND_"));
+    let settings = Arc::new(cfg.room_settings(node_id.clone()));
+    tracing::info!(%node_ip, node_id, seed, udp = cfg.rtc.udp_port, tcp = cfg.rtc.tcp_port, "arbor starting");
+
+    // Control plane: actix actors on the system arbiter; HTTP on a multi-threaded runtime.
+    let system = actix::System::with_tokio_rt(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("tokio runtime")
+    });
+    system.block_on(async move {
+        let manager = actix::Actor::start(RoomManager::new(settings.clone(), media.clone()));
+        let state = http::AppState {
+            auth: auth::Auth::new(cfg.keys.clone()),
+            manager,
+            media,
+            settings,
+            arbiter: actix::Arbiter::current(),
+            max_message_bytes: cfg.limit.max_signal_message_bytes,
+        };
+        let app = http::router(state);
+        let mut servers = Vec::new();
+        for ip in &cfg.bind_addresses {
+            let addr = SocketAddr::new(*ip, cfg.port);
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding HTTP on {addr} (`port` / `bind_addresses`)"))?;
+            tracing::info!(%addr, "listening for HTTP / WebSocket");
+            let app = app.clone();
+            servers.push(tokio::spawn(async move { axum::serve(listener, app).await }));
+        }
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),
+            r = futures_util::future::select_all(servers) => {
+                if let (Ok(Err(e)), _, _) = r {
+                    return Err(anyhow::anyhow!("HTTP server failed: {e}"));
+                }
+            }
+        }
+        Ok(())
+    })
 }

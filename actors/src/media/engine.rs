@@ -1,0 +1,860 @@
+//! The sans-IO media engine: every WebRTC peer connection of one shard and the forwarding table
+//! between them.
+//!
+//! The engine never touches a socket or a clock. The shell ([`super::shell`]) feeds it
+//! datagrams, control [`Command`]s and timeouts, each with the `now` it observed, and the engine
+//! answers through an [`Output`] sink: datagrams to transmit and [`PeerEvent`]s for the
+//! control plane. That makes every behaviour here testable without a network.
+//!
+//! # The life of one RTP packet
+//!
+//! 1. The shell receives a datagram and calls [`Engine::handle_datagram`].
+//! 2. The engine finds the publisher's [`Rtc`] (by cached source address, else by
+//!    `Rtc::accepts`), hands the datagram to it and drains it. str0m decrypts the SRTP, reorders,
+//!    depacketises and emits `Event::MediaData` (its payload is an `Arc<[u8]>`).
+//! 3. The engine looks up the forwarding entry for `(publisher peer, mid)` and, for every
+//!    subscriber of that track, writes the same `Arc` payload into the subscriber's `Rtc`
+//!    (a reference-count increment, no copy) and drains it, which encrypts and transmits.
+//!
+//! Nothing on that path goes through an actor mailbox or takes a lock.
+//!
+//! # Invariant from str0m
+//!
+//! Every mutation of an `Rtc` (input, write, SDP change) is followed by a full drain of
+//! `poll_output` until it returns a timeout, before the next mutation of the same `Rtc`.
+//! [`Engine::drain`] is the only place that polls, and every mutation site calls it.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+use str0m::channel::{ChannelConfig, ChannelId, Reliability};
+use str0m::media::{Direction, KeyframeRequestKind, MediaData, MediaKind, Mid, Rid};
+use str0m::net::{Protocol, Receive};
+use str0m::{Candidate, Event, IceConnectionState, Input, Output as RtcOutput, Rtc, RtcConfig};
+
+use crate::error::MediaError;
+use crate::media::{Command, PeerEvent, PeerId, PeerRole, TrackKey};
+use crate::metrics::METRICS;
+
+/// Where the engine's outputs go. Implemented by the shell (sockets + channels) and by tests.
+pub trait Output {
+    /// Send `contents` from `source` to `destination` over `proto`.
+    fn transmit(&mut self, proto: Protocol, source: SocketAddr, destination: SocketAddr, contents: &[u8]);
+    /// Deliver an event to the control plane owner of `peer`.
+    fn event(&mut self, peer: PeerId, event: PeerEvent);
+}
+
+/// The minimum interval between two keyframe requests sent upstream for one track layer.
+/// Subscribers' PLIs arriving faster are coalesced into one request.
+const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(500);
+
+/// A simulcast layer that produced no packet for this long is considered stopped.
+const LAYER_IDLE: Duration = Duration::from_millis(1500);
+
+/// How far into the future the engine may sleep when no peer has a deadline.
+const IDLE_TICK: Duration = Duration::from_millis(100);
+
+/// Static configuration of one engine (shard).
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Host candidates advertised to every peer (UDP, and TCP passive if enabled).
+    pub candidates: Vec<Candidate>,
+    /// Address used as the `destination` of received UDP datagrams (the advertised address).
+    pub udp_local: SocketAddr,
+    /// Maximum number of peer connections this engine accepts.
+    pub max_peers: usize,
+}
+
+/// A subscriber-side outgoing track and the state of its m-line negotiation.
+#[derive(Debug)]
+struct OutTrack {
+    track: TrackKey,
+    kind: MediaKind,
+    stream_id: String,
+    track_id: String,
+    state: OutState,
+    /// The simulcast layer currently forwarded to this subscriber (None: non-simulcast).
+    rid: Option<Rid>,
+    /// A layer we want to switch to at its next keyframe.
+    want_rid: Option<Rid>,
+    /// Waiting for a keyframe before forwarding anything (new subscription or layer switch).
+    need_keyframe: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OutState {
+    ToOpen,
+    Negotiating(Mid),
+    Open(Mid),
+    ToStop(Mid),
+    NegotiatingStop(Mid),
+}
+
+impl OutState {
+    fn mid(&self) -> Option<Mid> {
+        match *self {
+            OutState::ToOpen => None,
+            OutState::Negotiating(m)
+            | OutState::Open(m)
+            | OutState::ToStop(m)
+            | OutState::NegotiatingStop(m) => Some(m),
+        }
+    }
+}
+
+struct Peer {
+    rtc: Rtc,
+    role: PeerRole,
+    /// Deadline returned by the last drain.
+    next_timeout: Instant,
+    /// Publisher: mid → published track.
+    media_in: HashMap<Mid, TrackKey>,
+    /// Subscriber: outgoing tracks.
+    media_out: Vec<OutTrack>,
+    /// Subscriber: the offer we are waiting an answer for.
+    pending: Option<SdpPendingOffer>,
+    /// Subscriber: the first offer (data channels) has been made.
+    initial_offer_done: bool,
+    reliable: Option<ChannelId>,
+    lossy: Option<ChannelId>,
+    /// Data channels opened by the remote, by id.
+    channels: HashMap<ChannelId, ChanKind>,
+    connected: bool,
+    remote_addrs: Vec<SocketAddr>,
+}
+
+struct FwdTrack {
+    publisher: PeerId,
+    mid: Mid,
+    kind: MediaKind,
+    /// (subscriber peer) — the out-track state lives in the subscriber's `Peer`.
+    subscribers: Vec<PeerId>,
+    /// Last time a packet of each simulcast layer was seen.
+    layers: Vec<(Rid, Instant)>,
+    last_keyframe_request: HashMap<Option<Rid>, Instant>,
+}
+
+/// Work produced while draining one peer that involves other peers.
+enum Pending {
+    Media { from: PeerId, data: MediaData },
+    Keyframe { sub: PeerId, mid: Mid },
+}
+
+/// Rank of a simulcast rid: higher is better quality. LiveKit uses q/h/f (also 0/1/2 reversed).
+fn rid_rank(rid: &Rid) -> u8 {
+    match &**rid {
+        "f" | "0" => 3,
+        "h" | "1" => 2,
+        "q" | "2" => 1,
+        _ => 0,
+    }
+}
+
+/// The media engine of one shard. See the module documentation.
+pub struct Engine {
+    config: EngineConfig,
+    peers: HashMap<PeerId, Peer>,
+    tracks: HashMap<TrackKey, FwdTrack>,
+    /// Cache: remote address → peer, filled when a peer first accepts a datagram.
+    by_addr: HashMap<SocketAddr, PeerId>,
+    queue: VecDeque<Pending>,
+}
+
+impl Engine {
+    /// A new engine with no peers.
+    pub fn new(config: EngineConfig) -> Self {
+        Engine {
+            config,
+            peers: HashMap::new(),
+            tracks: HashMap::new(),
+            by_addr: HashMap::new(),
+            queue: VecDeque::with_capacity(256),
+        }
+    }
+
+    /// Number of live peer connections.
+    pub fn peer_count(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// The earliest instant at which [`Engine::handle_timeout`] must be called.
+    pub fn poll_timeout(&self, now: Instant) -> Instant {
+        let mut t = now + IDLE_TICK;
+        for p in self.peers.values() {
+            if p.next_timeout < t {
+                t = p.next_timeout;
+            }
+        }
+        t
+    }
+
+    /// Drive time forward: every peer whose deadline passed gets a timeout input.
+    pub fn handle_timeout(&mut self, now: Instant, out: &mut dyn Output) {
+        let due: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.next_timeout <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            if let Some(peer) = self.peers.get_mut(&id) {
+                if let Err(e) = peer.rtc.handle_input(Input::Timeout(now)) {
+                    tracing::debug!(peer = id.0, error = %e, "timeout input failed");
+                    peer.rtc.disconnect();
+                }
+                Self::drain(id, peer, &mut self.queue, out);
+            }
+        }
+        self.process_queue(now, out);
+        self.reap_dead(out);
+    }
+
+    /// Feed one received datagram.
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        proto: Protocol,
+        source: SocketAddr,
+        destination: SocketAddr,
+        contents: &[u8],
+        out: &mut dyn Output,
+    ) {
+        let Ok(contents) = contents.try_into() else {
+            METRICS.inc_dropped_packets();
+            return;
+        };
+        let input = Input::Receive(
+            now,
+            Receive {
+                proto,
+                source,
+                destination,
+                contents,
+            },
+        );
+
+        let id = match self.by_addr.get(&source) {
+            Some(id) if self.peers.get(id).is_some_and(|p| p.rtc.accepts(&input)) => *id,
+            _ => {
+                let Some((id, _)) = self.peers.iter().find(|(_, p)| p.rtc.accepts(&input)) else {
+                    METRICS.inc_dropped_packets();
+                    return;
+                };
+                let id = *id;
+                self.by_addr.insert(source, id);
+                if let Some(p) = self.peers.get_mut(&id) {
+                    if !p.remote_addrs.contains(&source) && p.remote_addrs.len() < 8 {
+                        p.remote_addrs.push(source);
+                    }
+                }
+                id
+            }
+        };
+        if let Some(peer) = self.peers.get_mut(&id) {
+            if let Err(e) = peer.rtc.handle_input(input) {
+                tracing::debug!(peer = id.0, error = %e, "input rejected");
+            }
+            Self::drain(id, peer, &mut self.queue, out);
+        }
+        self.process_queue(now, out);
+        self.reap_dead(out);
+    }
+
+    /// Apply one control command.
+    pub fn handle_command(&mut self, now: Instant, cmd: Command, out: &mut dyn Output) {
+        match cmd {
+            Command::AddPeer { peer, role, reply, .. } => {
+                let r = self.add_peer(now, peer, role, out);
+                let _ = reply.send(r);
+            }
+            Command::RemovePeer { peer } => self.remove_peer(peer, out),
+            Command::PublisherOffer {
+                peer,
+                sdp,
+                bind,
+                unbind,
+                reply,
+            } => {
+                let r = self.publisher_offer(now, peer, &sdp, bind, unbind, out);
+                let _ = reply.send(r);
+            }
+            Command::SubscriberAnswer { peer, sdp, reply } => {
+                let r = self.subscriber_answer(now, peer, &sdp, out);
+                let _ = reply.send(r);
+            }
+            Command::RemoteCandidate { peer, candidate } => {
+                if let Some(p) = self.peers.get_mut(&peer) {
+                    match Candidate::from_sdp_string(&candidate) {
+                        Ok(c) => {
+                            p.rtc.add_remote_candidate(c);
+                            Self::drain(peer, p, &mut self.queue, out);
+                        }
+                        Err(e) => tracing::debug!(peer = peer.0, error = %e, "bad remote candidate"),
+                    }
+                }
+            }
+            Command::Subscribe {
+                sub,
+                track,
+                stream_id,
+                track_id,
+            } => self.subscribe(now, sub, track, stream_id, track_id, out),
+            Command::Unsubscribe { sub, track } => self.unsubscribe(now, sub, track, out),
+            Command::UnbindTrack { track } => self.unbind_track(now, track, out),
+            Command::SendData {
+                peer,
+                reliable,
+                data,
+            } => self.send_data(peer, reliable, &data, out),
+            Command::RequestKeyframe { track } => self.request_keyframe(now, track, None, out),
+        }
+        self.process_queue(now, out);
+        self.reap_dead(out);
+    }
+
+    fn add_peer(
+        &mut self,
+        now: Instant,
+        id: PeerId,
+        role: PeerRole,
+        out: &mut dyn Output,
+    ) -> Result<(), MediaError> {
+        if self.peers.len() >= self.config.max_peers {
+            return Err(MediaError::TooManyPeers(self.config.max_peers));
+        }
+        if self.peers.contains_key(&id) {
+            return Err(MediaError::DuplicatePeer(id.0));
+        }
+        let mut rtc = RtcConfig::new()
+            .set_ice_lite(true)
+            .enable_opus(true, false)
+            .build(now);
+        for c in &self.config.candidates {
+            rtc.add_local_candidate(c.clone());
+        }
+        let mut peer = Peer {
+            rtc,
+            role,
+            next_timeout: now,
+            media_in: HashMap::new(),
+            media_out: Vec::new(),
+            pending: None,
+            initial_offer_done: false,
+            reliable: None,
+            lossy: None,
+            channels: HashMap::new(),
+            connected: false,
+            remote_addrs: Vec::new(),
+        };
+        Self::drain(id, &mut peer, &mut self.queue, out);
+        self.peers.insert(id, peer);
+        if role == PeerRole::Subscriber {
+            self.negotiate(id, out);
+        }
+        Ok(())
+    }
+
+    fn remove_peer(&mut self, id: PeerId, out: &mut dyn Output) {
+        let Some(mut peer) = self.peers.remove(&id) else {
+            return;
+        };
+        peer.rtc.disconnect();
+        for a in &peer.remote_addrs {
+            if self.by_addr.get(a) == Some(&id) {
+                self.by_addr.remove(a);
+            }
+        }
+        // Tracks published on this peer stop; subscribers are told through the control plane,
+        // which sends UnbindTrack. Forwarding simply stops here.
+        for t in peer.media_in.values() {
+            if let Some(ft) = self.tracks.get(t) {
+                if ft.publisher == id {
+                    let track = *t;
+                    let subs = ft.subscribers.clone();
+                    self.tracks.remove(&track);
+                    for s in subs {
+                        self.mark_out_stopped(s, track, out);
+                    }
+                }
+            }
+        }
+        for o in &peer.media_out {
+            if let Some(ft) = self.tracks.get_mut(&o.track) {
+                ft.subscribers.retain(|s| *s != id);
+            }
+        }
+        out.event(id, PeerEvent::Closed);
+    }
+
+    fn publisher_offer(
+        &mut self,
+        now: Instant,
+        id: PeerId,
+        sdp: &str,
+        bind: Vec<(String, TrackKey)>,
+        unbind: Vec<TrackKey>,
+        out: &mut dyn Output,
+    ) -> Result<String, MediaError> {
+        let offer = SdpOffer::from_sdp_string(sdp).map_err(|e| MediaError::Sdp(e.to_string()))?;
+        let peer = self.peers.get_mut(&id).ok_or(MediaError::UnknownPeer(id.0))?;
+        if peer.role != PeerRole::Publisher {
+            return Err(MediaError::WrongRole("offer on a subscriber connection"));
+        }
+        let answer = peer
+            .rtc
+            .sdp_api()
+            .accept_offer(offer)
+            .map_err(|e| MediaError::Sdp(e.to_string()))?;
+        Self::drain(id, peer, &mut self.queue, out);
+        for (mid, track) in bind {
+            let mid = Mid::from(mid.as_str());
+            let kind = peer.rtc.media(mid).map(|m| m.kind()).unwrap_or(MediaKind::Video);
+            peer.media_in.insert(mid, track);
+            self.tracks.insert(
+                track,
+                FwdTrack {
+                    publisher: id,
+                    mid,
+                    kind,
+                    subscribers: Vec::new(),
+                    layers: Vec::new(),
+                    last_keyframe_request: HashMap::new(),
+                },
+            );
+        }
+        for track in unbind {
+            self.unbind_track(now, track, out);
+        }
+        Ok(answer.to_sdp_string())
+    }
+
+    fn subscriber_answer(
+        &mut self,
+        now: Instant,
+        id: PeerId,
+        sdp: &str,
+        out: &mut dyn Output,
+    ) -> Result<(), MediaError> {
+        let answer = SdpAnswer::from_sdp_string(sdp).map_err(|e| MediaError::Sdp(e.to_string()))?;
+        let peer = self.peers.get_mut(&id).ok_or(MediaError::UnknownPeer(id.0))?;
+        let Some(pending) = peer.pending.take() else {
+            return Err(MediaError::NoPendingOffer);
+        };
+        peer.rtc
+            .sdp_api()
+            .accept_answer(pending, answer)
+            .map_err(|e| MediaError::Sdp(e.to_string()))?;
+        let mut opened = Vec::new();
+        for o in &mut peer.media_out {
+            if let OutState::Negotiating(m) = o.state {
+                o.state = OutState::Open(m);
+                o.need_keyframe = o.kind == MediaKind::Video;
+                opened.push(o.track);
+            }
+        }
+        peer.media_out
+            .retain(|o| !matches!(o.state, OutState::NegotiatingStop(_)));
+        Self::drain(id, peer, &mut self.queue, out);
+        for track in opened {
+            self.request_keyframe(now, track, None, out);
+        }
+        self.negotiate(id, out);
+        Ok(())
+    }
+
+    fn subscribe(
+        &mut self,
+        now: Instant,
+        sub: PeerId,
+        track: TrackKey,
+        stream_id: String,
+        track_id: String,
+        out: &mut dyn Output,
+    ) {
+        let Some(ft) = self.tracks.get_mut(&track) else {
+            tracing::debug!(track = track.0, "subscribe to unknown track");
+            return;
+        };
+        let kind = ft.kind;
+        let Some(peer) = self.peers.get_mut(&sub) else {
+            return;
+        };
+        if peer.media_out.iter().any(|o| {
+            o.track == track && !matches!(o.state, OutState::ToStop(_) | OutState::NegotiatingStop(_))
+        }) {
+            return;
+        }
+        if !ft.subscribers.contains(&sub) {
+            ft.subscribers.push(sub);
+        }
+        peer.media_out.push(OutTrack {
+            track,
+            kind,
+            stream_id,
+            track_id,
+            state: OutState::ToOpen,
+            rid: None,
+            want_rid: None,
+            need_keyframe: kind == MediaKind::Video,
+        });
+        let _ = now;
+        self.negotiate(sub, out);
+    }
+
+    fn unsubscribe(&mut self, _now: Instant, sub: PeerId, track: TrackKey, out: &mut dyn Output) {
+        if let Some(ft) = self.tracks.get_mut(&track) {
+            ft.subscribers.retain(|s| *s != sub);
+        }
+        self.mark_out_stopped(sub, track, out);
+    }
+
+    /// Mark the subscriber's out-track for `track` as to be stopped and renegotiate.
+    fn mark_out_stopped(&mut self, sub: PeerId, track: TrackKey, out: &mut dyn Output) {
+        let Some(peer) = self.peers.get_mut(&sub) else {
+            return;
+        };
+        peer.media_out.retain_mut(|o| {
+            if o.track != track {
+                return true;
+            }
+            match o.state {
+                OutState::ToOpen => false,
+                OutState::Negotiating(m) | OutState::Open(m) => {
+                    o.state = OutState::ToStop(m);
+                    true
+                }
+                _ => true,
+            }
+        });
+        self.negotiate(sub, out);
+    }
+
+    fn unbind_track(&mut self, _now: Instant, track: TrackKey, out: &mut dyn Output) {
+        let Some(ft) = self.tracks.remove(&track) else {
+            return;
+        };
+        if let Some(p) = self.peers.get_mut(&ft.publisher) {
+            p.media_in.remove(&ft.mid);
+        }
+        for s in ft.subscribers {
+            self.mark_out_stopped(s, track, out);
+        }
+    }
+
+    fn send_data(&mut self, id: PeerId, reliable: bool, data: &[u8], out: &mut dyn Output) {
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        let cid = if reliable { peer.reliable } else { peer.lossy };
+        let Some(cid) = cid else {
+            METRICS.inc_dropped_data();
+            return;
+        };
+        if let Some(mut ch) = peer.rtc.channel(cid) {
+            match ch.write(true, data) {
+                Ok(true) => {}
+                Ok(false) | Err(_) => METRICS.inc_dropped_data(),
+            }
+        } else {
+            METRICS.inc_dropped_data();
+        }
+        Self::drain(id, peer, &mut self.queue, out);
+    }
+
+    /// Ask the publisher of `track` for a keyframe, coalesced per layer.
+    fn request_keyframe(&mut self, now: Instant, track: TrackKey, rid: Option<Rid>, out: &mut dyn Output) {
+        let Some(ft) = self.tracks.get_mut(&track) else {
+            return;
+        };
+        if ft.kind != MediaKind::Video {
+            return;
+        }
+        let rids: Vec<Option<Rid>> = if rid.is_some() {
+            vec![rid]
+        } else if ft.layers.is_empty() {
+            vec![None]
+        } else {
+            ft.layers.iter().map(|(r, _)| Some(*r)).collect()
+        };
+        let Some(peer) = self.peers.get_mut(&ft.publisher) else {
+            return;
+        };
+        for r in rids {
+            if let Some(last) = ft.last_keyframe_request.get(&r) {
+                if now.saturating_duration_since(*last) < KEYFRAME_REQUEST_INTERVAL {
+                    continue;
+                }
+            }
+            ft.last_keyframe_request.insert(r, now);
+            if let Some(mut w) = peer.rtc.writer(ft.mid) {
+                if w.request_keyframe(r, KeyframeRequestKind::Pli).is_ok() {
+                    METRICS.inc_plis();
+                }
+            }
+            Self::drain(ft.publisher, peer, &mut self.queue, out);
+        }
+    }
+
+    /// Make an offer on a subscriber peer if it has pending changes and no offer in flight.
+    fn negotiate(&mut self, id: PeerId, out: &mut dyn Output) {
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        if peer.role != PeerRole::Subscriber || peer.pending.is_some() {
+            return;
+        }
+        let mut change = peer.rtc.sdp_api();
+        if !peer.initial_offer_done {
+            peer.reliable = Some(change.add_channel_with_config(ChannelConfig {
+                label: "_reliable".into(),
+                ordered: true,
+                reliability: Reliability::Reliable,
+                ..Default::default()
+            }));
+            peer.lossy = Some(change.add_channel_with_config(ChannelConfig {
+                label: "_lossy".into(),
+                ordered: false,
+                reliability: Reliability::MaxRetransmits { retransmits: 0 },
+                ..Default::default()
+            }));
+            peer.initial_offer_done = true;
+        }
+        for o in &mut peer.media_out {
+            match o.state {
+                OutState::ToOpen => {
+                    let mid = change.add_media(
+                        o.kind,
+                        Direction::SendOnly,
+                        Some(o.stream_id.clone()),
+                        Some(o.track_id.clone()),
+                        None,
+                    );
+                    o.state = OutState::Negotiating(mid);
+                }
+                OutState::ToStop(mid) => {
+                    change.stop_media(mid);
+                    o.state = OutState::NegotiatingStop(mid);
+                }
+                _ => {}
+            }
+        }
+        if !change.has_changes() {
+            return;
+        }
+        let Some((offer, pending)) = change.apply() else {
+            return;
+        };
+        peer.pending = Some(pending);
+        let mut mid_to_track = Vec::new();
+        for o in &peer.media_out {
+            if let OutState::Negotiating(m) | OutState::Open(m) = o.state {
+                mid_to_track.push((m.to_string(), o.track_id.clone()));
+            }
+        }
+        Self::drain(id, peer, &mut self.queue, out);
+        out.event(
+            id,
+            PeerEvent::Offer {
+                sdp: offer.to_sdp_string(),
+                mid_to_track,
+            },
+        );
+    }
+
+    /// Poll one peer until it has nothing more to say. The only place that calls `poll_output`.
+    fn drain(id: PeerId, peer: &mut Peer, queue: &mut VecDeque<Pending>, out: &mut dyn Output) {
+        loop {
+            if !peer.rtc.is_alive() {
+                peer.next_timeout = Instant::now();
+                return;
+            }
+            match peer.rtc.poll_output() {
+                Ok(RtcOutput::Timeout(t)) => {
+                    peer.next_timeout = t;
+                    return;
+                }
+                Ok(RtcOutput::Transmit(t)) => {
+                    out.transmit(t.proto, t.source, t.destination, &t.contents);
+                }
+                Ok(RtcOutput::Event(e)) => match e {
+                    Event::Connected => {
+                        peer.connected = true;
+                        out.event(id, PeerEvent::Connected);
+                    }
+                    Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
+                        out.event(id, PeerEvent::IceDisconnected);
+                    }
+                    Event::MediaData(data) => {
+                        if peer.role == PeerRole::Publisher {
+                            queue.push_back(Pending::Media { from: id, data });
+                        }
+                    }
+                    Event::KeyframeRequest(req) => {
+                        queue.push_back(Pending::Keyframe { sub: id, mid: req.mid });
+                    }
+                    Event::ChannelOpen(cid, label) => {
+                        let kind = match label.as_str() {
+                            "_lossy" => ChanKind::Lossy,
+                            "_reliable" => ChanKind::Reliable,
+                            _ => ChanKind::Other,
+                        };
+                        peer.channels.insert(cid, kind);
+                    }
+                    Event::ChannelData(d) => {
+                        // `_data_track` and unknown channels do not carry DataPackets.
+                        let reliable = match peer.channels.get(&d.id) {
+                            Some(ChanKind::Reliable) => true,
+                            Some(ChanKind::Lossy) => false,
+                            _ => continue,
+                        };
+                        out.event(
+                            id,
+                            PeerEvent::Data {
+                                reliable,
+                                data: d.data,
+                            },
+                        );
+                    }
+                    Event::ChannelClose(cid) => {
+                        peer.channels.remove(&cid);
+                    }
+                    _ => {}
+                },
+                Err(e) => {
+                    tracing::debug!(peer = id.0, error = %e, "poll_output failed; disconnecting");
+                    peer.rtc.disconnect();
+                }
+            }
+        }
+    }
+
+    fn process_queue(&mut self, now: Instant, out: &mut dyn Output) {
+        while let Some(p) = self.queue.pop_front() {
+            match p {
+                Pending::Media { from, data } => self.forward(now, from, data, out),
+                Pending::Keyframe { sub, mid } => {
+                    let Some(peer) = self.peers.get(&sub) else {
+                        continue;
+                    };
+                    let Some(o) = peer.media_out.iter().find(|o| o.state.mid() == Some(mid)) else {
+                        continue;
+                    };
+                    let (track, rid) = (o.track, o.rid);
+                    self.request_keyframe(now, track, rid, out);
+                }
+            }
+        }
+    }
+
+    /// Forward one media frame from a publisher to all subscribers of its track.
+    fn forward(&mut self, now: Instant, from: PeerId, data: MediaData, out: &mut dyn Output) {
+        let Some(publisher) = self.peers.get_mut(&from) else {
+            return;
+        };
+        let Some(track) = publisher.media_in.get(&data.mid).copied() else {
+            return;
+        };
+        if !data.contiguous {
+            // A gap the receive buffer could not repair: ask for a fresh keyframe.
+            self.request_keyframe(now, track, data.rid, out);
+        }
+        let Some(ft) = self.tracks.get_mut(&track) else {
+            return;
+        };
+        METRICS.add_received(data.data.len());
+
+        // Track simulcast layer liveness and pick the best live layer.
+        let mut best: Option<Rid> = None;
+        if let Some(rid) = data.rid {
+            match ft.layers.iter_mut().find(|(r, _)| *r == rid) {
+                Some(l) => l.1 = now,
+                None => {
+                    if ft.layers.len() < 8 {
+                        ft.layers.push((rid, now));
+                    }
+                }
+            }
+            for (r, seen) in &ft.layers {
+                if now.saturating_duration_since(*seen) < LAYER_IDLE
+                    && best.is_none_or(|b| rid_rank(r) > rid_rank(&b))
+                {
+                    best = Some(*r);
+                }
+            }
+        }
+        let is_keyframe = data.is_keyframe();
+        let mut want_keyframe: Option<Option<Rid>> = None;
+        for sub in &ft.subscribers {
+            let Some(peer) = self.peers.get_mut(sub) else {
+                continue;
+            };
+            let Some(o) = peer.media_out.iter_mut().find(|o| o.track == track) else {
+                continue;
+            };
+            let OutState::Open(mid) = o.state else {
+                continue;
+            };
+            if data.rid.is_some() {
+                // Simulcast: one layer per subscriber; layers switch on a keyframe only.
+                o.want_rid = best;
+                if o.rid != o.want_rid && data.rid == o.want_rid {
+                    if is_keyframe {
+                        o.rid = o.want_rid;
+                        o.need_keyframe = false;
+                    } else {
+                        want_keyframe = Some(o.want_rid);
+                    }
+                }
+                if data.rid != o.rid {
+                    continue;
+                }
+            }
+            if o.need_keyframe {
+                if !is_keyframe {
+                    want_keyframe = Some(data.rid);
+                    continue;
+                }
+                o.need_keyframe = false;
+            }
+            let Some(w) = peer.rtc.writer(mid) else {
+                continue;
+            };
+            let Some(pt) = w.match_params(data.params) else {
+                continue;
+            };
+            match w.write(pt, data.network_time, data.time, data.data.clone()) {
+                Ok(()) => METRICS.add_forwarded(data.data.len()),
+                Err(e) => {
+                    tracing::debug!(peer = sub.0, error = %e, "write failed");
+                    METRICS.inc_dropped_packets();
+                }
+            }
+            Self::drain(*sub, peer, &mut self.queue, out);
+        }
+        if let Some(rid) = want_keyframe {
+            self.request_keyframe(now, track, rid, out);
+        }
+    }
+
+    /// Remove peers whose `Rtc` died (ICE timeout, DTLS failure) and tell their owners.
+    fn reap_dead(&mut self, out: &mut dyn Output) {
+        let dead: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| !p.rtc.is_alive())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in dead {
+            self.remove_peer(id, out);
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChanKind {
+    Reliable,
+    Lossy,
+    Other,
+}

@@ -1,0 +1,119 @@
+//! The media data plane: WebRTC transports (str0m) and the packet forwarder.
+//!
+//! * [`engine`] — the sans-IO core: peers, forwarding table, negotiation state.
+//! * [`shell`] — a dedicated thread that owns the UDP socket (and ICE-TCP listener), feeds the
+//!   engine, and carries [`Command`]s in and [`PeerEvent`]s out.
+//!
+//! The control plane (actors) talks to the data plane only through [`MediaHandle`]: bounded
+//! command queue in, one bounded event queue per peer out. Media packets never leave the shard
+//! thread.
+
+pub mod engine;
+pub mod sdp;
+pub mod shell;
+
+use std::fmt;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::MediaError;
+
+pub use shell::{MediaHandle, MediaSettings};
+
+/// Identifies one peer connection (a publisher or a subscriber PC of one participant).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerId(pub u64);
+
+/// Identifies one published track in the data plane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TrackKey(pub u64);
+
+impl fmt::Display for PeerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "peer#{}", self.0)
+    }
+}
+
+/// Which side of a LiveKit dual-PeerConnection session a peer is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerRole {
+    /// The client offers; media flows client → server.
+    Publisher,
+    /// The server offers; media flows server → client.
+    Subscriber,
+}
+
+/// A control-plane request to the data plane.
+#[derive(Debug)]
+pub enum Command {
+    /// Create a peer connection. Its events go to `events`.
+    AddPeer {
+        peer: PeerId,
+        role: PeerRole,
+        events: mpsc::Sender<PeerEvent>,
+        reply: oneshot::Sender<Result<(), MediaError>>,
+    },
+    /// Close a peer connection and forget it.
+    RemovePeer { peer: PeerId },
+    /// Apply a publisher's SDP offer. `bind` maps offer mids to newly published tracks,
+    /// `unbind` lists tracks whose m-lines stopped sending. Replies with the answer SDP.
+    PublisherOffer {
+        peer: PeerId,
+        sdp: String,
+        bind: Vec<(String, TrackKey)>,
+        unbind: Vec<TrackKey>,
+        reply: oneshot::Sender<Result<String, MediaError>>,
+    },
+    /// Apply a subscriber's SDP answer to our last offer.
+    SubscriberAnswer {
+        peer: PeerId,
+        sdp: String,
+        reply: oneshot::Sender<Result<(), MediaError>>,
+    },
+    /// A trickled remote ICE candidate (`candidate:...` SDP attribute value).
+    RemoteCandidate { peer: PeerId, candidate: String },
+    /// Start forwarding `track` to the subscriber peer `sub` (adds an m-line, renegotiates).
+    Subscribe {
+        sub: PeerId,
+        track: TrackKey,
+        /// msid stream id, `PA_xxx|TR_yyy`.
+        stream_id: String,
+        /// msid track id, `TR_yyy`.
+        track_id: String,
+    },
+    /// Stop forwarding `track` to `sub`.
+    Unsubscribe { sub: PeerId, track: TrackKey },
+    /// The track is unpublished: stop it everywhere.
+    UnbindTrack { track: TrackKey },
+    /// Send a data-channel message (a serialized `DataPacket`) on a subscriber peer.
+    SendData {
+        peer: PeerId,
+        reliable: bool,
+        data: Vec<u8>,
+    },
+    /// Ask the publisher of `track` for a keyframe (coalesced).
+    RequestKeyframe { track: TrackKey },
+}
+
+/// Something the data plane tells the owner of a peer.
+#[derive(Debug)]
+pub enum PeerEvent {
+    /// ICE + DTLS are up.
+    Connected,
+    /// ICE lost the remote (consent expired); the peer may recover or be closed.
+    IceDisconnected,
+    /// The peer is gone (closed by command or died).
+    Closed,
+    /// A new offer to send to the client on the subscriber PC.
+    Offer {
+        sdp: String,
+        mid_to_track: Vec<(String, String)>,
+    },
+    /// A data-channel message received from the client.
+    Data { reliable: bool, data: Vec<u8> },
+}
+
+/// Install str0m's crypto provider for the process. Call once before starting the engine.
+pub fn init_crypto() {
+    str0m::crypto::from_feature_flags().install_process_default();
+}

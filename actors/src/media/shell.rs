@@ -1,0 +1,361 @@
+//! The I/O shell around the media [`Engine`]: one thread, one UDP socket for every peer, an
+//! ICE-TCP listener (RFC 4571 framing), the command queue in and per-peer event queues out.
+//!
+//! The shell owns no media logic. It reads the clock, reads sockets, and hands everything to
+//! the engine; the engine's outputs come back through [`ShellOut`].
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
+
+use str0m::net::{Protocol, TcpType};
+use str0m::Candidate;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{mpsc, oneshot};
+
+use super::engine::{Engine, EngineConfig, Output};
+use super::{Command, PeerEvent, PeerId, PeerRole, TrackKey};
+use crate::error::MediaError;
+use crate::metrics::METRICS;
+
+/// Largest datagram we read. WebRTC keeps packets under the path MTU; 2 KiB is ample.
+const MAX_DATAGRAM: usize = 2048;
+/// Datagrams read per wake-up before the loop looks at commands and timers again.
+const RECV_BATCH: usize = 64;
+/// Outgoing frames queued per ICE-TCP connection before frames are dropped.
+const TCP_WRITE_QUEUE: usize = 512;
+
+/// Where and how the media plane listens.
+#[derive(Debug, Clone)]
+pub struct MediaSettings {
+    /// Local address for the UDP socket (e.g. `0.0.0.0:7882`).
+    pub udp_bind: SocketAddr,
+    /// Local address for the ICE-TCP listener, if enabled (e.g. `0.0.0.0:7881`).
+    pub tcp_bind: Option<SocketAddr>,
+    /// The address advertised in ICE candidates.
+    pub node_ip: IpAddr,
+    /// Maximum number of peer connections (two per participant).
+    pub max_peers: usize,
+    /// Capacity of the control command queue.
+    pub command_queue: usize,
+}
+
+/// The control plane's handle to the media plane. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct MediaHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl MediaHandle {
+    /// Bind the sockets and start the media thread.
+    pub fn start(settings: MediaSettings) -> Result<MediaHandle, MediaError> {
+        let udp = std::net::UdpSocket::bind(settings.udp_bind)?;
+        udp.set_nonblocking(true)?;
+        let udp_port = udp.local_addr()?.port();
+        let tcp = match settings.tcp_bind {
+            Some(a) => {
+                let l = std::net::TcpListener::bind(a)?;
+                l.set_nonblocking(true)?;
+                Some(l)
+            }
+            None => None,
+        };
+        let udp_local = SocketAddr::new(settings.node_ip, udp_port);
+        let mut candidates = vec![Candidate::host(udp_local, "udp")
+            .map_err(|e| MediaError::Sdp(format!("bad node ip {}: {e}", settings.node_ip)))?];
+        let mut tcp_local = None;
+        if let Some(l) = &tcp {
+            let a = SocketAddr::new(settings.node_ip, l.local_addr()?.port());
+            tcp_local = Some(a);
+            if let Ok(c) = Candidate::builder()
+                .tcp()
+                .host(a)
+                .tcptype(TcpType::Passive)
+                .build()
+            {
+                candidates.push(c);
+            }
+        }
+        let config = EngineConfig {
+            candidates,
+            udp_local,
+            max_peers: settings.max_peers,
+        };
+        let (tx, rx) = mpsc::channel(settings.command_queue.max(16));
+        std::thread::Builder::new()
+            .name("arbor-media".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!(error = %e, "media runtime failed to start");
+                        return;
+                    }
+                };
+                rt.block_on(run(config, udp, tcp, tcp_local, rx));
+            })?;
+        Ok(MediaHandle { tx })
+    }
+
+    /// Queue a command without waiting. Fails when the engine is gone or overloaded.
+    pub fn send(&self, cmd: Command) -> Result<(), MediaError> {
+        self.tx.try_send(cmd).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => MediaError::Overloaded,
+            mpsc::error::TrySendError::Closed(_) => MediaError::EngineGone,
+        })
+    }
+
+    /// Create a peer connection; its events arrive on `events`.
+    pub async fn add_peer(
+        &self,
+        peer: PeerId,
+        role: PeerRole,
+        events: mpsc::Sender<PeerEvent>,
+    ) -> Result<(), MediaError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::AddPeer {
+            peer,
+            role,
+            events,
+            reply,
+        })?;
+        rx.await.map_err(|_| MediaError::EngineGone)?
+    }
+
+    /// Apply a publisher offer; returns the answer SDP.
+    pub async fn publisher_offer(
+        &self,
+        peer: PeerId,
+        sdp: String,
+        bind: Vec<(String, TrackKey)>,
+        unbind: Vec<TrackKey>,
+    ) -> Result<String, MediaError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::PublisherOffer {
+            peer,
+            sdp,
+            bind,
+            unbind,
+            reply,
+        })?;
+        rx.await.map_err(|_| MediaError::EngineGone)?
+    }
+
+    /// Apply a subscriber answer.
+    pub async fn subscriber_answer(&self, peer: PeerId, sdp: String) -> Result<(), MediaError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::SubscriberAnswer { peer, sdp, reply })?;
+        rx.await.map_err(|_| MediaError::EngineGone)?
+    }
+}
+
+/// Engine outputs, carried to sockets and event queues.
+struct ShellOut<'a> {
+    udp: &'a UdpSocket,
+    tcp_conns: &'a HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>,
+    sinks: &'a mut HashMap<PeerId, mpsc::Sender<PeerEvent>>,
+}
+
+impl Output for ShellOut<'_> {
+    fn transmit(&mut self, proto: Protocol, _source: SocketAddr, destination: SocketAddr, contents: &[u8]) {
+        match proto {
+            Protocol::Udp => match self.udp.try_send_to(contents, destination) {
+                Ok(_) => METRICS.add_sent(contents.len()),
+                Err(_) => METRICS.inc_dropped_packets(),
+            },
+            Protocol::Tcp => {
+                let Some(tx) = self.tcp_conns.get(&destination) else {
+                    METRICS.inc_dropped_packets();
+                    return;
+                };
+                let Ok(len) = u16::try_from(contents.len()) else {
+                    METRICS.inc_dropped_packets();
+                    return;
+                };
+                let mut framed = Vec::with_capacity(contents.len() + 2);
+                framed.extend_from_slice(&len.to_be_bytes());
+                framed.extend_from_slice(contents);
+                if tx.try_send(framed).is_err() {
+                    METRICS.inc_dropped_packets();
+                } else {
+                    METRICS.add_sent(contents.len());
+                }
+            }
+            _ => METRICS.inc_dropped_packets(),
+        }
+    }
+
+    fn event(&mut self, peer: PeerId, event: PeerEvent) {
+        let closed = matches!(event, PeerEvent::Closed);
+        if let Some(tx) = self.sinks.get(&peer) {
+            match tx.try_send(event) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(PeerEvent::Data { .. })) => {
+                    METRICS.inc_dropped_data();
+                }
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "peer event queue full or closed; event lost");
+                }
+            }
+        }
+        if closed {
+            self.sinks.remove(&peer);
+        }
+    }
+}
+
+enum TcpIn {
+    Frame(SocketAddr, Vec<u8>),
+    Open(SocketAddr, mpsc::Sender<Vec<u8>>),
+    Closed(SocketAddr),
+}
+
+async fn run(
+    config: EngineConfig,
+    udp: std::net::UdpSocket,
+    tcp: Option<std::net::TcpListener>,
+    tcp_local: Option<SocketAddr>,
+    mut rx: mpsc::Receiver<Command>,
+) {
+    let udp_local = config.udp_local;
+    let udp = match UdpSocket::from_std(udp) {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::error!(error = %e, "media UDP socket unusable");
+            return;
+        }
+    };
+    let (tcp_tx, mut tcp_rx) = mpsc::channel::<TcpIn>(4096);
+    if let Some(l) = tcp {
+        match TcpListener::from_std(l) {
+            Ok(l) => {
+                tokio::spawn(accept_tcp(l, tcp_tx.clone()));
+            }
+            Err(e) => tracing::error!(error = %e, "ICE-TCP listener unusable"),
+        }
+    }
+    let mut engine = Engine::new(config);
+    let mut sinks: HashMap<PeerId, mpsc::Sender<PeerEvent>> = HashMap::new();
+    let mut tcp_conns: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>> = HashMap::new();
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    tracing::info!(udp = %udp_local, tcp = ?tcp_local, "media engine running");
+
+    loop {
+        let deadline = engine.poll_timeout(Instant::now());
+        tokio::select! {
+            biased;
+            cmd = rx.recv() => {
+                let Some(cmd) = cmd else { break };
+                let mut next = Some(cmd);
+                let mut n = 0;
+                while let Some(cmd) = next.take() {
+                    if let Command::AddPeer { peer, events, .. } = &cmd {
+                        sinks.insert(*peer, events.clone());
+                    }
+                    let mut out = ShellOut { udp: &udp, tcp_conns: &tcp_conns, sinks: &mut sinks };
+                    engine.handle_command(Instant::now(), cmd, &mut out);
+                    n += 1;
+                    if n < RECV_BATCH {
+                        next = rx.try_recv().ok();
+                    }
+                }
+            }
+            r = udp.recv_from(&mut buf) => {
+                let mut r = r;
+                for _ in 0..RECV_BATCH {
+                    match r {
+                        Ok((len, source)) => {
+                            let mut out = ShellOut { udp: &udp, tcp_conns: &tcp_conns, sinks: &mut sinks };
+                            engine.handle_datagram(Instant::now(), Protocol::Udp, source, udp_local, &buf[..len], &mut out);
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(e) => {
+                            // ICMP errors (port unreachable) surface here on Linux; harmless.
+                            tracing::trace!(error = %e, "udp recv error");
+                        }
+                    }
+                    r = udp.try_recv_from(&mut buf);
+                }
+            }
+            t = tcp_rx.recv() => {
+                match t {
+                    Some(TcpIn::Frame(source, data)) => {
+                        if let Some(local) = tcp_local {
+                            let mut out = ShellOut { udp: &udp, tcp_conns: &tcp_conns, sinks: &mut sinks };
+                            engine.handle_datagram(Instant::now(), Protocol::Tcp, source, local, &data, &mut out);
+                        }
+                    }
+                    Some(TcpIn::Open(addr, tx)) => { tcp_conns.insert(addr, tx); }
+                    Some(TcpIn::Closed(addr)) => { tcp_conns.remove(&addr); }
+                    None => {}
+                }
+            }
+            _ = tokio::time::sleep_until(deadline.into()) => {}
+        }
+        let now = Instant::now();
+        if engine.poll_timeout(now) <= now {
+            let mut out = ShellOut {
+                udp: &udp,
+                tcp_conns: &tcp_conns,
+                sinks: &mut sinks,
+            };
+            engine.handle_timeout(now, &mut out);
+        }
+    }
+    tracing::info!("media engine stopped");
+}
+
+async fn accept_tcp(listener: TcpListener, tx: mpsc::Sender<TcpIn>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, addr)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(tcp_conn(stream, addr, tx.clone()));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "ICE-TCP accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// One ICE-TCP connection: RFC 4571 frames (16-bit big-endian length, then the packet).
+async fn tcp_conn(stream: TcpStream, addr: SocketAddr, tx: mpsc::Sender<TcpIn>) {
+    let (mut r, mut w) = stream.into_split();
+    let (wtx, mut wrx) = mpsc::channel::<Vec<u8>>(TCP_WRITE_QUEUE);
+    if tx.send(TcpIn::Open(addr, wtx)).await.is_err() {
+        return;
+    }
+    let writer = tokio::spawn(async move {
+        while let Some(frame) = wrx.recv().await {
+            if w.write_all(&frame).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut len = [0u8; 2];
+    loop {
+        if r.read_exact(&mut len).await.is_err() {
+            break;
+        }
+        let n = u16::from_be_bytes(len) as usize;
+        if n == 0 || n > MAX_DATAGRAM {
+            tracing::debug!(%addr, len = n, "bad ICE-TCP frame length; closing");
+            break;
+        }
+        let mut data = vec![0u8; n];
+        if r.read_exact(&mut data).await.is_err() {
+            break;
+        }
+        if tx.send(TcpIn::Frame(addr, data)).await.is_err() {
+            break;
+        }
+    }
+    writer.abort();
+    let _ = tx.send(TcpIn::Closed(addr)).await;
+}

@@ -1,0 +1,189 @@
+//! One client's signal WebSocket: decode `SignalRequest`s (binary protobuf, or protojson when
+//! the client sends text), hand them to the participant actor, and write its responses back.
+//!
+//! Garbage is answered with a WebSocket close frame that says what was wrong (code 1007, or
+//! 1009 for an oversized message); the participant then leaves, and the room lives on.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::Addr;
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures_util::{SinkExt, StreamExt};
+use livekit_protocol as lk;
+use prost::Message as _;
+use tokio::sync::{mpsc, oneshot};
+
+use arbor_actors::metrics::METRICS;
+use arbor_actors::participant::{Participant, ParticipantInit, SignalIn, SocketClosed};
+use arbor_actors::room::{GetSpan, Room};
+
+use crate::http::AppState;
+
+/// What the token and query string say about the joining participant.
+#[derive(Debug, Clone)]
+pub struct JoinParams {
+    pub identity: String,
+    pub name: String,
+    pub metadata: String,
+    pub attributes: HashMap<String, String>,
+    pub permission: lk::ParticipantPermission,
+    pub kind: i32,
+    pub auto_subscribe: bool,
+    pub protocol: i32,
+    pub client_protocol: i32,
+    pub room_name: String,
+}
+
+/// How often the server pings the client's WebSocket.
+const WS_PING_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Decode one WebSocket message into a signal request.
+pub fn decode(msg: &Message, json: &AtomicBool) -> Result<Option<lk::SignalRequest>, String> {
+    match msg {
+        Message::Binary(b) => lk::SignalRequest::decode(b.as_ref())
+            .map(Some)
+            .map_err(|e| format!("invalid SignalRequest protobuf: {e}")),
+        Message::Text(t) => {
+            json.store(true, Ordering::Relaxed);
+            serde_json::from_str::<lk::SignalRequest>(t.as_str())
+                .map(Some)
+                .map_err(|e| format!("invalid SignalRequest JSON: {e}"))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Encode one response, as protobuf or (if the client spoke JSON) protojson text.
+pub fn encode(msg: lk::signal_response::Message, json: bool) -> Message {
+    let resp = lk::SignalResponse { message: Some(msg) };
+    if json {
+        match serde_json::to_string(&resp) {
+            Ok(s) => return Message::Text(s.into()),
+            Err(e) => tracing::warn!(error = %e, "JSON encoding failed; sending protobuf"),
+        }
+    }
+    Message::Binary(resp.encode_to_vec().into())
+}
+
+/// Run one signal session until either side ends it.
+pub async fn session(socket: WebSocket, state: AppState, params: JoinParams, room: Addr<Room>) {
+    let room_span = room.send(GetSpan).await.unwrap_or_else(|_| tracing::Span::none());
+    let (signal_tx, mut signal_rx) = mpsc::channel(state.settings.signal_queue);
+    let init = ParticipantInit {
+        identity: params.identity.clone(),
+        name: params.name,
+        metadata: params.metadata,
+        attributes: params.attributes,
+        permission: params.permission,
+        kind: params.kind,
+        auto_subscribe: params.auto_subscribe,
+        protocol: params.protocol,
+        client_protocol: params.client_protocol,
+        room,
+        room_span,
+        media: state.media.clone(),
+        settings: state.settings.clone(),
+        signal_tx,
+    };
+    let (participant, sid) = Participant::start_session(init, &state.arbiter);
+    tracing::debug!(participant = %sid, room = %params.room_name, "signal session started");
+    let (mut ws_tx, mut ws_rx) = socket.split();
+    let json = Arc::new(AtomicBool::new(false));
+    let (close_tx, mut close_rx) = oneshot::channel::<(u16, String)>();
+
+    // Writer: responses from the participant, periodic pings, and the final close frame.
+    let json_w = json.clone();
+    let mut writer = tokio::spawn(async move {
+        let mut ping = tokio::time::interval(WS_PING_INTERVAL);
+        ping.tick().await;
+        loop {
+            tokio::select! {
+                m = signal_rx.recv() => match m {
+                    Some(m) => {
+                        if ws_tx.send(encode(m, json_w.load(Ordering::Relaxed))).await.is_err() {
+                            return;
+                        }
+                    }
+                    None => {
+                        let _ = ws_tx.send(Message::Close(Some(CloseFrame { code: 1000, reason: "session ended".into() }))).await;
+                        return;
+                    }
+                },
+                c = &mut close_rx => {
+                    if let Ok((code, reason)) = c {
+                        let _ = ws_tx.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
+                    }
+                    return;
+                }
+                _ = ping.tick() => {
+                    if ws_tx.send(Message::Ping(Vec::new().into())).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+
+    // Reader: client messages, bounded by the ping timeout.
+    let timeout = Duration::from_secs(u64::from(state.settings.ping_timeout) + 5);
+    let mut clean = false;
+    let mut close_tx = Some(close_tx);
+    loop {
+        let next = tokio::select! {
+            n = tokio::time::timeout(timeout, ws_rx.next()) => n,
+            _ = &mut writer => break,
+        };
+        let msg = match next {
+            Err(_) => {
+                tracing::info!(participant = %sid, "signal timeout: no message within ping timeout");
+                break;
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                METRICS.inc_signal_errors();
+                let text = e.to_string();
+                let code = if text.contains("too long") || text.contains("too big") || text.contains("size") {
+                    1009
+                } else {
+                    1002
+                };
+                tracing::info!(participant = %sid, error = %text, "signal socket error");
+                if let Some(tx) = close_tx.take() {
+                    let _ = tx.send((code, format!("signal error: {text}")));
+                }
+                break;
+            }
+            Ok(Some(Ok(m))) => m,
+        };
+        if let Message::Close(_) = msg {
+            break;
+        }
+        match decode(&msg, &json) {
+            Ok(Some(req)) => {
+                let Some(m) = req.message else { continue };
+                if matches!(m, lk::signal_request::Message::Leave(_)) {
+                    clean = true;
+                }
+                if participant.send(SignalIn(m)).await.is_err() {
+                    break;
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                METRICS.inc_signal_errors();
+                tracing::info!(participant = %sid, error = %e, "bad signal message; disconnecting");
+                if let Some(tx) = close_tx.take() {
+                    let _ = tx.send((1007, e));
+                }
+                break;
+            }
+        }
+    }
+    participant.do_send(SocketClosed { clean });
+    // Let the writer flush a final close frame, but never wait long.
+    let _ = tokio::time::timeout(Duration::from_secs(2), &mut writer).await;
+    writer.abort();
+}
