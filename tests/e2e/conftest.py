@@ -49,6 +49,24 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         )
 
 
+_exit_status = 0
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    global _exit_status
+    _exit_status = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    # The LiveKit SDK's native runtime sometimes aborts while the interpreter tears down
+    # ("panic in a function that cannot unwind"), which would replace pytest's exit status.
+    # Everything is reported by now (junit XML, terminal summary): leave with pytest's status.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_exit_status)
+
+
 def arbor_binary() -> Path:
     path = Path(os.environ.get("ARBOR_BIN") or ROOT / "target" / "debug" / "arbor")
     if not path.is_file():
@@ -56,19 +74,27 @@ def arbor_binary() -> Path:
     return path
 
 
-def free_port(kind: int) -> int:
-    """A port free for both TCP and UDP on this namespace (the OS picks it)."""
-    while True:
-        with socket.socket(socket.AF_INET, kind) as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        other = socket.SOCK_DGRAM if kind == socket.SOCK_STREAM else socket.SOCK_STREAM
+# Ports for servers come from below the kernel's ephemeral range (32768-60999 on Linux), so the
+# many UDP sockets that WebRTC clients open on random ports cannot take a server's port between
+# the check here and the server's bind.
+_PORT_LOW, _PORT_HIGH = 20000, 32000
+_next_port = _PORT_LOW + (os.getpid() * 97) % (_PORT_HIGH - _PORT_LOW)
+
+
+def free_port() -> int:
+    """A port currently free for both TCP and UDP on every address of this namespace."""
+    global _next_port
+    for _ in range(_PORT_HIGH - _PORT_LOW):
+        port = _next_port
+        _next_port = _PORT_LOW + (_next_port + 1 - _PORT_LOW) % (_PORT_HIGH - _PORT_LOW)
         try:
-            with socket.socket(socket.AF_INET, other) as s:
-                s.bind(("0.0.0.0", port))
+            for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                with socket.socket(socket.AF_INET, kind) as s:
+                    s.bind(("0.0.0.0", port))
             return port
         except OSError:
             continue
+    raise RuntimeError("no free port")
 
 
 @dataclasses.dataclass
@@ -112,15 +138,29 @@ class ArborServer:
 
 
 def start_arbor(name: str, extra_args: tuple[str, ...] = ()) -> ArborServer:
+    """Starts arbor on fresh ports; retries (new ports) if a port was taken meanwhile."""
+    for attempt in range(3):
+        try:
+            return _start_arbor_once(name, extra_args)
+        except PortTaken:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+class PortTaken(RuntimeError):
+    pass
+
+
+def _start_arbor_once(name: str, extra_args: tuple[str, ...]) -> ArborServer:
     binary = arbor_binary()
     node_ip = os.environ.get("ARBOR_NODE_IP", "10.200.0.1")
-    port = free_port(socket.SOCK_STREAM)
-    tcp_port = free_port(socket.SOCK_STREAM)
-    udp_port = free_port(socket.SOCK_DGRAM)
+    port, tcp_port, udp_port = free_port(), free_port(), free_port()
     log_path = LOGS / f"{name}.log"
     env = dict(os.environ)
     env.setdefault("RUST_LOG", "info")
     env.setdefault("RUST_BACKTRACE", "1")
+    env.setdefault("NO_COLOR", "1")
     args = [
         str(binary),
         "--dev",
@@ -141,6 +181,8 @@ def start_arbor(name: str, extra_args: tuple[str, ...] = ()) -> ArborServer:
     last_err: Optional[Exception] = None
     while time.monotonic() < deadline:
         if not server.alive():
+            if "Address already in use" in server.log_text():
+                raise PortTaken(server.log_tail())
             raise RuntimeError(f"arbor exited with {proc.returncode} at start-up:\n{server.log_tail()}")
         try:
             if server.health() == "OK":

@@ -339,8 +339,10 @@ SAMPLE_RATE = 48000
 class TonePublisher:
     """Publishes a 48 kHz mono microphone track playing a sine tone of `freq` Hz."""
 
-    def __init__(self, freq: float, *, amplitude: float = 0.4) -> None:
-        self.freq, self.amplitude = freq, amplitude
+    def __init__(self, freq: float, *, amplitude: float = 0.4, chunk_ms: int = 10) -> None:
+        # Each `capture_frame` is an FFI round trip whose reply is matched against every FFI event
+        # in flight; with many streams in one process, larger chunks keep the sender real-time.
+        self.freq, self.amplitude, self.chunk_ms = freq, amplitude, chunk_ms
         self.source = rtc.AudioSource(SAMPLE_RATE, 1)
         self.track = rtc.LocalAudioTrack.create_audio_track("microphone", self.source)
         self.samples_sent = 0
@@ -353,7 +355,7 @@ class TonePublisher:
         return pub
 
     async def _run(self) -> None:
-        chunk = SAMPLE_RATE // 100  # 10 ms
+        chunk = SAMPLE_RATE * self.chunk_ms // 1000
         period = chunk / SAMPLE_RATE
         next_at = time.monotonic()
         while True:

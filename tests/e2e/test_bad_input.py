@@ -326,7 +326,14 @@ async def test_malformed_sdp_offer(arbor, live_room):
 
 
 @pytest.mark.timeout(180)
-async def test_vanished_client_is_dropped(arbor, live_room, results):
+@pytest.mark.parametrize("how", ["sigkill", "sigstop"])
+async def test_vanished_client_is_dropped(arbor, live_room, results, how):
+    """A client disappears without `leave`.
+
+    sigkill: the process dies; the kernel closes its TCP connection, so the server can notice at
+    once. sigstop: the process freezes with its connection open; it stops answering pings and
+    sending media, so only the server's ping timeout (LiveKit: 15 s) can drop it.
+    """
     alice, alice_events = live_room
     proc = subprocess.Popen(
         [
@@ -337,28 +344,33 @@ async def test_vanished_client_is_dropped(arbor, live_room, results):
             "--seconds", "120",
         ],
         stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        stderr=open(arbor.log_path.with_suffix(".ghost.log"), "wb"),
         text=True,
     )
     try:
         loop = asyncio.get_running_loop()
         line = await asyncio.wait_for(loop.run_in_executor(None, proc.stdout.readline), 60)
-        assert line.startswith("READY"), f"ghost client did not start: {line!r}"
+        assert line.startswith("READY"), (
+            f"ghost client did not start: {line!r}; its log: "
+            f"{arbor.log_path.with_suffix('.ghost.log').read_text(errors='replace')[-3000:]}"
+        )
         await alice_events.wait("participant_connected", lambda p: p.identity == "ghost", timeout=20)
         await alice_events.wait(
             "track_subscribed", lambda t, pub, p: p.identity == "ghost", timeout=30
         )
-        os.kill(proc.pid, signal.SIGKILL)
+        os.kill(proc.pid, signal.SIGKILL if how == "sigkill" else signal.SIGSTOP)
         killed_at = time.monotonic()
-        proc.wait(timeout=10)
         ev = await alice_events.wait(
             "participant_disconnected", lambda p: p.identity == "ghost", timeout=60
         )
         gone_after = ev.t - killed_at
-        results(f"vanished_client_detected_s={gone_after:.1f} (SIGKILL -> participant_disconnected)")
+        results(f"vanished_client_detected_s={gone_after:.1f} ({how.upper()} -> participant_disconnected)")
         assert "ghost" not in alice.remote_participants
+        await alice_events.wait(
+            "track_unsubscribed", lambda t, pub, p: p.identity == "ghost", timeout=20
+        )
     finally:
         if proc.poll() is None:
-            proc.kill()
+            proc.kill()  # also ends a stopped process
             proc.wait(timeout=10)
-    await still_serving(arbor, alice, "after-vanish")
+    await still_serving(arbor, alice, f"after-vanish-{how}")
