@@ -173,6 +173,12 @@ async def test_bad_tokens_are_refused(arbor, live_room, case):
     print(f"{case}: HTTP {status} {body!r}")
     assert status in allowed, f"{case}: expected HTTP {allowed}, got {status} ({body!r})"
     assert body.strip(), f"{case}: the {status} refusal should say why in its body"
+    # A clear error names the actual problem, so an operator can fix the right thing.
+    must_mention = {"expired": "expired", "wrong_signature": "signature", "no_room_join": "roomjoin"}
+    if case in must_mention:
+        assert must_mention[case] in body.lower(), (
+            f"{case}: the refusal should mention {must_mention[case]!r}, got {body!r}"
+        )
 
     # The validate endpoint the JS SDK uses must refuse the same way.
     import urllib.error
@@ -257,7 +263,9 @@ async def test_publish_without_can_publish_fails(arbor, live_room):
             seen.append(kind)
             assert kind != "track_published", "server accepted add_track without canPublish"
             if kind == "request_response" and resp.request_response.reason != proto_rtc.RequestResponse.OK:
-                error = f"request_response {proto_rtc.RequestResponse.Reason.Name(resp.request_response.reason)}: {resp.request_response.message}"
+                rr = resp.request_response
+                error = f"request_response {proto_rtc.RequestResponse.Reason.Name(rr.reason)}: {rr.message}"
+                print(f"request_response in full: {rr}")
             if kind == "leave":
                 error = "leave"
         print(f"raw add_track without canPublish answered with: {error}; messages seen: {seen}")
