@@ -165,7 +165,14 @@ async def test_two_participants_media_mute_data_leave(arbor, results):
         await audio.stop()
         await asyncio.wait_for(a.disconnect(), 10)
         a = None
-        await b_events.wait("participant_disconnected", lambda p: p.identity == "alice", timeout=20)
+        ev = await b_events.wait("participant_disconnected", lambda p: p.identity == "alice", timeout=20)
+        reason = ev.args[0].disconnect_reason
+        # A clean `disconnect()` sends LeaveRequest{CLIENT_INITIATED}; the others must learn that
+        # alice left on purpose, not that she timed out.
+        assert reason == rtc.DisconnectReason.CLIENT_INITIATED, (
+            f"B saw alice leave with reason {rtc.DisconnectReason.Name(reason) if reason else reason}, "
+            f"expected CLIENT_INITIATED"
+        )
         await b_events.wait(
             "track_unsubscribed",
             lambda track, pub, p: p.identity == "alice" and pub.sid == vpub.sid,
