@@ -203,6 +203,8 @@ pub struct Plan {
 #[derive(Clone, Debug)]
 struct NodeState {
     spec: NodeSpec,
+    /// Cordoned nodes take no new viewers and adopt no new children (about to be removed).
+    cordoned: bool,
     load: Load,
     viewer_load: Load,
     viewers: BTreeSet<ViewerId>,
@@ -353,6 +355,9 @@ impl Planner {
         let Some(n) = self.nodes.get(&id) else {
             return 0;
         };
+        if n.cordoned {
+            return 0;
+        }
         let by_share = n
             .spec
             .capacity
@@ -411,11 +416,26 @@ impl Planner {
             id,
             NodeState {
                 spec,
+                cordoned: false,
                 load: Load::ZERO,
                 viewer_load: Load::ZERO,
                 viewers: BTreeSet::new(),
             },
         );
+        self.refresh_open(id);
+        Ok(())
+    }
+
+    /// Cordons a node: it keeps serving what it serves, but takes no new viewers and adopts
+    /// no new children. Cordon every node of a failing region (or a batch of nodes to drain)
+    /// before removing them one by one, so that viewers and subtrees moved off the first are
+    /// not placed on the next. Irreversible until the node is removed.
+    pub fn cordon(&mut self, id: NodeId) -> Result<(), PlannerError> {
+        let n = self
+            .nodes
+            .get_mut(&id)
+            .ok_or(PlannerError::UnknownNode(id))?;
+        n.cordoned = true;
         self.refresh_open(id);
         Ok(())
     }
@@ -544,7 +564,7 @@ impl Planner {
                 let new_origin = self
                     .nodes
                     .values()
-                    .filter(|n| n.spec.id != id)
+                    .filter(|n| n.spec.id != id && !n.cordoned)
                     .min_by_key(|n| {
                         (
                             self.rtt.rtt_us(dead_region, n.spec.region),
@@ -909,6 +929,9 @@ impl Planner {
             let Some(pn) = self.nodes.get(&pid) else {
                 continue;
             };
+            if pn.cordoned {
+                continue;
+            }
             if !pn.load.saturating_add(relay).fits_in(pn.spec.capacity) {
                 continue;
             }

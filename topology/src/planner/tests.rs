@@ -338,6 +338,7 @@ enum Op {
     Join(u16),
     Leave(usize),
     RemoveNode(usize),
+    Cordon(usize),
     AddNode(u16, u64),
     AddTrack(usize, u64, u64),
     RemoveTrack(usize),
@@ -367,6 +368,7 @@ fn world() -> impl Strategy<Value = World> {
                     12 => (0..regions).prop_map(Op::Join),
                     3 => (0usize..1_000).prop_map(Op::Leave),
                     1 => (0usize..100).prop_map(Op::RemoveNode),
+                    1 => (0usize..100).prop_map(Op::Cordon),
                     1 => (0..regions, 5_000u64..120_000).prop_map(|(r, c)| Op::AddNode(r, c)),
                     1 => (0usize..20, 100u64..3_000, 10u64..300)
                         .prop_map(|(o, k, p)| Op::AddTrack(o, k, p)),
@@ -525,6 +527,18 @@ fn run_world(w: World) -> Result<(), TestCaseError> {
                         }
                         Err(e) => Err(e),
                     }
+                }
+            }
+            Op::Cordon(i) => {
+                let ids: Vec<NodeId> = p.node_ids().collect();
+                if ids.is_empty() {
+                    Ok(Diff::default())
+                } else {
+                    let n = ids[i % ids.len()];
+                    p.cordon(n).map(|_| {
+                        assert_eq!(p.viewer_room(n), 0);
+                        Diff::default()
+                    })
                 }
             }
             Op::AddNode(r, c) => {
