@@ -17,7 +17,11 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser, Debug)]
-#[command(name = "arbor-sim", version, about = "Relay-tree capacity planner and simulator")]
+#[command(
+    name = "arbor-sim",
+    version,
+    about = "Relay-tree capacity planner and simulator"
+)]
 struct Args {
     /// Scenario file (TOML).
     scenario: PathBuf,

@@ -33,16 +33,14 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 
 use arbor_topology::nodes::{NodeId, NodeSpec, RegionId};
-use arbor_topology::planner::{
-    Action, Diff, Planner, PlannerError, TrackId, TrackSpec, ViewerId,
-};
+use arbor_topology::planner::{Action, Diff, Planner, PlannerError, TrackId, TrackSpec, ViewerId};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::model::{FailureKind, Model, US_PER_S};
 use super::report::{
-    FailureSummary, Histogram, LinkSummary, PeakPlan, RegionSummary, Report, SeriesRow,
-    TrackLine, TreeRow,
+    FailureSummary, Histogram, LinkSummary, PeakPlan, RegionSummary, Report, SeriesRow, TrackLine,
+    TreeRow,
 };
 use super::SimError;
 
@@ -130,6 +128,10 @@ pub struct Engine<'m> {
     hosted: Vec<u64>,
     home_away: Vec<u64>,
     rejected: Vec<u64>,
+    /// Arrivals per home region since the last autoscaler run.
+    recent_arrivals: Vec<u64>,
+    /// Viewers moved home by `rehome`, per home region.
+    rehomed: Vec<u64>,
     /// Per node, per home region: histogram of viewers' last-mile one-way delay (1 ms bins).
     last_mile: BTreeMap<NodeId, Vec<Vec<u32>>>,
     join_ms: Vec<Vec<f32>>,
@@ -146,6 +148,7 @@ pub struct Engine<'m> {
     peak_plan: Option<PeakPlan>,
     peak_total: u64,
     video_tracks: Vec<TrackId>,
+    check_invariants: bool,
 }
 
 fn ms(us: u64) -> f64 {
@@ -175,6 +178,8 @@ impl<'m> Engine<'m> {
             hosted: vec![0; nr],
             home_away: vec![0; nr],
             rejected: vec![0; nr],
+            recent_arrivals: vec![0; nr],
+            rehomed: vec![0; nr],
             last_mile: BTreeMap::new(),
             join_ms: vec![Vec::new(); nr],
             series: Vec::new(),
@@ -187,10 +192,13 @@ impl<'m> Engine<'m> {
             peak_nodes: vec![0; nr],
             peak_hosted: vec![0; nr],
             links: BTreeMap::new(),
-            failures: (0..m.failures.len()).map(|_| FailureAcc::default()).collect(),
+            failures: (0..m.failures.len())
+                .map(|_| FailureAcc::default())
+                .collect(),
             peak_plan: None,
             peak_total: 0,
             video_tracks: Vec::new(),
+            check_invariants: false,
         };
         for (i, r) in m.regions.iter().enumerate() {
             for _ in 0..r.initial_nodes {
@@ -247,6 +255,12 @@ impl<'m> Engine<'m> {
         Ok(e)
     }
 
+    /// Also check every planner invariant at every sample (slow; for tests).
+    pub fn with_invariant_checks(mut self) -> Self {
+        self.check_invariants = true;
+        self
+    }
+
     /// Runs to the end of the event. `progress` is called with the simulated time (µs)
     /// after every sample.
     pub fn run(mut self, mut progress: impl FnMut(u64)) -> Result<Report, SimError> {
@@ -267,6 +281,11 @@ impl<'m> Engine<'m> {
                     }
                 }
                 Ev::Sample => {
+                    if self.check_invariants {
+                        self.planner
+                            .check_invariants()
+                            .map_err(SimError::Internal)?;
+                    }
                     self.on_sample();
                     progress(self.now);
                 }
@@ -513,6 +532,7 @@ impl<'m> Engine<'m> {
             let u: f64 = self.rng.random();
             (-(1.0 - u).ln() * mean) as u64
         });
+        self.recent_arrivals[home.index()] += 1;
         let v = self.viewers.len() as u32;
         self.viewers.push(ViewerRec {
             home,
@@ -602,9 +622,18 @@ impl<'m> Engine<'m> {
                 continue;
             }
             let per_node = self.m.viewers_per_node(r).max(1) as f64;
-            let demand = self.hosted[ri] + self.pending_count[ri] + self.home_away[ri];
             let reg = &self.m.regions[ri];
-            let desired = ((demand as f64 / (per_node * target)).ceil() as u32)
+            let mut demand = (self.hosted[ri] + self.pending_count[ri] + self.home_away[ri]) as f64;
+            if a.forecast {
+                // Viewers expected to arrive before a node booted now is serving.
+                let rate =
+                    self.recent_arrivals[ri] as f64 / (self.m.autoscale_us as f64 / US_PER_S);
+                let horizon = (self.m.node_types[reg.node_type].boot_us + self.m.autoscale_us)
+                    as f64
+                    / US_PER_S;
+                demand += rate * horizon;
+            }
+            let desired = ((demand / (per_node * target)).ceil() as u32)
                 .max(reg.min_nodes)
                 .min(reg.max_nodes);
             let (mut online, mut booting) = (0u32, 0u32);
@@ -651,6 +680,17 @@ impl<'m> Engine<'m> {
                 }
             }
         }
+        self.recent_arrivals.iter_mut().for_each(|c| *c = 0);
+        // Bring spilled viewers home where capacity appeared (make-before-break moves).
+        let diff = self.planner.rehome(a.rehome_per_check as usize);
+        for act in &diff.actions {
+            if let Action::MoveViewer { viewer, .. } = act {
+                if let Some(rec) = self.viewers.get(viewer.0 as usize) {
+                    self.rehomed[rec.home.index()] += 1;
+                }
+            }
+        }
+        self.mirror(&diff);
         Ok(())
     }
 
@@ -687,13 +727,10 @@ impl<'m> Engine<'m> {
                     None
                 };
                 let pick = origin.or_else(|| {
-                    region_nodes
-                        .iter()
-                        .copied()
-                        .max_by_key(|id| {
-                            let v = self.planner.node(*id).map(|s| s.viewers).unwrap_or(0);
-                            (v, Reverse(*id))
-                        })
+                    region_nodes.iter().copied().max_by_key(|id| {
+                        let v = self.planner.node(*id).map(|s| s.viewers).unwrap_or(0);
+                        (v, Reverse(*id))
+                    })
                 });
                 pick.into_iter().collect()
             }
@@ -795,7 +832,7 @@ impl<'m> Engine<'m> {
         }
         // Viewers that moved, then viewers that stayed on a node whose path was repaired.
         let mut moved_in: BTreeMap<NodeId, u64> = BTreeMap::new();
-        for (_, (to, t)) in &moved {
+        for (to, t) in moved.values() {
             acc.direct += 1;
             *moved_in.entry(*to).or_insert(0) += 1;
             acc.samples.push((if graceful { 0.0 } else { *t }, 1));
@@ -874,8 +911,9 @@ impl<'m> Engine<'m> {
             + lat.publisher_uplink_ms
             + lat.jitter_buffer_ms
             + lat.decode_render_ms;
-        let mut tick_hist: Vec<Histogram> =
-            (0..nr).map(|_| Histogram::new(LATENCY_HIST_MAX_MS)).collect();
+        let mut tick_hist: Vec<Histogram> = (0..nr)
+            .map(|_| Histogram::new(LATENCY_HIST_MAX_MS))
+            .collect();
         for track in &self.video_tracks {
             let Some(tree) = self.planner.tree(*track) else {
                 continue;
@@ -950,7 +988,9 @@ impl<'m> Engine<'m> {
             let mut trunks: BTreeMap<(u16, u16), u32> = BTreeMap::new();
             let mut worst = vec![0u64; self.m.regions.len()];
             for (n, m) in tree.members() {
-                let Some(r) = self.node_region(n) else { continue };
+                let Some(r) = self.node_region(n) else {
+                    continue;
+                };
                 per_region[r.index()] += 1;
                 worst[r.index()] = worst[r.index()].max(m.path_us);
                 if let Some(pr) = m.parent.and_then(|p| self.node_region(p)) {
@@ -1012,6 +1052,7 @@ impl<'m> Engine<'m> {
                 join_p95_ms: q(0.95),
                 join_p99_ms: q(0.99),
                 rejected: self.rejected[ri],
+                rehomed: self.rehomed[ri],
             });
         }
         let links = self

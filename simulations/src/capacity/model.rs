@@ -202,7 +202,10 @@ impl Model {
                 continue;
             }
             if !(p.ms.is_finite() && p.ms >= 0.0 && p.ms <= 10_000.0) {
-                return Err(SimError::Scenario(format!("RTT {}-{} out of range", p.a, p.b)));
+                return Err(SimError::Scenario(format!(
+                    "RTT {}-{} out of range",
+                    p.a, p.b
+                )));
             }
             let default_loss = if p.a == p.b {
                 net.intra_region_loss_percent
@@ -211,14 +214,20 @@ impl Model {
             };
             let loss = p.loss_percent.unwrap_or(default_loss);
             if !(0.0..100.0).contains(&loss) {
-                return Err(SimError::Scenario(format!("loss {}-{} out of range", p.a, p.b)));
+                return Err(SimError::Scenario(format!(
+                    "loss {}-{} out of range",
+                    p.a, p.b
+                )));
             }
             pairs.push((p.a.clone(), p.b.clone(), ms_to_us(p.ms), loss_ppm(loss)));
         }
         let rtt = RttMatrix::from_pairs(
             names.clone(),
             &pairs,
-            (ms_to_us(world.intra_ms), loss_ppm(net.intra_region_loss_percent)),
+            (
+                ms_to_us(world.intra_ms),
+                loss_ppm(net.intra_region_loss_percent),
+            ),
         )
         .map_err(|e| SimError::Scenario(format!("RTT matrix: {e}")))?;
         let region_id = |name: &str| {

@@ -143,6 +143,8 @@ pub struct RegionSummary {
     pub join_p99_ms: f64,
     /// Arrivals turned away (pending queue full).
     pub rejected: u64,
+    /// Spilled viewers moved back to their nearest region (make-before-break).
+    pub rehomed: u64,
 }
 
 /// One directed inter-region relay link.
@@ -309,7 +311,7 @@ impl Report {
         let _ = writeln!(o, "\nRegions");
         let _ = writeln!(
             o,
-            "  {:<15} {:>7} {:>6} {:>8} {:>8} {:>10} {:>10} {:>10} {:>18} {:>20} {:>8}",
+            "  {:<15} {:>7} {:>6} {:>8} {:>8} {:>10} {:>10} {:>10} {:>18} {:>20} {:>8} {:>8}",
             "region",
             "v/node",
             "nodes",
@@ -320,13 +322,14 @@ impl Report {
             "compute $",
             "g2g p50/p95/p99 ms",
             "join p50/p95/p99 ms",
-            "rejected"
+            "rejected",
+            "rehomed"
         );
-        let mut tot = (0u32, 0.0, 0u64, 0.0, 0.0, 0.0, 0u64);
+        let mut tot = (0u32, 0.0, 0u64, 0.0, 0.0, 0.0, 0u64, 0u64);
         for r in &self.regions {
             let _ = writeln!(
                 o,
-                "  {:<15} {:>7} {:>6} {:>8.1} {:>8} {:>10.1} {:>10.2} {:>10.2} {:>18} {:>20} {:>8}",
+                "  {:<15} {:>7} {:>6} {:>8.1} {:>8} {:>10.1} {:>10.2} {:>10.2} {:>18} {:>20} {:>8} {:>8}",
                 r.name,
                 r.viewers_per_node,
                 r.peak_nodes,
@@ -337,7 +340,8 @@ impl Report {
                 r.compute_cost,
                 format!("{:.0}/{:.0}/{:.0}", r.lat_p50_ms, r.lat_p95_ms, r.lat_p99_ms),
                 format!("{:.0}/{:.0}/{:.0}", r.join_p50_ms, r.join_p95_ms, r.join_p99_ms),
-                r.rejected
+                r.rejected,
+                r.rehomed
             );
             tot.0 += r.peak_nodes;
             tot.1 += r.node_hours;
@@ -346,11 +350,16 @@ impl Report {
             tot.4 += r.egress_cost;
             tot.5 += r.compute_cost;
             tot.6 += r.rejected;
+            tot.7 += r.rehomed;
         }
         let _ = writeln!(
             o,
-            "  {:<15} {:>7} {:>6} {:>8.1} {:>8} {:>10.1} {:>10.2} {:>10.2} {:>18} {:>20} {:>8}",
-            "total (peaks summed)", "", tot.0, tot.1, tot.2, tot.3, tot.4, tot.5, "", "", tot.6
+            "  {:<15} {:>7} {:>6} {:>8.1} {:>8} {:>10.1} {:>10.2} {:>10.2} {:>18} {:>20} {:>8} {:>8}",
+            "total", "", tot.0, tot.1, tot.2, tot.3, tot.4, tot.5, "", "", tot.6, tot.7
+        );
+        let _ = writeln!(
+            o,
+            "  (nodes and viewers columns are per-region peaks; their totals are sums of peaks)"
         );
         let _ = writeln!(o, "  total cost: ${:.2}", tot.4 + tot.5);
         let _ = writeln!(o, "\nInter-region relay links");
@@ -428,9 +437,7 @@ impl Report {
         }
         put("timeseries.csv", s)?;
 
-        let mut s = String::from(
-            "t_s,track,members,max_depth,cross_region_links,worst_path_ms\n",
-        );
+        let mut s = String::from("t_s,track,members,max_depth,cross_region_links,worst_path_ms\n");
         for r in &self.trees {
             let _ = writeln!(
                 s,
@@ -441,12 +448,12 @@ impl Report {
         put("trees.csv", s)?;
 
         let mut s = String::from(
-            "region,node_type,viewers_per_node,peak_nodes,node_hours,peak_viewers,egress_gb,egress_usd,compute_usd,g2g_p50_ms,g2g_p95_ms,g2g_p99_ms,joins,join_p50_ms,join_p95_ms,join_p99_ms,rejected\n",
+            "region,node_type,viewers_per_node,peak_nodes,node_hours,peak_viewers,egress_gb,egress_usd,compute_usd,g2g_p50_ms,g2g_p95_ms,g2g_p99_ms,joins,join_p50_ms,join_p95_ms,join_p99_ms,rejected,rehomed\n",
         );
         for r in &self.regions {
             let _ = writeln!(
                 s,
-                "{},{},{},{},{:.3},{},{:.3},{:.2},{:.2},{:.0},{:.0},{:.0},{},{:.1},{:.1},{:.1},{}",
+                "{},{},{},{},{:.3},{},{:.3},{:.2},{:.2},{:.0},{:.0},{:.0},{},{:.1},{:.1},{:.1},{},{}",
                 r.name,
                 r.node_type,
                 r.viewers_per_node,
@@ -463,7 +470,8 @@ impl Report {
                 r.join_p50_ms,
                 r.join_p95_ms,
                 r.join_p99_ms,
-                r.rejected
+                r.rejected,
+                r.rehomed
             );
         }
         put("regions.csv", s)?;

@@ -176,9 +176,9 @@ impl Default for PlannerSection {
     }
 }
 
-/// `[latency]`: glass-to-glass = capture_encode + publisher_uplink + tree path
-/// + edge→viewer (region one-way + last mile) + jitter buffer (+ one NACK round trip of the
-/// worst lossy hop) + decode_render.
+/// `[latency]`: glass-to-glass is the sum of capture_encode, publisher_uplink, the tree
+/// path, edge→viewer (region one-way plus last mile), the jitter buffer (plus one NACK round
+/// trip of the worst lossy hop on the path) and decode_render.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LatencySection {
@@ -268,6 +268,11 @@ pub struct AutoscaleSection {
     pub idle_retire_s: f64,
     /// Disable to keep the initial fleet only.
     pub enabled: bool,
+    /// Add the arrival rate seen over the last period times (boot time + period) to the
+    /// demand, so nodes are booting before they are needed.
+    pub forecast: bool,
+    /// At most this many spilled viewers are moved home (make-before-break) per period.
+    pub rehome_per_check: u32,
 }
 
 impl Default for AutoscaleSection {
@@ -277,6 +282,8 @@ impl Default for AutoscaleSection {
             check_interval_s: 10.0,
             idle_retire_s: 300.0,
             enabled: true,
+            forecast: true,
+            rehome_per_check: 5_000,
         }
     }
 }
@@ -426,6 +433,11 @@ fn busiest() -> String {
     "busiest".into()
 }
 
+/// True when `v` is a finite number `>= min` (false for NaN).
+fn at_least(v: f64, min: f64) -> bool {
+    v.is_finite() && v >= min
+}
+
 impl ScenarioFile {
     /// Parses and validates a scenario.
     pub fn parse(text: &str) -> Result<Self, SimError> {
@@ -438,12 +450,15 @@ impl ScenarioFile {
     fn validate(&self) -> Result<(), SimError> {
         let bad = |m: String| Err(SimError::Scenario(m));
         if !(self.duration_s > 0.0 && self.duration_s <= 30.0 * 86_400.0) {
-            return bad(format!("duration_s must be in (0, 30 days], got {}", self.duration_s));
+            return bad(format!(
+                "duration_s must be in (0, 30 days], got {}",
+                self.duration_s
+            ));
         }
         if !(self.sample_interval_s >= 1.0 && self.sample_interval_s <= self.duration_s) {
             return bad("sample_interval_s must be in [1, duration_s]".into());
         }
-        if !(self.autoscale.check_interval_s >= 1.0) {
+        if !at_least(self.autoscale.check_interval_s, 1.0) {
             return bad("autoscale.check_interval_s must be at least 1".into());
         }
         if !(self.autoscale.target_utilization_percent > 0.0
@@ -464,12 +479,21 @@ impl ScenarioFile {
             ("publisher_uplink_ms", l.publisher_uplink_ms),
             ("jitter_buffer_ms", l.jitter_buffer_ms),
             ("decode_render_ms", l.decode_render_ms),
-            ("join.signalling_round_trips", self.join.signalling_round_trips),
-            ("join.relay_setup_round_trips", self.join.relay_setup_round_trips),
+            (
+                "join.signalling_round_trips",
+                self.join.signalling_round_trips,
+            ),
+            (
+                "join.relay_setup_round_trips",
+                self.join.relay_setup_round_trips,
+            ),
             ("join.keyframe_interval_ms", self.join.keyframe_interval_ms),
             ("detection.node_timeout_ms", self.detection.node_timeout_ms),
             ("planner.hop_processing_ms", self.planner.hop_processing_ms),
-            ("planner.cross_region_penalty_ms", self.planner.cross_region_penalty_ms),
+            (
+                "planner.cross_region_penalty_ms",
+                self.planner.cross_region_penalty_ms,
+            ),
             ("autoscale.idle_retire_s", self.autoscale.idle_retire_s),
             (
                 "network.inter_region_loss_percent",
@@ -495,7 +519,9 @@ impl ScenarioFile {
         }
         let share: f64 = m.layers.iter().map(|x| x.viewer_percent).sum();
         if (share - 100.0).abs() > 0.01 || m.layers.iter().any(|x| x.viewer_percent < 0.0) {
-            return bad(format!("media.layers viewer_percent must sum to 100, got {share}"));
+            return bad(format!(
+                "media.layers viewer_percent must sum to 100, got {share}"
+            ));
         }
         if m.video_packet_bytes == 0 {
             return bad("media.video_packet_bytes must be positive".into());
@@ -518,13 +544,19 @@ impl ScenarioFile {
                 return bad(format!("duplicate region {:?}", r.name));
             }
             if !types.contains(r.node_type.as_str()) {
-                return bad(format!("region {:?}: unknown node type {:?}", r.name, r.node_type));
+                return bad(format!(
+                    "region {:?}: unknown node type {:?}",
+                    r.name, r.node_type
+                ));
             }
             if r.egress_usd_per_gb < 0.0 || r.min_nodes > r.max_nodes {
                 return bad(format!("region {:?}: bad price or node bounds", r.name));
             }
             if r.initial_nodes > r.max_nodes {
-                return bad(format!("region {:?}: initial_nodes above max_nodes", r.name));
+                return bad(format!(
+                    "region {:?}: initial_nodes above max_nodes",
+                    r.name
+                ));
             }
         }
         if self.regions.is_empty() {
@@ -535,7 +567,10 @@ impl ScenarioFile {
         }
         for p in &self.publishers {
             let Some(r) = self.regions.iter().find(|r| r.name == p.region) else {
-                return bad(format!("publisher region {:?} is not in [[regions]]", p.region));
+                return bad(format!(
+                    "publisher region {:?} is not in [[regions]]",
+                    p.region
+                ));
             };
             if r.initial_nodes == 0 {
                 return bad(format!(
@@ -550,7 +585,10 @@ impl ScenarioFile {
         let mut total: u64 = 0;
         for a in &self.audience {
             if !regions.contains(a.region.as_str()) {
-                return bad(format!("audience region {:?} is not in [[regions]]", a.region));
+                return bad(format!(
+                    "audience region {:?} is not in [[regions]]",
+                    a.region
+                ));
             }
             total = total.saturating_add(a.viewers);
             if a.curve.len() < 2 {
@@ -567,27 +605,35 @@ impl ScenarioFile {
                 }
                 area += (t1 - t0) * (r0 + r1) / 2.0;
             }
-            if !(area > 0.0) && a.viewers > 0 {
+            if !at_least(area, f64::MIN_POSITIVE) && a.viewers > 0 {
                 return bad(format!("audience {:?}: curve has zero area", a.region));
             }
             if let Some(s) = a.mean_stay_s {
-                if !(s > 0.0) {
+                if !at_least(s, f64::MIN_POSITIVE) {
                     return bad("audience.mean_stay_s must be positive".into());
                 }
             }
         }
         if total > 20_000_000 {
-            return bad(format!("{total} viewers exceeds the simulator bound of 20M"));
+            return bad(format!(
+                "{total} viewers exceeds the simulator bound of 20M"
+            ));
         }
         for f in &self.failures {
             if !matches!(f.kind.as_str(), "node" | "drain" | "region") {
-                return bad(format!("failure kind {:?}: use node, drain or region", f.kind));
+                return bad(format!(
+                    "failure kind {:?}: use node, drain or region",
+                    f.kind
+                ));
             }
             if !matches!(f.pick.as_str(), "busiest" | "origin") {
                 return bad(format!("failure pick {:?}: use busiest or origin", f.pick));
             }
             if !regions.contains(f.region.as_str()) {
-                return bad(format!("failure region {:?} is not in [[regions]]", f.region));
+                return bad(format!(
+                    "failure region {:?} is not in [[regions]]",
+                    f.region
+                ));
             }
             if !(f.at_s >= 0.0 && f.at_s <= self.duration_s) {
                 return bad("failure at_s must be within the event".into());

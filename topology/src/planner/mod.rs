@@ -231,6 +231,10 @@ pub struct Planner {
     nearest: Vec<Vec<RegionId>>,
     tracks: BTreeMap<TrackId, TrackTree>,
     viewers: BTreeMap<ViewerId, ViewerState>,
+    /// Viewers served outside their nearest region (spilled while it was full).
+    away: BTreeSet<ViewerId>,
+    /// Where the last [`Planner::rehome`] pass stopped (round robin over `away`).
+    rehome_cursor: Option<ViewerId>,
     /// Sum of all tracks' `viewer_load`: the cost of one viewer at its edge.
     per_viewer: Load,
 }
@@ -258,6 +262,8 @@ impl Planner {
             nodes: BTreeMap::new(),
             tracks: BTreeMap::new(),
             viewers: BTreeMap::new(),
+            away: BTreeSet::new(),
+            rehome_cursor: None,
             per_viewer: Load::ZERO,
         })
     }
@@ -531,6 +537,53 @@ impl Planner {
         Ok(diff.finish(&self.tracks))
     }
 
+    /// Brings spilled viewers home: moves up to `max_moves` viewers that are served outside
+    /// their nearest region to a strictly nearer node that now has room (for example after
+    /// the autoscaler added nodes there). Each move is a make-before-break
+    /// [`Action::MoveViewer`]: the viewer connects to its new edge before leaving the old
+    /// one. Scans at most `8 × max_moves` spilled viewers per call, round robin, so the cost
+    /// per call is bounded however many viewers spilled.
+    pub fn rehome(&mut self, max_moves: usize) -> Diff {
+        let mut diff = DiffBuilder::default();
+        let scan_limit = max_moves.saturating_mul(8);
+        let (mut moves, mut scanned) = (0usize, 0usize);
+        let mut cursor = self.rehome_cursor;
+        while moves < max_moves && scanned < scan_limit {
+            let lower = match cursor {
+                None => Bound::Unbounded,
+                Some(c) => Bound::Excluded(c),
+            };
+            let Some(&v) = self.away.range((lower, Bound::Unbounded)).next() else {
+                cursor = None;
+                break;
+            };
+            cursor = Some(v);
+            scanned += 1;
+            let Some(state) = self.viewers.get(&v).copied() else {
+                continue;
+            };
+            let Some(cur) = self.nodes.get(&state.node).map(|n| n.spec.region) else {
+                continue;
+            };
+            let limit = self.rtt.rtt_us(state.region, cur);
+            let nearer_open = self.nearest[state.region.index()]
+                .iter()
+                .take_while(|r| self.rtt.rtt_us(state.region, **r) < limit)
+                .any(|r| !self.open[r.index()].is_empty());
+            if !nearer_open {
+                continue;
+            }
+            diff.viewer_changed(v, Some(state.node), Some(state.node));
+            if self.place_within(v, state.region, limit, &mut diff).is_ok() {
+                self.unhost(v, state.node);
+                self.prune_everywhere(state.node, &mut diff);
+                moves += 1;
+            }
+        }
+        self.rehome_cursor = cursor;
+        diff.finish(&self.tracks)
+    }
+
     /// A viewer leaves. Its edge leaves every tree if it no longer serves anyone and relays
     /// to no one (and so on upward).
     pub fn leave(&mut self, viewer: ViewerId) -> Result<Diff, PlannerError> {
@@ -538,6 +591,7 @@ impl Planner {
             .viewers
             .remove(&viewer)
             .ok_or(PlannerError::UnknownViewer(viewer))?;
+        self.away.remove(&viewer);
         let mut diff = DiffBuilder::default();
         diff.viewer_changed(viewer, Some(v.node), None);
         self.unhost(viewer, v.node);
@@ -584,6 +638,7 @@ impl Planner {
         let viewers: Vec<ViewerId> = self.viewers_on(id).collect();
         for v in viewers {
             if let Some(state) = self.viewers.remove(&v) {
+                self.away.remove(&v);
                 self.unhost(v, id);
                 displaced.push((v, state.region, id));
             }
@@ -634,6 +689,7 @@ impl Planner {
             let vs: Vec<ViewerId> = self.viewers_on(n).collect();
             for v in vs {
                 if let Some(state) = self.viewers.remove(&v) {
+                    self.away.remove(&v);
                     self.unhost(v, n);
                     displaced.push((v, state.region, n));
                 }
@@ -761,6 +817,16 @@ impl Planner {
                 }
             }
         }
+        for (v, st) in &self.viewers {
+            let nearest = self.nearest[st.region.index()].first().copied();
+            let region = self.nodes.get(&st.node).map(|n| n.spec.region);
+            if (region != nearest) != self.away.contains(v) {
+                return Err(format!("{v:?}: spilled-viewer index is stale"));
+            }
+        }
+        if self.away.len() > self.viewers.len() {
+            return Err("spilled-viewer index lists departed viewers".into());
+        }
         let listed: usize = self.nodes.values().map(|n| n.viewers.len()).sum();
         if listed != self.viewers.len() {
             return Err(format!(
@@ -847,13 +913,29 @@ impl Planner {
         viewer: ViewerId,
         region: RegionId,
         diff: &mut DiffBuilder,
-    ) -> Result<(), PlannerError> {
+    ) -> Result<NodeId, PlannerError> {
+        self.place_within(viewer, region, u32::MAX, diff)
+    }
+
+    /// [`Self::place`] restricted to regions whose RTT from `region` is below `limit_us`
+    /// (`u32::MAX` = every region).
+    fn place_within(
+        &mut self,
+        viewer: ViewerId,
+        region: RegionId,
+        limit_us: u32,
+        diff: &mut DiffBuilder,
+    ) -> Result<NodeId, PlannerError> {
         let order = self
             .nearest
             .get(region.index())
             .cloned()
             .ok_or(PlannerError::UnknownViewerRegion(region))?;
+        let home = order.first().copied().unwrap_or(region);
         for r in order {
+            if limit_us != u32::MAX && self.rtt.rtt_us(region, r) >= limit_us {
+                break;
+            }
             let mut after: Option<NodeId> = None;
             loop {
                 let lower = match after {
@@ -874,8 +956,13 @@ impl Planner {
                     }
                     self.refresh_open(node);
                     self.viewers.insert(viewer, ViewerState { region, node });
+                    if r == home {
+                        self.away.remove(&viewer);
+                    } else {
+                        self.away.insert(viewer);
+                    }
                     diff.viewer_changed(viewer, None, Some(node));
-                    return Ok(());
+                    return Ok(node);
                 }
             }
         }

@@ -9,6 +9,7 @@
 use super::*;
 use crate::nodes::{Load, NodeId, NodeSpec, RegionId, RttMatrix};
 use proptest::prelude::*;
+use std::collections::BTreeMap;
 
 fn matrix(names: &[&str], pairs: &[(&str, &str, u32)]) -> RttMatrix {
     RttMatrix::from_pairs(
@@ -152,6 +153,39 @@ fn spills_to_next_region_when_home_is_full() {
         .expect("first fits at home");
     p.join(ViewerId(2), RegionId(1)).expect("second spills");
     assert_eq!(p.viewer_node(ViewerId(2)), Some(NodeId(0)));
+}
+
+#[test]
+fn rehome_brings_spilled_viewers_back_make_before_break() {
+    let mut p = Planner::new(config(), two_regions()).expect("config");
+    p.add_node(node(0, 0, 100_000)).expect("n0");
+    p.add_node(node(1, 1, 3_000)).expect("n1 fits one viewer");
+    p.add_track(track(0, 0)).expect("track");
+    p.join(ViewerId(1), RegionId(1)).expect("home");
+    p.join(ViewerId(2), RegionId(1)).expect("spills to nyc");
+    assert_eq!(p.viewer_node(ViewerId(2)), Some(NodeId(0)));
+    assert!(p.rehome(10).is_empty(), "no room at home yet");
+    p.add_node(node(2, 1, 3_000))
+        .expect("capacity arrives in Paris");
+    let d = p.rehome(10);
+    // n1 is too full to relay, so the new Paris edge hangs off the origin.
+    assert_eq!(
+        d.actions,
+        vec![
+            Action::Link {
+                track: TrackId(0),
+                parent: NodeId(0),
+                child: NodeId(2)
+            },
+            Action::MoveViewer {
+                viewer: ViewerId(2),
+                from: NodeId(0),
+                to: NodeId(2)
+            },
+        ]
+    );
+    assert_make_before_break(&d);
+    p.check_invariants().expect("invariants");
 }
 
 #[test]
@@ -339,6 +373,7 @@ enum Op {
     Leave(usize),
     RemoveNode(usize),
     Cordon(usize),
+    Rehome(usize),
     AddNode(u16, u64),
     AddTrack(usize, u64, u64),
     RemoveTrack(usize),
@@ -369,6 +404,7 @@ fn world() -> impl Strategy<Value = World> {
                     3 => (0usize..1_000).prop_map(Op::Leave),
                     1 => (0usize..100).prop_map(Op::RemoveNode),
                     1 => (0usize..100).prop_map(Op::Cordon),
+                    1 => (1usize..20).prop_map(Op::Rehome),
                     1 => (0..regions, 5_000u64..120_000).prop_map(|(r, c)| Op::AddNode(r, c)),
                     1 => (0usize..20, 100u64..3_000, 10u64..300)
                         .prop_map(|(o, k, p)| Op::AddTrack(o, k, p)),
@@ -460,6 +496,7 @@ fn run_world(w: World) -> Result<(), TestCaseError> {
     }
     p.check_invariants().map_err(TestCaseError::fail)?;
     let mut joined: Vec<ViewerId> = Vec::new();
+    let mut homes: BTreeMap<ViewerId, RegionId> = BTreeMap::new();
     let mut next_viewer = 0u64;
     for op in w.ops {
         let before = p.plan();
@@ -472,6 +509,7 @@ fn run_world(w: World) -> Result<(), TestCaseError> {
                 let res = p.join(v, RegionId(r));
                 if res.is_ok() {
                     joined.push(v);
+                    homes.insert(v, RegionId(r));
                     // Nearest-first: no strictly nearer region had a ready node.
                     let node = p.viewer_node(v).expect("joined viewer has a node");
                     let got = p.node(node).expect("node exists").region;
@@ -540,6 +578,32 @@ fn run_world(w: World) -> Result<(), TestCaseError> {
                         Diff::default()
                     })
                 }
+            }
+            Op::Rehome(n) => {
+                let before_nodes: BTreeMap<ViewerId, NodeId> = (0..next_viewer)
+                    .filter_map(|v| p.viewer_node(ViewerId(v)).map(|n| (ViewerId(v), n)))
+                    .collect();
+                let d = p.rehome(n);
+                let mut moved = 0;
+                for a in &d.actions {
+                    if let Action::MoveViewer { viewer, from, to } = a {
+                        moved += 1;
+                        // Strictly nearer to the viewer's home than before.
+                        prop_assert_eq!(before_nodes.get(viewer), Some(from));
+                        prop_assert_eq!(p.viewer_node(*viewer), Some(*to));
+                        let home = homes[viewer];
+                        let rf = before.nodes[from].region;
+                        let rt = p.node(*to).expect("new edge exists").region;
+                        prop_assert!(p.rtt().rtt_us(home, rt) < p.rtt().rtt_us(home, rf));
+                    }
+                    prop_assert!(
+                        !matches!(a, Action::AttachViewer { .. } | Action::DetachViewer { .. }),
+                        "rehome only moves viewers"
+                    );
+                }
+                prop_assert!(moved <= n);
+                prop_assert_eq!(p.viewer_count(), before_viewers);
+                Ok(d)
             }
             Op::AddNode(r, c) => {
                 let id = NodeId(next_node);
