@@ -60,7 +60,7 @@ fn same_seed_gives_byte_identical_output() {
         outputs(&a, 42, &out_dir("a")),
         outputs(&b, 42, &out_dir("b")),
     );
-    assert_eq!(oa.len(), 11, "table + 6 CSV + 4 SVG");
+    assert_eq!(oa.len(), 14, "table + 8 CSV + 5 SVG");
     for ((na, ba), (nb, bb)) in oa.iter().zip(&ob) {
         assert_eq!(na, nb);
         assert!(ba == bb, "{na} differs between two runs with the same seed");

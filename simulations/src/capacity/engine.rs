@@ -39,8 +39,8 @@ use rand_chacha::ChaCha8Rng;
 
 use super::model::{FailureKind, Model, US_PER_S};
 use super::report::{
-    FailureSummary, Histogram, LinkSummary, PeakPlan, RegionSummary, Report, SeriesRow, TrackLine,
-    TreeRow,
+    FailureSummary, Histogram, LinkRow, LinkSummary, PeakPlan, RegionSummary, Report, SeriesRow,
+    TrackLine, TreeRow,
 };
 use super::SimError;
 
@@ -144,6 +144,7 @@ pub struct Engine<'m> {
     peak_nodes: Vec<u32>,
     peak_hosted: Vec<u64>,
     links: BTreeMap<(u16, u16), (f64, f64)>,
+    link_rows: Vec<LinkRow>,
     failures: Vec<FailureAcc>,
     peak_plan: Option<PeakPlan>,
     peak_total: u64,
@@ -192,6 +193,7 @@ impl<'m> Engine<'m> {
             peak_nodes: vec![0; nr],
             peak_hosted: vec![0; nr],
             links: BTreeMap::new(),
+            link_rows: Vec::new(),
             failures: (0..m.failures.len())
                 .map(|_| FailureAcc::default())
                 .collect(),
@@ -901,6 +903,12 @@ impl<'m> Engine<'m> {
         for (k, kbps) in &link_kbps {
             let e = self.links.entry(*k).or_insert((0.0, 0.0));
             let mbps = *kbps as f64 / 1000.0;
+            self.link_rows.push(LinkRow {
+                t_s,
+                from: k.0,
+                to: k.1,
+                mbps,
+            });
             e.0 = e.0.max(mbps);
             e.1 += mbps * dt_s / 8.0 / 1000.0;
         }
@@ -1032,6 +1040,7 @@ impl<'m> Engine<'m> {
                 let idx = ((p * joins.len() as f64).ceil() as usize).clamp(1, joins.len()) - 1;
                 f64::from(joins[idx])
             };
+            let join_cdf: Vec<f64> = (1..=100).map(|p| q(f64::from(p) / 100.0)).collect();
             let egress_cost = self.egress_gb[ri] * r.egress_usd_per_gb;
             let compute_cost = self.node_hours[ri] * self.m.node_types[r.node_type].hourly_usd;
             regions.push(RegionSummary {
@@ -1053,6 +1062,7 @@ impl<'m> Engine<'m> {
                 join_p99_ms: q(0.99),
                 rejected: self.rejected[ri],
                 rehomed: self.rehomed[ri],
+                join_cdf,
             });
         }
         let links = self
@@ -1116,6 +1126,7 @@ impl<'m> Engine<'m> {
             trees: self.tree_rows,
             regions,
             links,
+            link_series: self.link_rows,
             failures,
             peak_plan: self.peak_plan,
             viewers_total: self.viewers.len() as u64,

@@ -37,7 +37,13 @@ fn per_region(report: &Report, value: impl Fn(&SeriesRow) -> f64) -> Vec<Series>
         .collect()
 }
 
-fn line_chart(path: &Path, title: &str, y_label: &str, series: &[Series]) -> Result<(), SimError> {
+fn line_chart(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+) -> Result<(), SimError> {
     let err = |e: String| SimError::Plot(path.display().to_string(), e);
     let x_max = series
         .iter()
@@ -59,7 +65,7 @@ fn line_chart(path: &Path, title: &str, y_label: &str, series: &[Series]) -> Res
         .map_err(|e| err(e.to_string()))?;
     chart
         .configure_mesh()
-        .x_desc("time (s)")
+        .x_desc(x_label)
         .y_desc(y_label)
         .draw()
         .map_err(|e| err(e.to_string()))?;
@@ -82,7 +88,8 @@ fn line_chart(path: &Path, title: &str, y_label: &str, series: &[Series]) -> Res
     Ok(())
 }
 
-/// Writes `nodes.svg`, `viewers.svg`, `egress.svg` and `latency_p95.svg` into `dir`.
+/// Writes `nodes.svg`, `viewers.svg`, `egress.svg`, `latency_p95.svg` (over time, per
+/// region) and `join_times.svg` (join time by percentile, per region) into `dir`.
 pub fn write_plots(report: &Report, dir: &Path) -> Result<Vec<PathBuf>, SimError> {
     std::fs::create_dir_all(dir).map_err(|e| SimError::Io(dir.display().to_string(), e))?;
     let charts: [(&str, &str, &str, Vec<Series>); 4] = [
@@ -114,8 +121,24 @@ pub fn write_plots(report: &Report, dir: &Path) -> Result<Vec<PathBuf>, SimError
     let mut out = Vec::new();
     for (file, title, y, series) in charts {
         let p = dir.join(file);
-        line_chart(&p, title, y, &series)?;
+        line_chart(&p, title, "time (s)", y, &series)?;
         out.push(p);
     }
+    let joins: Vec<Series> = report
+        .regions
+        .iter()
+        .map(|r| {
+            let pts = r
+                .join_cdf
+                .iter()
+                .enumerate()
+                .map(|(i, ms)| ((i + 1) as f64, *ms))
+                .collect();
+            (r.name.clone(), pts)
+        })
+        .collect();
+    let p = dir.join("join_times.svg");
+    line_chart(&p, "Join time by percentile", "percentile", "ms", &joins)?;
+    out.push(p);
     Ok(out)
 }

@@ -145,6 +145,21 @@ pub struct RegionSummary {
     pub rejected: u64,
     /// Spilled viewers moved back to their nearest region (make-before-break).
     pub rehomed: u64,
+    /// Join time at percentiles 1..=100, ms (empty region: zeros).
+    pub join_cdf: Vec<f64>,
+}
+
+/// One inter-region link at one sample time.
+#[derive(Clone, Debug)]
+pub struct LinkRow {
+    /// Sample time, s.
+    pub t_s: f64,
+    /// Upstream region index.
+    pub from: u16,
+    /// Downstream region index.
+    pub to: u16,
+    /// Relay traffic, Mbit/s.
+    pub mbps: f64,
 }
 
 /// One directed inter-region relay link.
@@ -244,6 +259,8 @@ pub struct Report {
     pub regions: Vec<RegionSummary>,
     /// Inter-region links.
     pub links: Vec<LinkSummary>,
+    /// Inter-region link traffic per sample (links with traffic only).
+    pub link_series: Vec<LinkRow>,
     /// Failures.
     pub failures: Vec<FailureSummary>,
     /// Plan at the peak.
@@ -481,6 +498,33 @@ impl Report {
             let _ = writeln!(s, "{},{},{:.3},{:.3}", l.from, l.to, l.peak_mbps, l.gb);
         }
         put("links.csv", s)?;
+
+        let mut s = String::from("t_s,from,to,mbps\n");
+        for l in &self.link_series {
+            let _ = writeln!(
+                s,
+                "{:.0},{},{},{:.3}",
+                l.t_s,
+                self.rname(l.from),
+                self.rname(l.to),
+                l.mbps
+            );
+        }
+        put("links_timeseries.csv", s)?;
+
+        let mut s = String::from("percentile");
+        for r in &self.regions {
+            let _ = write!(s, ",{}", r.name);
+        }
+        s.push('\n');
+        for p in 0..100 {
+            let _ = write!(s, "{}", p + 1);
+            for r in &self.regions {
+                let _ = write!(s, ",{:.1}", r.join_cdf.get(p).copied().unwrap_or(0.0));
+            }
+            s.push('\n');
+        }
+        put("join_times.csv", s)?;
 
         let mut s = String::from(
             "at_s,kind,region,nodes_lost,origin_moved,viewers_direct,viewers_downstream,unplaced,never_recovered,recovered,recovery_p50_ms,recovery_p95_ms,recovery_max_ms\n",

@@ -65,6 +65,26 @@ fn assert_make_before_break(diff: &Diff) {
             diff.actions
         );
     }
+    // Upstream first: a new link into `c` precedes any new link out of `c` (same track), so
+    // a node forwards a track only after it receives it.
+    for (i, a) in diff.actions.iter().enumerate() {
+        if let Action::Link { track, child, .. } = a {
+            for b in &diff.actions[..i] {
+                if let Action::Link {
+                    track: t2,
+                    parent: p2,
+                    ..
+                } = b
+                {
+                    assert!(
+                        !(t2 == track && p2 == child),
+                        "link out of {child} listed before the link into it: {:?}",
+                        diff.actions
+                    );
+                }
+            }
+        }
+    }
 }
 
 #[test]
