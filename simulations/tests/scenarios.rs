@@ -15,7 +15,7 @@ fn scenario(name: &str) -> PathBuf {
 fn load(name: &str, scale: f64) -> Model {
     let mut m = capacity::load(&scenario(name)).expect("shipped scenario loads");
     if scale != 1.0 {
-        model::scale_audience(&mut m, scale);
+        model::scale_audience(&mut m, scale).expect("scale");
     }
     m
 }

@@ -45,8 +45,7 @@ fn main() -> anyhow::Result<()> {
     let mut model = capacity::load(&args.scenario)
         .with_context(|| format!("loading {}", args.scenario.display()))?;
     if let Some(f) = args.scale {
-        anyhow::ensure!(f > 0.0 && f <= 1000.0, "--scale must be in (0, 1000]");
-        capacity::model::scale_audience(&mut model, f);
+        capacity::model::scale_audience(&mut model, f)?;
     }
     let seed = args.seed.unwrap_or(model.file.seed);
     let bar = if std::io::stderr().is_terminal() {

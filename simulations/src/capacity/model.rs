@@ -356,15 +356,35 @@ impl Model {
     }
 }
 
-/// Multiplies every audience's viewer count by `factor` (rounded), and the pending bound
-/// with it. Used for the 1M-viewer variant of a scenario and for quick scaled-down checks.
-pub fn scale_audience(model: &mut Model, factor: f64) {
+/// Largest audience the simulator accepts (memory is about 110 bytes per viewer).
+pub const MAX_VIEWERS: u64 = 20_000_000;
+
+/// Multiplies every audience's viewer count by `factor` (rounded). Used for the 1M-viewer
+/// variant of a scenario and for quick scaled-down checks. Refuses a non-positive factor or
+/// a result above [`MAX_VIEWERS`].
+pub fn scale_audience(model: &mut Model, factor: f64) -> Result<(), SimError> {
+    if !(factor.is_finite() && factor > 0.0) {
+        return Err(SimError::Scenario(format!(
+            "scale factor {factor} must be positive"
+        )));
+    }
+    let total: f64 = model
+        .audience
+        .iter()
+        .map(|a| a.viewers as f64 * factor)
+        .sum();
+    if total > MAX_VIEWERS as f64 {
+        return Err(SimError::Scenario(format!(
+            "scaled audience of {total:.0} viewers exceeds the simulator bound of {MAX_VIEWERS}"
+        )));
+    }
     for a in &mut model.audience {
         a.viewers = (a.viewers as f64 * factor).round() as u64;
     }
     for a in &mut model.file.audience {
         a.viewers = (a.viewers as f64 * factor).round() as u64;
     }
+    Ok(())
 }
 
 #[cfg(test)]

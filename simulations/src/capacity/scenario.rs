@@ -518,7 +518,10 @@ impl ScenarioFile {
             return bad("media.layers must list at least one layer".into());
         }
         let share: f64 = m.layers.iter().map(|x| x.viewer_percent).sum();
-        if (share - 100.0).abs() > 0.01 || m.layers.iter().any(|x| x.viewer_percent < 0.0) {
+        if !share.is_finite()
+            || (share - 100.0).abs() > 0.01
+            || m.layers.iter().any(|x| !at_least(x.viewer_percent, 0.0))
+        {
             return bad(format!(
                 "media.layers viewer_percent must sum to 100, got {share}"
             ));
@@ -549,7 +552,7 @@ impl ScenarioFile {
                     r.name, r.node_type
                 ));
             }
-            if r.egress_usd_per_gb < 0.0 || r.min_nodes > r.max_nodes {
+            if !at_least(r.egress_usd_per_gb, 0.0) || r.min_nodes > r.max_nodes {
                 return bad(format!("region {:?}: bad price or node bounds", r.name));
             }
             if r.initial_nodes > r.max_nodes {
@@ -638,6 +641,11 @@ impl ScenarioFile {
             if !(f.at_s >= 0.0 && f.at_s <= self.duration_s) {
                 return bad("failure at_s must be within the event".into());
             }
+            if let Some(r) = f.recover_after_s {
+                if !at_least(r, 0.0) || f.kind != "region" {
+                    return bad("recover_after_s must be >= 0 and only on region failures".into());
+                }
+            }
         }
         Ok(())
     }
@@ -646,6 +654,81 @@ impl ScenarioFile {
 impl RttFile {
     /// Parses an RTT data file.
     pub fn parse(text: &str) -> Result<Self, SimError> {
-        toml::from_str(text).map_err(|e| SimError::Scenario(format!("RTT file: {e}")))
+        let f: RttFile =
+            toml::from_str(text).map_err(|e| SimError::Scenario(format!("RTT file: {e}")))?;
+        if !(at_least(f.intra_ms, 0.0) && f.intra_ms <= 10_000.0) {
+            return Err(SimError::Scenario(
+                "RTT file: intra_ms must be in [0, 10000]".into(),
+            ));
+        }
+        Ok(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+name = "t"
+duration_s = 60
+[[node_types]]
+name = "small"
+egress_mbps = 1000
+forward_pps = 100000
+hourly_usd = 0.1
+boot_s = 30
+[[regions]]
+name = "us-east-1"
+node_type = "small"
+egress_usd_per_gb = 0.05
+initial_nodes = 1
+[[publishers]]
+region = "us-east-1"
+[[audience]]
+region = "us-east-1"
+viewers = 10
+curve = [[0, 1], [10, 1]]
+"#;
+
+    fn err(text: &str) -> String {
+        match ScenarioFile::parse(text) {
+            Ok(_) => panic!("expected an error for:\n{text}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn minimal_scenario_parses_with_defaults() {
+        let s = ScenarioFile::parse(MINIMAL).expect("valid");
+        assert_eq!(s.planner.max_fanout, 16);
+        assert_eq!(s.network.rtt_file, "world");
+        assert_eq!(s.media.layers.len(), 3);
+    }
+
+    #[test]
+    fn bad_scenarios_are_clear_errors() {
+        assert!(
+            err(&MINIMAL.replace("duration_s = 60", "duration_s = 60\ntypo = 1")).contains("typo")
+        );
+        assert!(err(&MINIMAL.replace("duration_s = 60", "duration_s = nan")).contains("duration_s"));
+        assert!(
+            err(&MINIMAL.replace("node_type = \"small\"", "node_type = \"big\""))
+                .contains("unknown node type")
+        );
+        assert!(err(&MINIMAL.replace("initial_nodes = 1", "initial_nodes = 0")).contains("origin"));
+        assert!(err(&MINIMAL.replace("[[0, 1], [10, 1]]", "[[10, 1], [0, 1]]")).contains("ascend"));
+        assert!(
+            err(&MINIMAL.replace("egress_usd_per_gb = 0.05", "egress_usd_per_gb = nan"))
+                .contains("price")
+        );
+        let nan_layer = format!(
+            "{MINIMAL}\n[media]\nlayers = [{{ name = \"a\", kbps = 100, viewer_percent = nan }}]\n"
+        );
+        assert!(err(&nan_layer).contains("viewer_percent"));
+        let bad_failure = format!(
+            "{MINIMAL}\n[[failures]]\nat_s = 5\nkind = \"meteor\"\nregion = \"us-east-1\"\n"
+        );
+        assert!(err(&bad_failure).contains("meteor"));
     }
 }
