@@ -620,8 +620,15 @@ impl Planner {
                     .values()
                     .filter(|n| n.spec.id != id && !n.cordoned)
                     .min_by_key(|n| {
+                        // Nearest to the old origin; among equals one that can still relay,
+                        // then one already carrying the track (warm), then the lower id.
+                        let can_relay = n
+                            .load
+                            .saturating_add(t.spec.relay_load)
+                            .fits_in(n.spec.capacity);
                         (
                             self.rtt.rtt_us(dead_region, n.spec.region),
+                            !can_relay,
                             !t.contains(n.spec.id),
                             n.spec.id,
                         )
