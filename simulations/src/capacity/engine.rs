@@ -150,6 +150,8 @@ pub struct Engine<'m> {
     peak_total: u64,
     video_tracks: Vec<TrackId>,
     check_invariants: bool,
+    /// Members re-parented by the optimize pass.
+    optimized: u64,
 }
 
 fn ms(us: u64) -> f64 {
@@ -201,6 +203,7 @@ impl<'m> Engine<'m> {
             peak_total: 0,
             video_tracks: Vec::new(),
             check_invariants: false,
+            optimized: 0,
         };
         for (i, r) in m.regions.iter().enumerate() {
             for _ in 0..r.initial_nodes {
@@ -693,6 +696,19 @@ impl<'m> Engine<'m> {
             }
         }
         self.mirror(&diff);
+        // Pull trees back towards the greedy optimum (make-before-break re-links; viewers
+        // see no gap, so only the count is recorded).
+        if a.optimize_per_check > 0 {
+            let gain_us = (a.optimize_min_gain_ms * 1000.0) as u64;
+            let diff = self
+                .planner
+                .optimize(a.optimize_per_check as usize, gain_us);
+            self.optimized += diff
+                .actions
+                .iter()
+                .filter(|x| matches!(x, Action::Link { .. }))
+                .count() as u64;
+        }
         Ok(())
     }
 
@@ -1130,6 +1146,7 @@ impl<'m> Engine<'m> {
             failures,
             peak_plan: self.peak_plan,
             viewers_total: self.viewers.len() as u64,
+            tree_moves: self.optimized,
         }
     }
 }

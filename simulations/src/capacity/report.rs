@@ -267,6 +267,8 @@ pub struct Report {
     pub peak_plan: Option<PeakPlan>,
     /// Arrivals.
     pub viewers_total: u64,
+    /// Tree members re-parented by the periodic optimize pass.
+    pub tree_moves: u64,
 }
 
 impl Report {
@@ -379,6 +381,11 @@ impl Report {
             "  (nodes and viewers columns are per-region peaks; their totals are sums of peaks)"
         );
         let _ = writeln!(o, "  total cost: ${:.2}", tot.4 + tot.5);
+        let _ = writeln!(
+            o,
+            "  tree members re-parented by the optimize pass: {}",
+            self.tree_moves
+        );
         let _ = writeln!(o, "\nInter-region relay links");
         if self.links.is_empty() {
             let _ = writeln!(o, "  none");

@@ -273,6 +273,11 @@ pub struct AutoscaleSection {
     pub forecast: bool,
     /// At most this many spilled viewers are moved home (make-before-break) per period.
     pub rehome_per_check: u32,
+    /// At most this many tree members are re-parented per period by the planner's
+    /// `optimize` pass (make-before-break; 0 disables it).
+    pub optimize_per_check: u32,
+    /// Minimum gain in modelled delay (ms) for `optimize` to move a member.
+    pub optimize_min_gain_ms: f64,
 }
 
 impl Default for AutoscaleSection {
@@ -284,6 +289,8 @@ impl Default for AutoscaleSection {
             enabled: true,
             forecast: true,
             rehome_per_check: 5_000,
+            optimize_per_check: 64,
+            optimize_min_gain_ms: 2.0,
         }
     }
 }
@@ -495,6 +502,10 @@ impl ScenarioFile {
                 self.planner.cross_region_penalty_ms,
             ),
             ("autoscale.idle_retire_s", self.autoscale.idle_retire_s),
+            (
+                "autoscale.optimize_min_gain_ms",
+                self.autoscale.optimize_min_gain_ms,
+            ),
             (
                 "network.inter_region_loss_percent",
                 self.network.inter_region_loss_percent,

@@ -584,6 +584,67 @@ impl Planner {
         diff.finish(&self.tracks)
     }
 
+    /// Improves trees in place: moves up to `max_moves` members (with their subtrees) to a
+    /// parent whose score (modelled delay plus cross-region penalty) beats the current one by
+    /// at least `min_gain_us` without a longer delay, within the fan-out, depth and capacity
+    /// bounds. The typical catch: a node that joined when the only reachable parent was far
+    /// away, and can now go through a member in a better-connected region. Trees drift from
+    /// the greedy optimum through churn, failures and rehoming; this pass pulls them back.
+    ///
+    /// A move shifts a whole subtree by the same gain, so **no member's delay ever grows**.
+    /// Each move is make-before-break: `Link` to the new parent, then `Unlink` from the old;
+    /// an old parent left relaying to no one (and serving no viewer) leaves the tree.
+    /// Members are visited origin-outward (breadth-first), tracks in id order.
+    pub fn optimize(&mut self, max_moves: usize, min_gain_us: u64) -> Diff {
+        let mut diff = DiffBuilder::default();
+        let mut moves = 0usize;
+        let track_ids: Vec<TrackId> = self.tracks.keys().copied().collect();
+        'tracks: for tid in track_ids {
+            let Some(order) = self.tracks.get(&tid).map(|t| t.subtree(t.origin())) else {
+                continue;
+            };
+            for n in order.into_iter().skip(1) {
+                if moves >= max_moves {
+                    break 'tracks;
+                }
+                let Some(tree) = self.tracks.get(&tid) else {
+                    continue 'tracks;
+                };
+                let Some(cur) = tree.parent(n) else {
+                    continue;
+                };
+                let Some(cur_path) = tree.path_us(cur) else {
+                    continue;
+                };
+                let current = self.score(cur_path, cur, n);
+                let sub = tree.subtree(n);
+                let height = tree.height(n);
+                let mut exclude: BTreeSet<NodeId> = sub.into_iter().collect();
+                exclude.insert(cur);
+                let Some(best) = self.best_parent(tid, n, height, &exclude) else {
+                    continue;
+                };
+                let Some(best_path) = self.tracks.get(&tid).and_then(|t| t.path_us(best)) else {
+                    continue;
+                };
+                // Better score by the margin, and never a longer delay (the penalty may
+                // favour a same-region parent whose raw delay is higher: skip those).
+                let new_delay = best_path + self.hop_us(best, n);
+                let old_delay = cur_path + self.hop_us(cur, n);
+                if self.score(best_path, best, n).saturating_add(min_gain_us) <= current
+                    && new_delay <= old_delay
+                {
+                    self.detach_member(tid, n, &mut diff);
+                    self.link(tid, best, n, &mut diff);
+                    // The old parent may now relay to no one.
+                    self.prune(tid, cur, &mut diff);
+                    moves += 1;
+                }
+            }
+        }
+        diff.finish(&self.tracks)
+    }
+
     /// A viewer leaves. Its edge leaves every tree if it no longer serves anyone and relays
     /// to no one (and so on upward).
     pub fn leave(&mut self, viewer: ViewerId) -> Result<Diff, PlannerError> {

@@ -209,6 +209,53 @@ fn rehome_brings_spilled_viewers_back_make_before_break() {
 }
 
 #[test]
+fn optimize_relays_through_a_better_connected_region() {
+    // a–b is slow (100 ms), but a–c and c–b are 20 ms each: b is best reached through c.
+    let rtt = matrix(
+        &["a", "b", "c"],
+        &[("a", "b", 100_000), ("a", "c", 20_000), ("b", "c", 20_000)],
+    );
+    let mut p = Planner::new(config(), rtt).expect("config");
+    p.add_node(node(0, 0, 100_000)).expect("origin in a");
+    p.add_node(node(1, 2, 100_000)).expect("c");
+    p.add_node(node(2, 1, 100_000)).expect("b");
+    p.add_track(track(0, 0)).expect("track");
+    // b's viewer arrives first: the only member is the origin, 50 + 1 ms away.
+    p.join(ViewerId(1), RegionId(1)).expect("b viewer");
+    p.join(ViewerId(2), RegionId(2)).expect("c viewer");
+    let t = p.tree(TrackId(0)).expect("tree");
+    assert_eq!(t.parent(NodeId(2)), Some(NodeId(0)));
+    assert_eq!(t.path_us(NodeId(2)), Some(51_000));
+    assert_eq!(t.path_us(NodeId(1)), Some(11_000));
+    // Through c: 11 + 10 + 1 = 22 ms.
+    let d = p.optimize(10, 1_000);
+    assert_eq!(
+        d.actions,
+        vec![
+            Action::Link {
+                track: TrackId(0),
+                parent: NodeId(1),
+                child: NodeId(2)
+            },
+            Action::Unlink {
+                track: TrackId(0),
+                parent: NodeId(0),
+                child: NodeId(2)
+            },
+        ]
+    );
+    assert_eq!(
+        p.tree(TrackId(0)).and_then(|t| t.path_us(NodeId(2))),
+        Some(22_000)
+    );
+    assert!(
+        p.optimize(10, 1_000).is_empty(),
+        "a second pass finds nothing"
+    );
+    p.check_invariants().expect("invariants");
+}
+
+#[test]
 fn relay_failure_reparents_make_before_break() {
     // Fan-out 2 forces a chain: origin n0 → n1 → n2 (all in Paris except the origin).
     let mut cfg = config();
@@ -394,6 +441,7 @@ enum Op {
     RemoveNode(usize),
     Cordon(usize),
     Rehome(usize),
+    Optimize(usize, u64),
     AddNode(u16, u64),
     AddTrack(usize, u64, u64),
     RemoveTrack(usize),
@@ -425,6 +473,7 @@ fn world() -> impl Strategy<Value = World> {
                     1 => (0usize..100).prop_map(Op::RemoveNode),
                     1 => (0usize..100).prop_map(Op::Cordon),
                     1 => (1usize..20).prop_map(Op::Rehome),
+                    1 => (1usize..20, 0u64..5_000).prop_map(|(n, g)| Op::Optimize(n, g)),
                     1 => (0..regions, 5_000u64..120_000).prop_map(|(r, c)| Op::AddNode(r, c)),
                     1 => (0usize..20, 100u64..3_000, 10u64..300)
                         .prop_map(|(o, k, p)| Op::AddTrack(o, k, p)),
@@ -623,6 +672,31 @@ fn run_world(w: World) -> Result<(), TestCaseError> {
                 }
                 prop_assert!(moved <= n);
                 prop_assert_eq!(p.viewer_count(), before_viewers);
+                Ok(d)
+            }
+            Op::Optimize(n, gain) => {
+                let d = p.optimize(n, gain);
+                let mut moved = 0;
+                for a in &d.actions {
+                    prop_assert!(
+                        matches!(a, Action::Link { .. } | Action::Unlink { .. }),
+                        "optimize only re-links and prunes"
+                    );
+                    if matches!(a, Action::Link { .. }) {
+                        moved += 1;
+                    }
+                }
+                prop_assert!(moved <= n);
+                // No member's modelled delay grows; only pure relays may leave a tree.
+                for (tid, tree) in &before.trees {
+                    let now = &p.plan().trees[tid];
+                    for (node, hop) in tree {
+                        match now.get(node) {
+                            Some(h) => prop_assert!(h.path_us <= hop.path_us),
+                            None => prop_assert_eq!(before.nodes[node].viewers, 0),
+                        }
+                    }
+                }
                 Ok(d)
             }
             Op::AddNode(r, c) => {
