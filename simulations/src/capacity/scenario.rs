@@ -289,7 +289,7 @@ impl Default for AutoscaleSection {
             enabled: true,
             forecast: true,
             rehome_per_check: 5_000,
-            optimize_per_check: 64,
+            optimize_per_check: 16,
             optimize_min_gain_ms: 2.0,
         }
     }

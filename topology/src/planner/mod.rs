@@ -235,6 +235,8 @@ pub struct Planner {
     away: BTreeSet<ViewerId>,
     /// Where the last [`Planner::rehome`] pass stopped (round robin over `away`).
     rehome_cursor: Option<ViewerId>,
+    /// Where the last [`Planner::optimize`] pass stopped.
+    optimize_cursor: Option<(TrackId, NodeId)>,
     /// Sum of all tracks' `viewer_load`: the cost of one viewer at its edge.
     per_viewer: Load,
 }
@@ -264,6 +266,7 @@ impl Planner {
             viewers: BTreeMap::new(),
             away: BTreeSet::new(),
             rehome_cursor: None,
+            optimize_cursor: None,
             per_viewer: Load::ZERO,
         })
     }
@@ -594,55 +597,73 @@ impl Planner {
     /// A move shifts a whole subtree by the same gain, so **no member's delay ever grows**.
     /// Each move is make-before-break: `Link` to the new parent, then `Unlink` from the old;
     /// an old parent left relaying to no one (and serving no viewer) leaves the tree.
-    /// Members are visited origin-outward (breadth-first), tracks in id order.
+    /// Scans at most `max(4 × max_moves, 16)` members per call, round robin over (track,
+    /// node) in id order, so one call costs O(scan × members) however large the trees are.
     pub fn optimize(&mut self, max_moves: usize, min_gain_us: u64) -> Diff {
         let mut diff = DiffBuilder::default();
-        let mut moves = 0usize;
-        let track_ids: Vec<TrackId> = self.tracks.keys().copied().collect();
-        'tracks: for tid in track_ids {
-            let Some(order) = self.tracks.get(&tid).map(|t| t.subtree(t.origin())) else {
+        let scan_limit = max_moves.saturating_mul(4).max(16);
+        let (mut moves, mut scanned) = (0usize, 0usize);
+        let mut cursor = self.optimize_cursor;
+        while moves < max_moves && scanned < scan_limit {
+            let Some((tid, n)) = self.next_member_after(cursor) else {
+                cursor = None;
+                break;
+            };
+            cursor = Some((tid, n));
+            scanned += 1;
+            let Some(tree) = self.tracks.get(&tid) else {
                 continue;
             };
-            for n in order.into_iter().skip(1) {
-                if moves >= max_moves {
-                    break 'tracks;
-                }
-                let Some(tree) = self.tracks.get(&tid) else {
-                    continue 'tracks;
-                };
-                let Some(cur) = tree.parent(n) else {
-                    continue;
-                };
-                let Some(cur_path) = tree.path_us(cur) else {
-                    continue;
-                };
-                let current = self.score(cur_path, cur, n);
-                let sub = tree.subtree(n);
-                let height = tree.height(n);
-                let mut exclude: BTreeSet<NodeId> = sub.into_iter().collect();
-                exclude.insert(cur);
-                let Some(best) = self.best_parent(tid, n, height, &exclude) else {
-                    continue;
-                };
-                let Some(best_path) = self.tracks.get(&tid).and_then(|t| t.path_us(best)) else {
-                    continue;
-                };
-                // Better score by the margin, and never a longer delay (the penalty may
-                // favour a same-region parent whose raw delay is higher: skip those).
-                let new_delay = best_path + self.hop_us(best, n);
-                let old_delay = cur_path + self.hop_us(cur, n);
-                if self.score(best_path, best, n).saturating_add(min_gain_us) <= current
-                    && new_delay <= old_delay
-                {
-                    self.detach_member(tid, n, &mut diff);
-                    self.link(tid, best, n, &mut diff);
-                    // The old parent may now relay to no one.
-                    self.prune(tid, cur, &mut diff);
-                    moves += 1;
-                }
+            let Some(cur) = tree.parent(n) else {
+                continue; // the origin
+            };
+            let Some(cur_path) = tree.path_us(cur) else {
+                continue;
+            };
+            let current = self.score(cur_path, cur, n);
+            let height = tree.height(n);
+            let mut exclude: BTreeSet<NodeId> = tree.subtree(n).into_iter().collect();
+            exclude.insert(cur);
+            let Some(best) = self.best_parent(tid, n, height, &exclude) else {
+                continue;
+            };
+            let Some(best_path) = self.tracks.get(&tid).and_then(|t| t.path_us(best)) else {
+                continue;
+            };
+            // Better score by the margin, and never a longer delay (the penalty may favour a
+            // same-region parent whose raw delay is higher: skip those).
+            let new_delay = best_path + self.hop_us(best, n);
+            let old_delay = cur_path + self.hop_us(cur, n);
+            if self.score(best_path, best, n).saturating_add(min_gain_us) <= current
+                && new_delay <= old_delay
+            {
+                self.detach_member(tid, n, &mut diff);
+                self.link(tid, best, n, &mut diff);
+                // The old parent may now relay to no one.
+                self.prune(tid, cur, &mut diff);
+                moves += 1;
             }
         }
+        self.optimize_cursor = cursor;
         diff.finish(&self.tracks)
+    }
+
+    /// The (track, member) after `cursor` in (track id, node id) order; `None` at the end.
+    fn next_member_after(&self, cursor: Option<(TrackId, NodeId)>) -> Option<(TrackId, NodeId)> {
+        let (tracks_from, after_node) = match cursor {
+            None => (Bound::Unbounded, None),
+            Some((t, n)) => (Bound::Included(t), Some((t, n))),
+        };
+        for (tid, tree) in self.tracks.range((tracks_from, Bound::Unbounded)) {
+            let lower = match after_node {
+                Some((t, n)) if t == *tid => Bound::Excluded(n),
+                _ => Bound::Unbounded,
+            };
+            if let Some((&n, _)) = tree.members.range((lower, Bound::Unbounded)).next() {
+                return Some((*tid, n));
+            }
+        }
+        None
     }
 
     /// A viewer leaves. Its edge leaves every tree if it no longer serves anyone and relays
