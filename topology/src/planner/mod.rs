@@ -6,6 +6,54 @@
 //! [`Diff`] — an ordered list of [`Action`]s for the relay fabric. The same code runs inside
 //! the capacity simulator (`arbor-sim`) and, later, inside the live relay fabric.
 //!
+//! ```
+//! use arbor_topology::nodes::{Load, NodeId, NodeSpec, RegionId, RttMatrix};
+//! use arbor_topology::planner::{Action, Planner, PlannerConfig, TrackId, TrackSpec, ViewerId};
+//!
+//! // Two regions, 78 ms apart (New York–Paris), 1 ms inside each.
+//! let rtt = RttMatrix::from_pairs(
+//!     vec!["nyc".into(), "par".into()],
+//!     &[("nyc".into(), "par".into(), 78_000, 0)],
+//!     (1_000, 0),
+//! )?;
+//! let mut planner = Planner::new(PlannerConfig::default(), rtt)?;
+//! for (id, region) in [(0, 0), (1, 1)] {
+//!     planner.add_node(NodeSpec {
+//!         id: NodeId(id),
+//!         region: RegionId(region),
+//!         capacity: Load::new(10_000_000, 640_000), // 10 Gbit/s, 640k pkt/s
+//!         egress_micro_usd_per_gb: 50_000,
+//!     })?;
+//! }
+//! // The publisher is on n0; relays forward all layers, a viewer gets ~1.9 Mbit/s.
+//! planner.add_track(TrackSpec {
+//!     id: TrackId(0),
+//!     origin: NodeId(0),
+//!     relay_load: Load::new(3_500, 400),
+//!     viewer_load: Load::new(1_930, 220),
+//! })?;
+//! // A viewer in Paris: n1 joins the tree under n0, then serves the viewer.
+//! let diff = planner.join(ViewerId(7), RegionId(1))?;
+//! assert_eq!(
+//!     diff.actions,
+//!     [
+//!         Action::Link { track: TrackId(0), parent: NodeId(0), child: NodeId(1) },
+//!         Action::AttachViewer { viewer: ViewerId(7), node: NodeId(1) },
+//!     ]
+//! );
+//! // n1 fails: the viewer moves to n0 (make-before-break), the link n0 → n1 goes.
+//! let removal = planner.remove_node(NodeId(1))?;
+//! assert_eq!(
+//!     removal.diff.actions,
+//!     [
+//!         Action::MoveViewer { viewer: ViewerId(7), from: NodeId(1), to: NodeId(0) },
+//!         Action::Unlink { track: TrackId(0), parent: NodeId(0), child: NodeId(1) },
+//!     ]
+//! );
+//! planner.check_invariants().map_err(std::io::Error::other)?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
 //! # Model
 //!
 //! * A **room** has published **tracks** ([`TrackSpec`]); each track's publisher is connected
