@@ -1,7 +1,8 @@
 //! Connection quality from loss, jitter and round-trip time, as LiveKit clients display it.
 //!
-//! The score follows the shape of the E-model's MOS (1..5): start at 4.5, subtract for loss,
-//! for delay beyond 150 ms one way, and for jitter. The bands map to the protocol's
+//! The score follows the shape of the E-model's MOS (1..5): start at 4.5, subtract 0.3 per
+//! percent of loss (measured before retransmission repairs it),
+//! for delay beyond 150 ms one way, and for jitter. EXCELLENT needs 4.3 (under ~0.7% loss). The bands map to the protocol's
 //! EXCELLENT / GOOD / POOR; a peer that sent nothing for [`LOST_AFTER`] is LOST.
 
 use std::time::Duration;
@@ -30,7 +31,7 @@ pub fn score(s: &LinkStats) -> f32 {
     let one_way_ms = s.rtt.as_secs_f32() * 500.0;
     let jitter_ms = s.jitter.as_secs_f32() * 1000.0;
     let mut score = 4.5;
-    score -= loss_pct * 0.25;
+    score -= loss_pct * 0.3;
     if one_way_ms > 150.0 {
         score -= (one_way_ms - 150.0) / 100.0;
     }
@@ -46,7 +47,7 @@ pub fn quality(s: &LinkStats) -> ConnectionQuality {
         return ConnectionQuality::Lost;
     }
     let sc = score(s);
-    if sc >= 4.2 {
+    if sc >= 4.3 {
         ConnectionQuality::Excellent
     } else if sc >= 3.5 {
         ConnectionQuality::Good

@@ -1045,10 +1045,13 @@ impl Engine {
                         // Continue the outgoing timeline from the last frame written.
                         if let Some((last_ts, last_at)) = o.last_out {
                             let hz = data.time.frequency().get() as u64;
+                            // At least one frame interval (30 fps) after the last frame written, so
+                            // the receiver never sees two frames a fraction of a millisecond
+                            // apart.
                             let gap = (now.saturating_duration_since(last_at).as_micros() as u64
                                 * hz
                                 / 1_000_000)
-                                .max(1);
+                                .max(hz / 30);
                             o.ts_offset = (last_ts + gap) as i64 - data.time.numer() as i64;
                         }
                     } else {
@@ -1138,16 +1141,6 @@ impl Engine {
             return;
         };
         let overloaded = peer.link.loss > OVERLOAD_LOSS;
-        let estimate = peer.bwe_bps.map(|b| if overloaded { b / 2 } else { b });
-        // Upgrades need head-room; keeping the current layer tolerates a fuller link.
-        let budget = match estimate {
-            Some(b) => (b as f64 * BWE_USABLE) as u64,
-            None => u64::MAX,
-        };
-        let keep_budget = match estimate {
-            Some(b) => (b as f64 * 0.97) as u64,
-            None => u64::MAX,
-        };
         let mut inputs = Vec::new();
         let mut idx = Vec::new();
         for (i, o) in peer.media_out.iter().enumerate() {
@@ -1168,6 +1161,42 @@ impl Engine {
             });
             idx.push(i);
         }
+        // Bits/s of what this subscriber receives now, and of the lowest layers of everything.
+        let mut current_use = 0u64;
+        let mut lowest_use = 0u64;
+        for (t, i) in inputs.iter().zip(&idx) {
+            let cur = match peer.media_out[*i].alloc {
+                Decision::Layer(r) => r.min(3),
+                _ => 0,
+            };
+            current_use += t
+                .layers
+                .iter()
+                .find(|(r, _)| *r == cur)
+                .map(|l| l.1)
+                .unwrap_or(0);
+            lowest_use += t.layers.first().map(|l| l.1).unwrap_or(0);
+        }
+        // On an overloaded link (heavy loss) the delay-based estimate lags: budget what is
+        // actually getting through, but never less than the lowest layers (pausing is the
+        // estimator's call, not this heuristic's).
+        let estimate = match (peer.bwe_bps, overloaded) {
+            (Some(b), true) => {
+                let through = (current_use as f64 * (1.0 - peer.link.loss as f64) * 0.8) as u64;
+                let floor = (lowest_use as f64 / BWE_USABLE) as u64 + 1;
+                Some(b.min(through.max(floor)))
+            }
+            (b, _) => b,
+        };
+        // Upgrades need head-room; keeping the current layer tolerates a fuller link.
+        let budget = match estimate {
+            Some(b) => (b as f64 * BWE_USABLE) as u64,
+            None => u64::MAX,
+        };
+        let keep_budget = match estimate {
+            Some(b) => (b as f64 * 0.97) as u64,
+            None => u64::MAX,
+        };
         let (decisions, desired) = allocate(budget, &inputs);
         let (keep, _) = allocate(keep_budget, &inputs);
         let rank_of = |d: Decision| match d {
