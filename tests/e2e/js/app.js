@@ -4,7 +4,7 @@
 //   index.html?url=ws://127.0.0.1:PORT&access_token=JWT&role=publish|subscribe
 // It never decides pass/fail itself: it exposes what it observed on `window.arborState`, and the
 // driver polls that object. Every field is filled from the SDK's own events or from WebRTC stats.
-import { Room, RoomEvent, Track } from 'livekit-client';
+import { Room, RoomEvent, Track, VideoPresets } from 'livekit-client';
 
 const params = new URLSearchParams(location.search);
 const state = {
@@ -16,6 +16,7 @@ const state = {
   subscribed: [],
   remoteParticipants: [],
   video: null,
+  qualityUpdates: [],
   log: [],
 };
 window.arborState = state;
@@ -43,11 +44,58 @@ window.arborVideoStats = async () => {
   return out;
 };
 
+// Per-layer sender statistics of the published camera (role=simulcast): for each rid, the
+// outbound-rtp counters and the `active` flag of its encoding in `RTCRtpSender.getParameters()`
+// (which livekit-client flips on SubscribedQualityUpdate when dynacast is on).
+window.arborSenderStats = async () => {
+  const pub = state._cameraPub;
+  const sender = pub && pub.track && pub.track.sender;
+  const out = { t: Date.now(), layers: {}, encodings: [] };
+  if (!sender) return out;
+  for (const e of sender.getParameters().encodings || []) {
+    out.encodings.push({ rid: e.rid, active: e.active, maxBitrate: e.maxBitrate, scale: e.scaleResolutionDownBy });
+  }
+  const report = await sender.getStats();
+  report.forEach((s) => {
+    if (s.type === 'outbound-rtp' && s.kind === 'video') {
+      out.layers[s.rid || '-'] = {
+        bytesSent: s.bytesSent || 0,
+        framesEncoded: s.framesEncoded || 0,
+        frameWidth: s.frameWidth || 0,
+        frameHeight: s.frameHeight || 0,
+        active: s.active,
+        qualityLimitationReason: s.qualityLimitationReason,
+        targetBitrate: s.targetBitrate,
+      };
+    }
+  });
+  return out;
+};
+
 async function main() {
   const url = params.get('url');
   const token = params.get('access_token');
-  const room = new Room({ adaptiveStream: false, dynacast: false });
+  const simulcastRole = state.role === 'simulcast';
+  const width = Number(params.get('width') || 960);
+  const height = Number(params.get('height') || 540);
+  const fps = Number(params.get('fps') || 30);
+  const room = new Room({
+    adaptiveStream: false,
+    dynacast: simulcastRole,
+    videoCaptureDefaults: simulcastRole ? { resolution: { width, height, frameRate: fps } } : undefined,
+    publishDefaults: simulcastRole
+      ? { simulcast: true, videoCodec: 'vp8', videoSimulcastLayers: [VideoPresets.h180, VideoPresets.h360] }
+      : undefined,
+  });
   window.arborRoom = room;
+  // Record the server's dynacast requests as they arrive (the SDK acts on them itself).
+  room.engine.on('subscribedQualityUpdate', (u) => {
+    const qualities = (u.subscribedCodecs && u.subscribedCodecs[0] ? u.subscribedCodecs[0].qualities : u.subscribedQualities) || [];
+    const entry = { t: Date.now(), trackSid: u.trackSid, qualities: qualities.map((q) => ({ quality: q.quality, enabled: q.enabled })) };
+    state.qualityUpdates.push(entry);
+    if (state.qualityUpdates.length > 100) state.qualityUpdates.shift();
+    log(`SubscribedQualityUpdate ${JSON.stringify(entry)}`);
+  });
 
   room
     .on(RoomEvent.TrackSubscribed, (track, pub, participant) => {
@@ -82,6 +130,12 @@ async function main() {
 
   if (state.role === 'publish') {
     await room.localParticipant.enableCameraAndMicrophone();
+  } else if (simulcastRole) {
+    const pub = await room.localParticipant.setCameraEnabled(true);
+    state._cameraPub = pub;
+    const settings = pub.track.mediaStreamTrack.getSettings();
+    state.capture = { width: settings.width, height: settings.height, frameRate: settings.frameRate };
+    log(`camera ${JSON.stringify(state.capture)} layers ${JSON.stringify(window.arborSenderStats && (pub.track.sender.getParameters().encodings || []).map((e) => e.rid))}`);
   }
 }
 
