@@ -186,6 +186,11 @@ class Browser:
                 "size": f"{lb['frameWidth']}x{lb['frameHeight']}",
                 "active": active.get(rid),
                 "limit": lb.get("qualityLimitationReason"),
+                # Cumulative counters: what the server asked of this layer so far.
+                "nacks": lb.get("nackCount"),
+                "plis": lb.get("pliCount"),
+                "keyframes": lb.get("keyFramesEncoded"),
+                "rtx": lb.get("retransmittedPacketsSent"),
             }
         return out
 

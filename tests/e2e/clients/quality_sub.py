@@ -86,18 +86,26 @@ async def main() -> int:
     pub_holder: dict = {}
     frames: dict = {"n": 0, "readable": 0, "unreadable": 0, "w": 0, "h": 0, "sizes": Counter()}
 
+    recent: list = []  # the last few (index, size, counter, timestamp ms), for reports
+
     async def read_video(track: rtc.Track) -> None:
         stream = rtc.VideoStream(track, format=rtc.VideoBufferType.I420)
         async for ev in stream:
             f = ev.frame
             frames["n"] += 1
+            if (f.width, f.height) != (frames["w"], frames["h"]):
+                frames["switch_at"], frames["prev_size"] = frames["n"], f"{frames['w']}x{frames['h']}"
             frames["w"], frames["h"] = f.width, f.height
             frames["sizes"][f"{f.width}x{f.height}"] += 1
             value = read_counter(f)
+            recent.append((frames["n"], f"{f.width}x{f.height}", value, ev.timestamp_us // 1000))
+            del recent[:-6]
             if value is None:
                 frames["unreadable"] += 1
                 emit({"ev": "unreadable", "t": time.monotonic(), "index": frames["n"], "size": f"{f.width}x{f.height}",
-                      "after": frames.get("last_value")})
+                      "after": frames.get("last_value"), "prev_size": frames.get("prev_size"),
+                      "frames_since_size_change": frames["n"] - frames.get("switch_at", 0),
+                      "recent": list(recent)})
                 if args.dump_dir and frames["unreadable"] <= 5:
                     path = os.path.join(args.dump_dir, f"unreadable-{os.getpid()}-{frames['n']}.pgm")
                     with open(path, "wb") as out:

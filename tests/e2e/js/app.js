@@ -66,6 +66,11 @@ window.arborSenderStats = async () => {
         active: s.active,
         qualityLimitationReason: s.qualityLimitationReason,
         targetBitrate: s.targetBitrate,
+        nackCount: s.nackCount || 0,
+        pliCount: s.pliCount || 0,
+        firCount: s.firCount || 0,
+        keyFramesEncoded: s.keyFramesEncoded || 0,
+        retransmittedPacketsSent: s.retransmittedPacketsSent || 0,
       };
     }
   });
