@@ -169,6 +169,12 @@ class Browser:
     async def sender(self, page: str) -> dict:
         return (await self.call("sender", page=page))["sender"]
 
+    async def video(self, page: str) -> dict:
+        return (await self.call("video", page=page))["video"]
+
+    async def set_dimensions(self, page: str, width: int, height: int) -> int:
+        return (await self.call("dims", page=page, width=width, height=height))["n"]
+
     async def layer_rates(self, page: str, seconds: float = 2.0) -> dict:
         """Per simulcast layer over `seconds`: sent kbit/s, encoded frames/s, size, sender
         `active` flag (from getParameters) and Chromium's quality limitation reason."""

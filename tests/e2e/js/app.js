@@ -37,6 +37,8 @@ window.arborVideoStats = async () => {
       if (s.type === 'inbound-rtp' && s.kind === 'video') {
         out.framesDecoded = s.framesDecoded || 0;
         out.framesReceived = s.framesReceived || 0;
+        out.frameWidth = s.frameWidth || 0;
+        out.frameHeight = s.frameHeight || 0;
         out.codecId = s.codecId;
       }
     });
@@ -75,6 +77,20 @@ window.arborSenderStats = async () => {
     }
   });
   return out;
+};
+
+// Asks the server for a resolution instead of a quality, as adaptive stream does: every remote
+// video publication gets `setVideoDimensions` (UpdateTrackSettings with width/height).
+window.arborSetDimensions = (width, height) => {
+  let n = 0;
+  for (const p of window.arborRoom.remoteParticipants.values()) {
+    for (const pub of p.videoTrackPublications.values()) {
+      pub.setVideoDimensions({ width, height });
+      n += 1;
+    }
+  }
+  log(`setVideoDimensions ${width}x${height} on ${n} publications`);
+  return n;
 };
 
 async function main() {

@@ -9,7 +9,10 @@
 //          -> opens the page and waits (bounded) until it is connected and has published
 //   stdin  {"seq": 2, "cmd": "state", "page": "pub"}   -> window.arborState
 //   stdin  {"seq": 3, "cmd": "sender", "page": "pub"}  -> window.arborSenderStats()
-//   stdin  {"seq": 4, "cmd": "quit"}                   -> closes the browser and exits
+//   stdin  {"seq": 4, "cmd": "video", "page": "sub"}   -> window.arborVideoStats() (decoder stats)
+//   stdin  {"seq": 5, "cmd": "dims", "page": "sub", "width": 320, "height": 180}
+//          -> setVideoDimensions on every remote video publication of that page
+//   stdin  {"seq": 6, "cmd": "quit"}                   -> closes the browser and exits
 //
 // `videoFile` (a .y4m) replaces Chromium's built-in fake camera picture, so the receivers can
 // check every decoded frame. Every wait is bounded and the whole process ends by itself after
@@ -74,6 +77,12 @@ async function handle(msg) {
     case 'sender':
       if (!page) throw new Error(`no page ${msg.page}`);
       return { sender: await page.evaluate(() => window.arborSenderStats()) };
+    case 'video':
+      if (!page) throw new Error(`no page ${msg.page}`);
+      return { video: await page.evaluate(() => window.arborVideoStats()) };
+    case 'dims':
+      if (!page) throw new Error(`no page ${msg.page}`);
+      return { n: await page.evaluate(([w, h]) => window.arborSetDimensions(w, h), [msg.width, msg.height]) };
     case 'quit':
       return { bye: true };
     default:
