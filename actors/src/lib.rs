@@ -6,6 +6,7 @@
 //! * Media never enters a mailbox: the [`media`] engine forwards packets from the socket to the
 //!   subscriber transports on its own thread.
 
+pub mod codec;
 pub mod config;
 pub mod error;
 pub mod ids;

@@ -483,47 +483,30 @@ impl Participant {
 
     fn handle_data(&mut self, reliable: bool, data: Vec<u8>, ctx: &mut Context<Self>) {
         let _ = ctx;
-        if data.len() > self.init.settings.max_data_packet_bytes {
-            METRICS.inc_dropped_data();
-            tracing::debug!(parent: &self.span, len = data.len(), "data packet over limit.max_data_packet_bytes; dropped");
-            return;
-        }
         if !self.perm().can_publish_data {
             METRICS.inc_dropped_data();
             tracing::debug!(parent: &self.span, "data packet without canPublishData; dropped");
             return;
         }
-        let mut pkt = match lk::DataPacket::decode(data.as_slice()) {
-            Ok(p) => p,
+        let stamped = match crate::codec::stamp_data_packet(
+            &data,
+            self.init.settings.max_data_packet_bytes,
+            &self.init.identity,
+            &self.sid,
+            self.perm().hidden,
+        ) {
+            Ok(s) => s,
             Err(e) => {
                 METRICS.inc_dropped_data();
-                tracing::debug!(parent: &self.span, error = %e, "undecodable data packet; dropped");
+                tracing::debug!(parent: &self.span, error = %e, "data packet dropped");
                 return;
             }
         };
-        let hidden = self.perm().hidden;
-        let (identity, sid) = if hidden {
-            (String::new(), String::new())
-        } else {
-            (self.init.identity.clone(), self.sid.clone())
-        };
-        pkt.participant_identity = identity.clone();
-        pkt.participant_sid = sid.clone();
-        let mut destinations = std::mem::take(&mut pkt.destination_identities);
-        #[allow(deprecated)]
-        if let Some(lk::data_packet::Value::User(u)) = &mut pkt.value {
-            u.participant_identity = identity;
-            u.participant_sid = sid;
-            if destinations.is_empty() {
-                destinations = u.destination_identities.clone();
-            }
-        }
-        pkt.destination_identities = destinations.clone();
         self.init.room.do_send(room::RouteData {
             from_sid: self.sid.clone(),
             reliable,
-            destinations,
-            data: pkt.encode_to_vec(),
+            destinations: stamped.destinations,
+            data: stamped.packet.encode_to_vec(),
         });
     }
 }
