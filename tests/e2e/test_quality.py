@@ -4,10 +4,20 @@ dynacast, active speakers, connection quality.
 The publisher of simulcast video is `livekit-client` 2.23 in Debian Chromium (three VP8 layers
 q/h/f = 320x180 / 640x360 / 960x540, dynacast on), whose fake camera plays a Y4M clip carrying the
 counter grid of helpers.py: every frame any subscriber decodes, on any layer, is checked. The
-subscribers are Python SDK processes (clients/quality_sub.py). A subscriber whose network is
-impaired runs in a child network namespace with its own veth link (netns.ChildNet), shaped with
-`tc` (tbf) and nftables; the server listens on 0.0.0.0 so that it can signal too. Nothing leaves the namespaces
-the suite creates.
+subscribers are Python SDK processes (clients/quality_sub.py), plus a browser subscriber that
+asks by resolution and checks the grid of each presented frame on a canvas. A subscriber whose
+network is impaired runs in a child network namespace behind a router namespace (netns.ChildNet):
+a rate limit is a `tbf` qdisc in the router, loss an nftables rule there (this kernel has no
+netem). The server listens on 0.0.0.0 so that the child can signal too. Nothing leaves the
+namespaces the suite creates.
+
+Issue 4 acceptance items and their tests:
+  1. layer by subscriber request, no decode errors   test_subscriber_chooses_simulcast_layer
+  2. 300 kbit/s -> low within 5 s, other stays high  test_bandwidth_limit_drops_one_subscriber_to_low
+  3. dynacast pauses the publisher's unused layers    test_dynacast_pauses_unwanted_layers
+  4. tone speaker active, silent one not              test_active_speaker_is_the_one_with_the_tone
+  5. 2% loss: video flows, quality < EXCELLENT;       test_loss_keeps_video_and_lowers_connection_quality
+     100% loss: LOST
 
 Measured numbers (time to drop to the low layer, time back up, qualities seen) go to
 tests/e2e/.work/results.txt through the `results` fixture.
@@ -23,12 +33,10 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import pytest
-from livekit import rtc
 
 from conftest import WORK, start_arbor, stop_arbor, _safe_name
-from helpers import TonePublisher, CounterVideoPublisher, connect, disconnect_all, make_token, wait_until
+from helpers import TonePublisher, connect, disconnect_all, make_token, wait_until
 from netns import ChildNet
 from quality_tools import JS, Browser, SubProc, write_counter_y4m
 
