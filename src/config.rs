@@ -78,6 +78,10 @@ pub struct RoomConfig {
     pub max_participants: u32,
     /// Create rooms on first join.
     pub auto_create: bool,
+    /// Forward only the video of the N most recent speakers (0 = off).
+    pub last_n: usize,
+    /// Participants joining after this many receive audio only (0 = off).
+    pub audio_only_after: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -138,6 +142,8 @@ impl Default for RoomConfig {
             departure_timeout: 20,
             max_participants: 0,
             auto_create: true,
+            last_n: 0,
+            audio_only_after: 0,
         }
     }
 }
@@ -278,6 +284,8 @@ impl Config {
             signal_queue: self.limit.signal_queue,
             ping_interval: 5,
             ping_timeout: 15,
+            last_n: self.room.last_n,
+            audio_only_after: self.room.audio_only_after,
             node_id,
             region: self.region.clone(),
         }
