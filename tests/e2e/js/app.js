@@ -94,51 +94,65 @@ window.arborSetDimensions = (width, height) => {
 };
 
 // Reads the counter grid (see tests/e2e/helpers.py: 8x4 cells, rows 0-1 the 16 bits, rows 2-3
-// their complement) from every frame the page presents, so a corrupt decode is caught in the
-// browser too. Each frame is drawn onto a small canvas; the centre of each cell is averaged.
+// their complement) from every decoded frame, so a corrupt decode is caught in the browser too.
+// Each frame is drawn onto a 64x32 canvas; the centre of each cell is averaged.
 const grid = { frames: 0, readable: 0, unreadable: 0, sizes: {}, bad: [], last: null };
 state.grid = grid;
-function watchGrid(el) {
-  if (!el.requestVideoFrameCallback) return;
-  const canvas = document.createElement('canvas');
-  canvas.width = 64;
-  canvas.height = 32;
-  const ctx = canvas.getContext('2d', { willReadFrequently: true });
-  const onFrame = (now, meta) => {
-    const w = meta.width, h = meta.height;
-    ctx.drawImage(el, 0, 0, 64, 32);
-    const px = ctx.getImageData(0, 0, 64, 32).data;
-    const bits = [];
-    let ok = true;
-    for (let row = 0; row < 4 && ok; row++) {
-      for (let col = 0; col < 8; col++) {
-        // Cell (row, col) covers x 8*col..8*col+7, y 8*row..8*row+7 of the canvas: average the 4x4 centre.
-        let sum = 0;
-        for (let y = 8 * row + 2; y < 8 * row + 6; y++) {
-          for (let x = 8 * col + 2; x < 8 * col + 6; x++) {
-            const i = (y * 64 + x) * 4;
-            sum += 0.299 * px[i] + 0.587 * px[i + 1] + 0.114 * px[i + 2];
-          }
+// Decides whether the 64x32 RGBA pixels of a downscaled frame show a valid counter grid.
+function readGrid(px) {
+  const bits = [];
+  for (let row = 0; row < 4; row++) {
+    for (let col = 0; col < 8; col++) {
+      // Cell (row, col) covers x 8*col..8*col+7, y 8*row..8*row+7: average its 4x4 centre.
+      let sum = 0;
+      for (let y = 8 * row + 2; y < 8 * row + 6; y++) {
+        for (let x = 8 * col + 2; x < 8 * col + 6; x++) {
+          const i = (y * 64 + x) * 4;
+          sum += 0.299 * px[i] + 0.587 * px[i + 1] + 0.114 * px[i + 2];
         }
-        const mean = sum / 16;
-        if (mean >= 80 && mean <= 176) { ok = false; break; }
-        bits.push(mean > 128 ? 1 : 0);
       }
+      const mean = sum / 16;
+      if (mean >= 80 && mean <= 176) return null;
+      bits.push(mean > 128 ? 1 : 0);
     }
-    if (ok) for (let i = 0; i < 16; i++) if (bits[i] === bits[i + 16]) { ok = false; break; }
-    const size = `${w}x${h}`;
-    grid.frames += 1;
-    grid.sizes[size] = (grid.sizes[size] || 0) + 1;
-    if (ok) {
-      grid.readable += 1;
-      grid.last = bits.slice(0, 16).reduce((v, b, i) => v | (b << i), 0);
-    } else {
-      grid.unreadable += 1;
-      if (grid.bad.length < 20) grid.bad.push({ frame: grid.frames, size, after: grid.last, t: Date.now() });
+  }
+  for (let i = 0; i < 16; i++) if (bits[i] === bits[i + 16]) return null;
+  return bits.slice(0, 16).reduce((v, b, i) => v | (b << i), 0);
+}
+
+function recordGrid(value, size) {
+  grid.frames += 1;
+  grid.sizes[size] = (grid.sizes[size] || 0) + 1;
+  if (value !== null) {
+    grid.readable += 1;
+    grid.last = value;
+  } else {
+    grid.unreadable += 1;
+    if (grid.bad.length < 20) grid.bad.push({ frame: grid.frames, size, after: grid.last, t: Date.now() });
+  }
+}
+
+// Every frame the decoder outputs, read with MediaStreamTrackProcessor (not only the frames the
+// compositor happens to present, which can skip a frame that arrives right behind another).
+async function watchGrid(mediaStreamTrack) {
+  const canvas = new OffscreenCanvas(64, 32);
+  const ctx = canvas.getContext('2d', { willReadFrequently: true });
+  if (typeof MediaStreamTrackProcessor === 'undefined') {
+    grid.error = 'MediaStreamTrackProcessor unavailable';
+    return;
+  }
+  grid.mode = 'MediaStreamTrackProcessor';
+  const reader = new MediaStreamTrackProcessor({ track: mediaStreamTrack, maxBufferSize: 30 }).readable.getReader();
+  for (;;) {
+    const { value: frame, done } = await reader.read();
+    if (done) return;
+    try {
+      ctx.drawImage(frame, 0, 0, 64, 32);
+      recordGrid(readGrid(ctx.getImageData(0, 0, 64, 32).data), `${frame.displayWidth}x${frame.displayHeight}`);
+    } finally {
+      frame.close();
     }
-    el.requestVideoFrameCallback(onFrame);
-  };
-  el.requestVideoFrameCallback(onFrame);
+  }
 }
 
 async function main() {
@@ -173,7 +187,9 @@ async function main() {
       const el = track.attach();
       el.muted = true;
       document.body.appendChild(el);
-      if (track.kind === Track.Kind.Video && state.role === 'subscribe' && params.get('grid') === '1') watchGrid(el);
+      if (track.kind === Track.Kind.Video && state.role === 'subscribe' && params.get('grid') === '1') {
+        watchGrid(track.mediaStreamTrack).catch((e) => { grid.error = String(e); });
+      }
       if (track.kind === Track.Kind.Video) state._videoTrack = track;
     })
     .on(RoomEvent.ParticipantConnected, (p) => {
