@@ -137,11 +137,17 @@ class ArborServer:
         return "\n".join(self.log_text().splitlines()[-lines:])
 
 
-def start_arbor(name: str, extra_args: tuple[str, ...] = ()) -> ArborServer:
-    """Starts arbor on fresh ports; retries (new ports) if a port was taken meanwhile."""
+def start_arbor(
+    name: str, extra_args: tuple[str, ...] = (), *, bind: str = "127.0.0.1"
+) -> ArborServer:
+    """Starts arbor on fresh ports; retries (new ports) if a port was taken meanwhile.
+
+    `bind` is the HTTP/WebSocket listen address: 127.0.0.1 by default; `0.0.0.0` lets clients in
+    a child network namespace (reached over another veth pair) signal to `node_ip` as well.
+    """
     for attempt in range(3):
         try:
-            return _start_arbor_once(name, extra_args)
+            return _start_arbor_once(name, extra_args, bind)
         except PortTaken:
             if attempt == 2:
                 raise
@@ -152,7 +158,7 @@ class PortTaken(RuntimeError):
     pass
 
 
-def _start_arbor_once(name: str, extra_args: tuple[str, ...]) -> ArborServer:
+def _start_arbor_once(name: str, extra_args: tuple[str, ...], bind: str) -> ArborServer:
     binary = arbor_binary()
     node_ip = os.environ.get("ARBOR_NODE_IP", "10.200.0.1")
     port, tcp_port, udp_port = free_port(), free_port(), free_port()
@@ -164,7 +170,7 @@ def _start_arbor_once(name: str, extra_args: tuple[str, ...]) -> ArborServer:
     args = [
         str(binary),
         "--dev",
-        "--bind", "127.0.0.1",
+        "--bind", bind,
         "--port", str(port),
         "--udp-port", str(udp_port),
         "--tcp-port", str(tcp_port),

@@ -4,7 +4,7 @@
 //   index.html?url=ws://127.0.0.1:PORT&access_token=JWT&role=publish|subscribe
 // It never decides pass/fail itself: it exposes what it observed on `window.arborState`, and the
 // driver polls that object. Every field is filled from the SDK's own events or from WebRTC stats.
-import { Room, RoomEvent, Track } from 'livekit-client';
+import { Room, RoomEvent, Track, VideoPresets } from 'livekit-client';
 
 const params = new URLSearchParams(location.search);
 const state = {
@@ -16,6 +16,7 @@ const state = {
   subscribed: [],
   remoteParticipants: [],
   video: null,
+  qualityUpdates: [],
   log: [],
 };
 window.arborState = state;
@@ -36,6 +37,8 @@ window.arborVideoStats = async () => {
       if (s.type === 'inbound-rtp' && s.kind === 'video') {
         out.framesDecoded = s.framesDecoded || 0;
         out.framesReceived = s.framesReceived || 0;
+        out.frameWidth = s.frameWidth || 0;
+        out.frameHeight = s.frameHeight || 0;
         out.codecId = s.codecId;
       }
     });
@@ -43,11 +46,139 @@ window.arborVideoStats = async () => {
   return out;
 };
 
+// Per-layer sender statistics of the published camera (role=simulcast): for each rid, the
+// outbound-rtp counters and the `active` flag of its encoding in `RTCRtpSender.getParameters()`
+// (which livekit-client flips on SubscribedQualityUpdate when dynacast is on).
+window.arborSenderStats = async () => {
+  const pub = state._cameraPub;
+  const sender = pub && pub.track && pub.track.sender;
+  const out = { t: Date.now(), layers: {}, encodings: [] };
+  if (!sender) return out;
+  for (const e of sender.getParameters().encodings || []) {
+    out.encodings.push({ rid: e.rid, active: e.active, maxBitrate: e.maxBitrate, scale: e.scaleResolutionDownBy });
+  }
+  const report = await sender.getStats();
+  report.forEach((s) => {
+    if (s.type === 'outbound-rtp' && s.kind === 'video') {
+      out.layers[s.rid || '-'] = {
+        bytesSent: s.bytesSent || 0,
+        framesEncoded: s.framesEncoded || 0,
+        frameWidth: s.frameWidth || 0,
+        frameHeight: s.frameHeight || 0,
+        active: s.active,
+        qualityLimitationReason: s.qualityLimitationReason,
+        targetBitrate: s.targetBitrate,
+        nackCount: s.nackCount || 0,
+        pliCount: s.pliCount || 0,
+        firCount: s.firCount || 0,
+        keyFramesEncoded: s.keyFramesEncoded || 0,
+        retransmittedPacketsSent: s.retransmittedPacketsSent || 0,
+      };
+    }
+  });
+  return out;
+};
+
+// Asks the server for a resolution instead of a quality, as adaptive stream does: every remote
+// video publication gets `setVideoDimensions` (UpdateTrackSettings with width/height).
+window.arborSetDimensions = (width, height) => {
+  let n = 0;
+  for (const p of window.arborRoom.remoteParticipants.values()) {
+    for (const pub of p.videoTrackPublications.values()) {
+      pub.setVideoDimensions({ width, height });
+      n += 1;
+    }
+  }
+  log(`setVideoDimensions ${width}x${height} on ${n} publications`);
+  return n;
+};
+
+// Reads the counter grid (see tests/e2e/helpers.py: 8x4 cells, rows 0-1 the 16 bits, rows 2-3
+// their complement) from every decoded frame, so a corrupt decode is caught in the browser too.
+// Each frame is drawn onto a 64x32 canvas; the centre of each cell is averaged.
+const grid = { frames: 0, readable: 0, unreadable: 0, sizes: {}, bad: [], last: null };
+state.grid = grid;
+// Decides whether the 64x32 RGBA pixels of a downscaled frame show a valid counter grid.
+function readGrid(px) {
+  const bits = [];
+  for (let row = 0; row < 4; row++) {
+    for (let col = 0; col < 8; col++) {
+      // Cell (row, col) covers x 8*col..8*col+7, y 8*row..8*row+7: average its 4x4 centre.
+      let sum = 0;
+      for (let y = 8 * row + 2; y < 8 * row + 6; y++) {
+        for (let x = 8 * col + 2; x < 8 * col + 6; x++) {
+          const i = (y * 64 + x) * 4;
+          sum += 0.299 * px[i] + 0.587 * px[i + 1] + 0.114 * px[i + 2];
+        }
+      }
+      const mean = sum / 16;
+      if (mean >= 80 && mean <= 176) return null;
+      bits.push(mean > 128 ? 1 : 0);
+    }
+  }
+  for (let i = 0; i < 16; i++) if (bits[i] === bits[i + 16]) return null;
+  return bits.slice(0, 16).reduce((v, b, i) => v | (b << i), 0);
+}
+
+function recordGrid(value, size) {
+  grid.frames += 1;
+  grid.sizes[size] = (grid.sizes[size] || 0) + 1;
+  if (value !== null) {
+    grid.readable += 1;
+    grid.last = value;
+  } else {
+    grid.unreadable += 1;
+    if (grid.bad.length < 20) grid.bad.push({ frame: grid.frames, size, after: grid.last, t: Date.now() });
+  }
+}
+
+// Every frame the decoder outputs, read with MediaStreamTrackProcessor (not only the frames the
+// compositor happens to present, which can skip a frame that arrives right behind another).
+async function watchGrid(mediaStreamTrack) {
+  const canvas = new OffscreenCanvas(64, 32);
+  const ctx = canvas.getContext('2d', { willReadFrequently: true });
+  if (typeof MediaStreamTrackProcessor === 'undefined') {
+    grid.error = 'MediaStreamTrackProcessor unavailable';
+    return;
+  }
+  grid.mode = 'MediaStreamTrackProcessor';
+  const reader = new MediaStreamTrackProcessor({ track: mediaStreamTrack, maxBufferSize: 30 }).readable.getReader();
+  for (;;) {
+    const { value: frame, done } = await reader.read();
+    if (done) return;
+    try {
+      ctx.drawImage(frame, 0, 0, 64, 32);
+      recordGrid(readGrid(ctx.getImageData(0, 0, 64, 32).data), `${frame.displayWidth}x${frame.displayHeight}`);
+    } finally {
+      frame.close();
+    }
+  }
+}
+
 async function main() {
   const url = params.get('url');
   const token = params.get('access_token');
-  const room = new Room({ adaptiveStream: false, dynacast: false });
+  const simulcastRole = state.role === 'simulcast';
+  const width = Number(params.get('width') || 960);
+  const height = Number(params.get('height') || 540);
+  const fps = Number(params.get('fps') || 30);
+  const room = new Room({
+    adaptiveStream: false,
+    dynacast: simulcastRole,
+    videoCaptureDefaults: simulcastRole ? { resolution: { width, height, frameRate: fps } } : undefined,
+    publishDefaults: simulcastRole
+      ? { simulcast: true, videoCodec: 'vp8', videoSimulcastLayers: [VideoPresets.h180, VideoPresets.h360] }
+      : undefined,
+  });
   window.arborRoom = room;
+  // Record the server's dynacast requests as they arrive (the SDK acts on them itself).
+  room.engine.on('subscribedQualityUpdate', (u) => {
+    const qualities = (u.subscribedCodecs && u.subscribedCodecs[0] ? u.subscribedCodecs[0].qualities : u.subscribedQualities) || [];
+    const entry = { t: Date.now(), trackSid: u.trackSid, qualities: qualities.map((q) => ({ quality: q.quality, enabled: q.enabled })) };
+    state.qualityUpdates.push(entry);
+    if (state.qualityUpdates.length > 100) state.qualityUpdates.shift();
+    log(`SubscribedQualityUpdate ${JSON.stringify(entry)}`);
+  });
 
   room
     .on(RoomEvent.TrackSubscribed, (track, pub, participant) => {
@@ -56,6 +187,9 @@ async function main() {
       const el = track.attach();
       el.muted = true;
       document.body.appendChild(el);
+      if (track.kind === Track.Kind.Video && state.role === 'subscribe' && params.get('grid') === '1') {
+        watchGrid(track.mediaStreamTrack).catch((e) => { grid.error = String(e); });
+      }
       if (track.kind === Track.Kind.Video) state._videoTrack = track;
     })
     .on(RoomEvent.ParticipantConnected, (p) => {
@@ -82,6 +216,12 @@ async function main() {
 
   if (state.role === 'publish') {
     await room.localParticipant.enableCameraAndMicrophone();
+  } else if (simulcastRole) {
+    const pub = await room.localParticipant.setCameraEnabled(true);
+    state._cameraPub = pub;
+    const settings = pub.track.mediaStreamTrack.getSettings();
+    state.capture = { width: settings.width, height: settings.height, frameRate: settings.frameRate };
+    log(`camera ${JSON.stringify(state.capture)} layers ${JSON.stringify(window.arborSenderStats && (pub.track.sender.getParameters().encodings || []).map((e) => e.rid))}`);
   }
 }
 
