@@ -1,8 +1,9 @@
 //! Connection quality from loss, jitter and round-trip time, as LiveKit clients display it.
 //!
-//! The score follows the shape of the E-model's MOS (1..5): start at 4.5, subtract 0.3 per
+//! The score follows the shape of the E-model's MOS (1..5): start at 4.5, subtract 0.4 per
 //! percent of loss (measured before retransmission repairs it),
-//! for delay beyond 150 ms one way, and for jitter. EXCELLENT needs 4.3 (under ~0.7% loss). The bands map to the protocol's
+//! for delay beyond 150 ms one way, and for jitter. EXCELLENT needs 4.4 (under 0.25% loss:
+//! retransmissions hide loss from the picture, not from the network, so the bar is low). The bands map to the protocol's
 //! EXCELLENT / GOOD / POOR; a peer that sent nothing for [`LOST_AFTER`] is LOST.
 
 use std::time::Duration;
@@ -31,7 +32,7 @@ pub fn score(s: &LinkStats) -> f32 {
     let one_way_ms = s.rtt.as_secs_f32() * 500.0;
     let jitter_ms = s.jitter.as_secs_f32() * 1000.0;
     let mut score = 4.5;
-    score -= loss_pct * 0.3;
+    score -= loss_pct * 0.4;
     if one_way_ms > 150.0 {
         score -= (one_way_ms - 150.0) / 100.0;
     }
@@ -47,7 +48,7 @@ pub fn quality(s: &LinkStats) -> ConnectionQuality {
         return ConnectionQuality::Lost;
     }
     let sc = score(s);
-    if sc >= 4.3 {
+    if sc >= 4.4 {
         ConnectionQuality::Excellent
     } else if sc >= 3.5 {
         ConnectionQuality::Good
@@ -71,7 +72,8 @@ mod tests {
     #[test]
     fn bands() {
         assert_eq!(quality(&stats(0.0, 20)), ConnectionQuality::Excellent);
-        assert_eq!(quality(&stats(0.005, 40)), ConnectionQuality::Excellent);
+        assert_eq!(quality(&stats(0.002, 40)), ConnectionQuality::Excellent);
+        assert_eq!(quality(&stats(0.007, 40)), ConnectionQuality::Good);
         assert_eq!(quality(&stats(0.02, 40)), ConnectionQuality::Good);
         assert_eq!(quality(&stats(0.10, 40)), ConnectionQuality::Poor);
         assert_eq!(quality(&stats(0.0, 900)), ConnectionQuality::Poor);
