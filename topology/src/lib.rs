@@ -1,1 +1,3 @@
 //! Cluster topology: node registry, regions, relay-tree planning, relay links, Raft membership.
+
+pub mod membership;
