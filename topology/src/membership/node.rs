@@ -325,6 +325,10 @@ impl<B: LogBackend> MembershipNode<B> {
     pub fn applied_index(&self) -> u64 {
         self.applied
     }
+    /// Highest log index known to be committed.
+    pub fn commit_index(&self) -> u64 {
+        self.raw.raft.raft_log.committed
+    }
     pub fn term(&self) -> u64 {
         self.raw.raft.term
     }
@@ -340,6 +344,11 @@ impl<B: LogBackend> MembershipNode<B> {
     }
     pub fn store(&self) -> &RaftStore<B> {
         self.raw.store()
+    }
+    /// Mutable access to the storage, for simulators' fault injection. Writing through it
+    /// behind raft-rs's back breaks the node.
+    pub fn store_mut(&mut self) -> &mut RaftStore<B> {
+        self.raw.mut_store()
     }
     /// Outgoing messages dropped because the output queue was full.
     pub fn dropped_outputs(&self) -> u64 {
@@ -397,7 +406,11 @@ impl<B: LogBackend> MembershipNode<B> {
         match res {
             Ok(()) => Ok(()),
             // Messages from unknown/removed peers or stale terms are routine, not failures.
-            Err(raft::Error::StepPeerNotFound) | Err(raft::Error::StepLocalMsg) => Ok(()),
+            // A forwarded proposal reaching a node that is no longer leader is dropped; the
+            // proposer's deadline reports it.
+            Err(raft::Error::StepPeerNotFound)
+            | Err(raft::Error::StepLocalMsg)
+            | Err(raft::Error::ProposalDropped) => Ok(()),
             Err(e) => Err(e.into()),
         }
     }

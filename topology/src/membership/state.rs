@@ -289,6 +289,12 @@ impl MembershipState {
                     let name = a.room.clone();
                     self.publications.retain(|_, p| p.room != name);
                 }
+                // The same origin re-acquiring (it missed renewals but is alive) keeps its
+                // publications; they move to the new token so only it can touch them.
+                let name = a.room.clone();
+                for p in self.publications.values_mut().filter(|p| p.room == name) {
+                    p.fencing_token = token;
+                }
                 let room = self
                     .rooms
                     .get_mut(&a.room)

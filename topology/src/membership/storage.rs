@@ -217,6 +217,10 @@ impl<B: LogBackend> RaftStore<B> {
     pub fn backend(&self) -> &B {
         &self.backend
     }
+    /// Mutable access to the backend (simulators arm fault injection through it).
+    pub fn backend_mut(&mut self) -> &mut B {
+        &mut self.backend
+    }
     pub fn into_backend(self) -> B {
         self.backend
     }
@@ -325,6 +329,7 @@ pub fn snapshot_of(index: u64, term: u64, conf_state: ConfState, data: Vec<u8>) 
 pub struct MemBackend {
     synced: PersistedState,
     staged: Vec<WriteBatch>,
+    power_loss_armed: bool,
 }
 
 impl MemBackend {
@@ -339,6 +344,12 @@ impl MemBackend {
             self.synced.apply(&b);
         }
         self.staged.clear();
+    }
+
+    /// Makes the next `sync` fail as if power was cut while writing: the simulator then crashes
+    /// the node at exactly that point, between staging and syncing.
+    pub fn arm_power_loss(&mut self) {
+        self.power_loss_armed = true;
     }
 
     /// Number of batches staged but not yet synced.
@@ -360,6 +371,11 @@ impl LogBackend for MemBackend {
         Ok(())
     }
     fn sync(&mut self) -> Result<(), MembershipError> {
+        if std::mem::take(&mut self.power_loss_armed) {
+            return Err(MembershipError::Io(
+                "simulated power loss during sync".into(),
+            ));
+        }
         for b in self.staged.drain(..) {
             self.synced.apply(&b);
         }
