@@ -202,9 +202,14 @@ impl Checker {
         let max_committed = self.committed_at_heal;
         for (id, node, _) in views {
             if node.commit_index() < max_committed {
+                let all: Vec<String> = views
+                    .iter()
+                    .map(|(_, n, _)| format!("{:?}", n.status()))
+                    .collect();
                 return Err(Violation::CommittedLost(format!(
-                    "node {id} commit {} < {max_committed} committed before the heal",
-                    node.commit_index()
+                    "node {id} commit {} < {max_committed} committed before the heal; statuses: {}",
+                    node.commit_index(),
+                    all.join("; ")
                 )));
             }
         }

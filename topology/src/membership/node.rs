@@ -236,6 +236,8 @@ pub struct MembershipNode<B: LogBackend> {
     last_reassign_ms: u64,
     reassign_inflight: BTreeMap<String, u64>,
     dropped_outputs: u64,
+    /// Peers we sent a snapshot to, and when.
+    snapshots_sent: BTreeMap<u64, u64>,
 }
 
 fn role_code(r: StateRole) -> u8 {
@@ -307,6 +309,7 @@ impl<B: LogBackend> MembershipNode<B> {
             last_reassign_ms: now_ms,
             reassign_inflight: BTreeMap::new(),
             dropped_outputs: 0,
+            snapshots_sent: BTreeMap::new(),
         };
         me.rerandomize();
         Ok(me)
@@ -391,6 +394,7 @@ impl<B: LogBackend> MembershipNode<B> {
             self.next_tick_ms = Some(now - (now - next) % self.cfg.tick_ms + self.cfg.tick_ms);
         }
         self.expire_proposals(now);
+        self.retry_snapshots(now);
         self.run_timers(now);
     }
 
@@ -592,6 +596,9 @@ impl<B: LogBackend> MembershipNode<B> {
 
     fn queue_messages(&mut self, msgs: Vec<Message>) {
         for m in msgs {
+            if m.get_msg_type() == raft::prelude::MessageType::MsgSnapshot {
+                self.snapshots_sent.insert(m.to, self.now_ms);
+            }
             if self.outputs.len() >= self.cfg.max_queued_outputs {
                 self.dropped_outputs += 1;
                 continue;
@@ -712,6 +719,40 @@ impl<B: LogBackend> MembershipNode<B> {
             self.raw.raft.set_randomized_election_timeout(t);
             self.rand_key = (key.0, key.1, key.2, t);
         }
+    }
+
+    /// raft-rs keeps a follower in "snapshot" state until the application reports how the
+    /// snapshot transfer went; if the snapshot or the follower's answer was lost, replication to
+    /// it would stall forever. A snapshot unanswered for two election timeouts is reported as
+    /// failed, which makes the leader probe and resend.
+    fn retry_snapshots(&mut self, now: u64) {
+        let limit = 2 * self.cfg.tick_ms * self.cfg.election_ticks as u64;
+        let due: Vec<u64> = self
+            .snapshots_sent
+            .iter()
+            .filter(|(_, t)| now >= **t + limit)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            self.snapshots_sent.remove(&id);
+            self.raw.report_snapshot(id, raft::SnapshotStatus::Failure);
+        }
+    }
+
+    /// Tells raft-rs that the transport finished (`ok`) or failed to deliver a snapshot to `to`.
+    pub fn report_snapshot(&mut self, to: u64, ok: bool) {
+        self.snapshots_sent.remove(&to);
+        let st = if ok {
+            raft::SnapshotStatus::Finish
+        } else {
+            raft::SnapshotStatus::Failure
+        };
+        self.raw.report_snapshot(to, st);
+    }
+
+    /// Tells raft-rs that `to` could not be reached (it stops pipelining appends to it).
+    pub fn report_unreachable(&mut self, to: u64) {
+        self.raw.report_unreachable(to);
     }
 
     fn expire_proposals(&mut self, now: u64) {
