@@ -1,3 +1,4 @@
 //! Cluster topology: node registry, regions, relay-tree planning, relay links, Raft membership.
 
 pub mod membership;
+pub mod transport;
