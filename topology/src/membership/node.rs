@@ -215,6 +215,9 @@ pub struct ClusterStatus {
 
 struct Pending {
     deadline_ms: u64,
+    /// Encoded command and the leader it went to; re-proposed if the leader changes before it
+    /// is applied (conf changes are not re-proposed).
+    resend: Option<(Vec<u8>, u64)>,
 }
 
 /// One cluster member. See the module docs for the driving loop.
@@ -460,14 +463,16 @@ impl<B: LogBackend> MembershipNode<B> {
             now_ms: self.now_ms,
             kind: Some(kind),
         };
+        let data = cmd.encode_to_vec();
         self.raw
-            .propose(vec![], cmd.encode_to_vec())
+            .propose(vec![], data.clone())
             .map_err(|e| ProposeError::Raft(e.to_string()))?;
         self.next_request += 1;
         self.pending.insert(
             request_id,
             Pending {
                 deadline_ms: self.now_ms + self.cfg.proposal_timeout_ms,
+                resend: Some((data, self.raw.raft.leader_id)),
             },
         );
         Ok(request_id)
@@ -523,6 +528,7 @@ impl<B: LogBackend> MembershipNode<B> {
             request_id,
             Pending {
                 deadline_ms: self.now_ms + self.cfg.proposal_timeout_ms,
+                resend: None,
             },
         );
         Ok(request_id)
@@ -706,6 +712,7 @@ impl<B: LogBackend> MembershipNode<B> {
     /// raft has (re)set the timeout — visible as a change of term, role, leader or timeout — we
     /// overwrite it with one drawn from our seeded generator.
     fn rerandomize(&mut self) {
+        self.resend_on_leader_change();
         let r = &self.raw.raft;
         let key = (
             r.term,
@@ -753,6 +760,31 @@ impl<B: LogBackend> MembershipNode<B> {
     /// Tells raft-rs that `to` could not be reached (it stops pipelining appends to it).
     pub fn report_unreachable(&mut self, to: u64) {
         self.raw.report_unreachable(to);
+    }
+
+    /// A proposal forwarded to a leader that then died is silently lost. When a new leader
+    /// appears, proposals still pending are proposed again (same bytes, same request id), so a
+    /// client sees one election's delay instead of a timeout. Applying a command twice is
+    /// harmless: creation is idempotent per (proposer, request id), renewals and publications
+    /// are idempotent, and a duplicated acquire only bumps the fencing token.
+    fn resend_on_leader_change(&mut self) {
+        let leader = self.raw.raft.leader_id;
+        if leader == 0 {
+            return;
+        }
+        let mut again = Vec::new();
+        for p in self.pending.values_mut() {
+            if let Some((data, to)) = &mut p.resend {
+                if *to != leader {
+                    *to = leader;
+                    again.push(data.clone());
+                }
+            }
+        }
+        for data in again {
+            // Dropped again only if leadership changes once more, which resends again.
+            let _ = self.raw.propose(vec![], data);
+        }
     }
 
     fn expire_proposals(&mut self, now: u64) {

@@ -139,7 +139,12 @@ impl RedbBackend {
 }
 
 fn corrupt(path: &Path, detail: &str) -> MembershipError {
-    MembershipError::Corrupt(format!("raft log file {}: {detail}", path.display()))
+    MembershipError::Corrupt(format!(
+        "raft log file {}: {detail} (the file was left untouched: restore it from a backup, or \
+         remove this node with `arbor cluster remove`, delete its data and re-add it with \
+         `arbor cluster join`)",
+        path.display()
+    ))
 }
 
 fn decode<M: protobuf::Message>(
