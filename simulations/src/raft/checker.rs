@@ -165,7 +165,7 @@ impl Checker {
             self.last_holder.insert(room, (holder, token));
         }
         // Publications are only ever accepted under the room's current token.
-        if self.steps % 200 == 0 {
+        if self.steps.is_multiple_of(200) {
             for (id, node, _) in views {
                 check_publications(*id, node)?;
             }

@@ -500,7 +500,7 @@ impl Sim {
 
     /// Grows five-node clusters: add node 4 as learner, promote it, add node 5 as learner.
     fn operator(&mut self) {
-        if self.conf_plan.is_empty() || self.now % 500 != 0 || self.now < 3_000 {
+        if self.conf_plan.is_empty() || !self.now.is_multiple_of(500) || self.now < 3_000 {
             return;
         }
         let (target, promote) = self.conf_plan[0];

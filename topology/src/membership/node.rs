@@ -509,8 +509,10 @@ impl<B: LogBackend> MembershipNode<B> {
             });
         }
         let request_id = self.next_request;
-        let mut single = ConfChangeSingle::default();
-        single.node_id = node;
+        let mut single = ConfChangeSingle {
+            node_id: node,
+            ..Default::default()
+        };
         single.set_change_type(ty);
         let mut cc = ConfChangeV2::default();
         cc.set_changes(vec![single].into());

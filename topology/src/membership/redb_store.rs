@@ -376,7 +376,7 @@ mod tests {
     fn foreign_file_is_rejected() {
         let p = tmp("foreign");
         std::fs::write(&p, b"this is not a redb file at all, just some text").unwrap();
-        let err = RedbBackend::open(&p, true).err().expect("must fail");
+        let err = RedbBackend::open(&p, true).expect_err("must fail");
         assert!(matches!(err, MembershipError::Corrupt(_)), "{err}");
     }
 }

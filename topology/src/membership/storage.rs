@@ -313,11 +313,15 @@ impl<B: LogBackend> Storage for RaftStore<B> {
 
 /// Builds snapshot metadata.
 pub fn snapshot_of(index: u64, term: u64, conf_state: ConfState, data: Vec<u8>) -> Snapshot {
-    let mut s = Snapshot::default();
-    s.data = data.into();
-    let mut m = SnapshotMetadata::default();
-    m.index = index;
-    m.term = term;
+    let mut s = Snapshot {
+        data: data.into(),
+        ..Default::default()
+    };
+    let mut m = SnapshotMetadata {
+        index,
+        term,
+        ..Default::default()
+    };
     m.set_conf_state(conf_state);
     s.set_metadata(m);
     s
