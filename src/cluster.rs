@@ -110,6 +110,9 @@ pub enum ClusterCommand {
         voter: bool,
         #[arg(long, default_value = "default")]
         region: String,
+        /// Enable the fault-injection endpoint in the generated config (tests only).
+        #[arg(long)]
+        fault_injection: bool,
     },
     /// Show leader, term, members and replication lag.
     Status {
@@ -261,12 +264,14 @@ impl ClusterConfig {
 pub struct ClusterHandle {
     inner: ServiceHandle,
     node_id: u64,
+    cluster_id: String,
     fault_injection: bool,
 }
 
 /// Status as served by `GET /cluster/status`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StatusReport {
+    pub cluster_id: String,
     pub node: u64,
     pub role: String,
     pub term: u64,
@@ -294,7 +299,7 @@ pub struct MemberReport {
     pub last_heartbeat_ms: u64,
 }
 
-fn report(st: ClusterStatus, nodes: Vec<NodeRecord>) -> StatusReport {
+fn report(cluster_id: &str, st: ClusterStatus, nodes: Vec<NodeRecord>) -> StatusReport {
     let by_id: BTreeMap<u64, NodeRecord> = nodes.into_iter().map(|n| (n.id, n)).collect();
     let mut ids: BTreeSet<u64> = st
         .voters
@@ -320,6 +325,7 @@ fn report(st: ClusterStatus, nodes: Vec<NodeRecord>) -> StatusReport {
         })
         .collect();
     StatusReport {
+        cluster_id: cluster_id.to_string(),
         node: st.node,
         role: st.role,
         term: st.term,
@@ -363,7 +369,7 @@ impl ClusterHandle {
 
     pub async fn status(&self) -> Result<StatusReport, ServiceError> {
         let (st, nodes) = self.inner.status().await?;
-        Ok(report(st, nodes))
+        Ok(report(&self.cluster_id, st, nodes))
     }
 
     /// The underlying service (membership changes, raw proposals).
@@ -423,6 +429,7 @@ pub async fn start(cfg: ClusterConfig) -> anyhow::Result<ClusterHandle> {
     Ok(ClusterHandle {
         inner,
         node_id: cfg.node_id,
+        cluster_id: cfg.cluster_id.clone(),
         fault_injection: cfg.fault_injection,
     })
 }
@@ -810,6 +817,7 @@ pub async fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
             out,
             voter,
             region,
+            fault_injection,
         } => {
             if node_id == 0 {
                 bail!("node ids start at 1");
@@ -846,7 +854,7 @@ pub async fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
                 .collect();
             let cfg = ClusterConfig {
                 node_id,
-                cluster_id: "arbor".into(),
+                cluster_id: st.cluster_id.clone(),
                 region,
                 quic_listen: quic,
                 http_addr: http,
@@ -855,16 +863,13 @@ pub async fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
                 node_cert: std::fs::canonicalize(&cert)?,
                 node_key: std::fs::canonicalize(&key)?,
                 bootstrap: false,
-                fault_injection: false,
+                fault_injection,
                 capacity: default_capacity(),
                 peers,
                 raft: RaftTuning::default(),
             };
             write_private(&out, &toml::to_string_pretty(&cfg)?)?;
-            println!(
-                "wrote {} (edit cluster_id if your cluster is not named \"arbor\")",
-                out.display()
-            );
+            println!("wrote {}", out.display());
             let body = serde_json::json!({ "id": node_id, "quic_addr": quic, "voter": voter });
             let mut target = seed;
             for _ in 0..2 {

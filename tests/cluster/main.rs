@@ -314,6 +314,54 @@ fn three_processes_failover_partition_and_corruption() {
     let l2 = c.agreed_leader(&[0, 1, 2]);
     println!("restarted node {leader} caught up; leader is node {l2}");
 
+    // --- 3b. a fourth node joins as a learner (read-only edge member) and catches up -------
+    let quic4: SocketAddr = format!("127.0.0.1:{}", free_udp()).parse().unwrap();
+    let http4: SocketAddr = format!("127.0.0.1:{}", free_tcp()).parse().unwrap();
+    let cfg4 = c.dir.join("node-4.toml");
+    let out = Command::new(BIN)
+        .args([
+            "cluster",
+            "join",
+            "--fault-injection",
+            "--node-id",
+            "4",
+            "--ca-dir",
+        ])
+        .arg(&c.dir)
+        .args(["--quic", &quic4.to_string(), "--http", &http4.to_string()])
+        .args([
+            "--seed",
+            &c.nodes[survivors[0]].http.to_string(),
+            "--data-dir",
+        ])
+        .arg(c.dir.join("data").join("node-4"))
+        .arg("--out")
+        .arg(&cfg4)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "join failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.nodes.push(Node {
+        id: 4,
+        http: http4,
+        config: cfg4,
+        child: None,
+    });
+    c.start(3);
+    c.wait_rooms(3, &["alpha", "beta", "gamma", "after-failover"]);
+    let st = c.status(0).unwrap();
+    assert!(
+        st["learners"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|x| x == 4)),
+        "{st}"
+    );
+    println!("node 4 joined as a learner and caught up");
+
     // --- 4. a minority partition cannot create rooms and says so ---------------------------
     // Isolate a follower in both directions.
     let mi = (0..3).find(|i| c.nodes[*i].id != l2).unwrap();
@@ -353,7 +401,7 @@ fn three_processes_failover_partition_and_corruption() {
     );
     assert!(!c.rooms(mi).iter().any(|r| r == "majority-room"));
     // Heal: the isolated node catches up; the minority room never existed.
-    for i in 0..3 {
+    for i in 0..c.nodes.len() {
         c.block(i, &[]);
     }
     c.wait_rooms(
@@ -399,6 +447,44 @@ fn three_processes_failover_partition_and_corruption() {
             .find(|l| l.contains("corrupt"))
             .unwrap_or_default()
     );
+
+    // --- 6. the operator removes the dead node (joint consensus) ---------------------------
+    let live: Vec<usize> = (0..c.nodes.len()).filter(|i| *i != vi).collect();
+    let out = Command::new(BIN)
+        .args([
+            "cluster",
+            "remove",
+            &vid.to_string(),
+            "--http",
+            &c.nodes[live[0]].http.to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "remove failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for(
+        "the removed node to leave the voter set",
+        Duration::from_secs(20),
+        || {
+            let st = c.status(live[0])?;
+            let voters: Vec<u64> = st["voters"]
+                .as_array()?
+                .iter()
+                .filter_map(|v| v.as_u64())
+                .collect();
+            (!voters.contains(&vid) && voters.len() == 2).then_some(())
+        },
+    );
+    // The two remaining voters still form a quorum and serve.
+    wait_for(
+        "room creation after removal",
+        Duration::from_secs(20),
+        || matches!(c.create_room(live[0], "after-remove"), Some((200, _))).then_some(()),
+    );
+    println!("node {vid} removed; two voters + a learner keep serving");
     assert_files_exist(&c.dir);
 }
 

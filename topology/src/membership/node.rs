@@ -656,11 +656,11 @@ impl<B: LogBackend> MembershipNode<B> {
                     let (applied, ctx) = if e.get_entry_type() == EntryType::EntryConfChange {
                         let cc = <ConfChange as protobuf::Message>::parse_from_bytes(&e.data)
                             .map_err(decode_err)?;
-                        (self.raw.apply_conf_change(&cc), cc.context.to_vec())
+                        (self.raw.apply_conf_change(&cc), e.context.to_vec())
                     } else {
                         let cc = <ConfChangeV2 as protobuf::Message>::parse_from_bytes(&e.data)
                             .map_err(decode_err)?;
-                        (self.raw.apply_conf_change(&cc), cc.context.to_vec())
+                        (self.raw.apply_conf_change(&cc), e.context.to_vec())
                     };
                     let result = match applied {
                         Ok(cs) => {
@@ -933,7 +933,10 @@ impl<B: LogBackend> MembershipNode<B> {
         let r = &self.raw.raft;
         let store = self.raw.store();
         let last = store.last_index().unwrap_or(0);
-        let conf = r.prs().conf().to_conf_state();
+        let mut conf = r.prs().conf().to_conf_state();
+        conf.voters.sort_unstable();
+        conf.voters_outgoing.sort_unstable();
+        conf.learners.sort_unstable();
         let mut progress = Vec::new();
         if r.state == StateRole::Leader {
             for (id, p) in r.prs().iter() {
@@ -962,5 +965,120 @@ impl<B: LogBackend> MembershipNode<B> {
             rooms: self.sm.rooms().len(),
             nodes: self.sm.nodes().len(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::membership::storage::MemBackend;
+
+    /// A lossless in-memory network of nodes, stepped in lock-step.
+    struct Net {
+        nodes: BTreeMap<u64, MembershipNode<MemBackend>>,
+        now: u64,
+        done: Vec<(u64, Completion)>,
+    }
+
+    impl Net {
+        fn new(voters: &[u64], extra: &[u64]) -> Self {
+            let mut nodes = BTreeMap::new();
+            for id in voters.iter().chain(extra) {
+                let store = RaftStore::open(MemBackend::new()).unwrap();
+                let boot = voters.contains(id).then_some(voters);
+                let mut cfg = NodeConfig::new(*id);
+                cfg.tick_ms = 10;
+                nodes.insert(*id, MembershipNode::new(cfg, store, boot, *id, 0).unwrap());
+            }
+            Self {
+                nodes,
+                now: 0,
+                done: Vec::new(),
+            }
+        }
+
+        fn run(&mut self, ms: u64) {
+            for _ in 0..ms / 5 {
+                self.now += 5;
+                let mut msgs = Vec::new();
+                for (id, n) in self.nodes.iter_mut() {
+                    n.tick(self.now);
+                    n.process_ready().unwrap();
+                    while let Some(o) = n.poll_output() {
+                        match o {
+                            Output::Send(m) => msgs.push(m),
+                            Output::Completed(c) => self.done.push((*id, c)),
+                        }
+                    }
+                }
+                for m in msgs {
+                    if let Some(n) = self.nodes.get_mut(&m.to) {
+                        n.step(self.now, m).unwrap();
+                    }
+                }
+            }
+        }
+
+        fn leader(&self) -> u64 {
+            self.nodes
+                .values()
+                .find(|n| n.is_leader())
+                .map(|n| n.id())
+                .expect("a leader")
+        }
+    }
+
+    #[test]
+    fn learner_then_voter_through_joint_consensus() {
+        let mut net = Net::new(&[1, 2, 3], &[4]);
+        net.run(2_000);
+        let l = net.leader();
+        let now = net.now;
+        let rid = net
+            .nodes
+            .get_mut(&l)
+            .unwrap()
+            .propose_add_learner(now, 4)
+            .unwrap();
+        net.run(1_000);
+        let done = net
+            .done
+            .iter()
+            .find(|(id, c)| *id == l && c.request_id == rid);
+
+        assert!(
+            matches!(
+                done,
+                Some((
+                    _,
+                    Completion {
+                        result: Ok(Applied::ConfChange(_)),
+                        ..
+                    }
+                ))
+            ),
+            "{done:?}"
+        );
+        assert!(net.nodes[&l].status().learners.contains(&4));
+        let now = net.now;
+        let rid = net
+            .nodes
+            .get_mut(&l)
+            .unwrap()
+            .propose_add_voter(now, 4)
+            .unwrap();
+        net.run(1_000);
+        assert!(net
+            .done
+            .iter()
+            .any(|(id, c)| *id == l && c.request_id == rid && c.result.is_ok()));
+        let st = net.nodes[&l].status();
+        assert_eq!(st.voters, vec![1, 2, 3, 4]);
+        assert!(
+            st.voters_outgoing.is_empty(),
+            "joint configuration left automatically"
+        );
+        // Node 4 replicated the directory.
+        assert_eq!(net.nodes[&4].state().nodes().len(), 4);
     }
 }
