@@ -70,7 +70,11 @@ fn checker_catches_missing_lease_fencing() {
     }
     let f = caught.expect("the checker never noticed missing lease fencing in 50 seeds");
     assert!(matches!(f.violation, Violation::TwoOrigins { .. }), "{f}");
-    assert!(f.to_string().contains(&format!("ARBOR_SIM_SEED={}", f.seed)), "{f}");
+    assert!(
+        f.to_string()
+            .contains(&format!("ARBOR_SIM_SEED={}", f.seed)),
+        "{f}"
+    );
     // The failing seed replays to the identical failure.
     let mut cfg = SimConfig::new(f.seed);
     cfg.defect = Some(InjectedDefect::SkipLeaseFencing);
