@@ -109,7 +109,10 @@ pub struct Command {
     pub request_id: u64,
     #[prost(uint64, tag = "3")]
     pub now_ms: u64,
-    #[prost(oneof = "command::Kind", tags = "10, 11, 12, 13, 14, 15, 16, 17, 18")]
+    #[prost(
+        oneof = "command::Kind",
+        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19"
+    )]
     pub kind: Option<command::Kind>,
 }
 
@@ -136,6 +139,8 @@ pub mod command {
         UnpublishTrack(super::UnpublishTrack),
         #[prost(message, tag = "18")]
         RemoveNode(super::RemoveNode),
+        #[prost(message, tag = "19")]
+        RenewLeases(super::RenewLeases),
     }
 }
 
@@ -172,6 +177,24 @@ pub struct RenewLease {
     #[prost(uint64, tag = "2")]
     pub node: u64,
     #[prost(uint64, tag = "3")]
+    pub fencing_token: u64,
+}
+
+/// One origin renewing many leases in one log entry (log traffic per node, not per room).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RenewLeases {
+    #[prost(uint64, tag = "1")]
+    pub node: u64,
+    #[prost(message, repeated, tag = "2")]
+    pub leases: Vec<LeaseRef>,
+}
+
+/// A room and the fencing token its lease is held under.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LeaseRef {
+    #[prost(string, tag = "1")]
+    pub room: String,
+    #[prost(uint64, tag = "2")]
     pub fencing_token: u64,
 }
 

@@ -29,7 +29,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use arbor_proto::membership::{
-    command::Kind, AcquireLease, Command, Heartbeat, NodeRecord, RenewLease,
+    command::Kind, AcquireLease, Command, Heartbeat, LeaseRef, NodeRecord, RenewLeases,
 };
 use prost::Message as _;
 use raft::prelude::{
@@ -68,6 +68,8 @@ pub struct NodeConfig {
     pub skew_margin_ms: u64,
     /// Interval between this node's heartbeat commands.
     pub node_heartbeat_ms: u64,
+    /// Rooms per batched renewal entry.
+    pub max_renew_batch: usize,
     /// A node whose last committed heartbeat is older than this is considered down when the
     /// leader picks a new origin for an orphaned room.
     pub node_ttl_ms: u64,
@@ -106,6 +108,7 @@ impl NodeConfig {
             heartbeat_ticks: 2,
             state: StateConfig::default(),
             renew_every_ms: 1_500,
+            max_renew_batch: 1_024,
             skew_margin_ms: 500,
             node_heartbeat_ms: 2_000,
             node_ttl_ms: 6_000,
@@ -235,7 +238,7 @@ pub struct MembershipNode<B: LogBackend> {
     outputs: VecDeque<Output>,
     leader_contact_ms: u64,
     last_heartbeat_sent_ms: Option<u64>,
-    last_renew_ms: BTreeMap<String, u64>,
+    last_renew_ms: u64,
     last_reassign_ms: u64,
     reassign_inflight: BTreeMap<String, u64>,
     dropped_outputs: u64,
@@ -308,7 +311,7 @@ impl<B: LogBackend> MembershipNode<B> {
             outputs: VecDeque::new(),
             leader_contact_ms: now_ms,
             last_heartbeat_sent_ms: None,
-            last_renew_ms: BTreeMap::new(),
+            last_renew_ms: 0,
             last_reassign_ms: now_ms,
             reassign_inflight: BTreeMap::new(),
             dropped_outputs: 0,
@@ -849,30 +852,32 @@ impl<B: LogBackend> MembershipNode<B> {
             }
         }
         // Renew the leases we hold (or held: renewing an expired-but-not-taken lease is fine,
-        // the fencing token decides).
-        let mine: Vec<(String, u64)> = self
-            .sm
-            .rooms()
-            .values()
-            .filter(|r| r.origin_node == id)
-            .map(|r| (r.name.clone(), r.fencing_token))
-            .collect();
-        self.last_renew_ms
-            .retain(|room, _| mine.iter().any(|(r, _)| r == room));
-        for (room, token) in mine {
-            let last = self.last_renew_ms.get(&room).copied().unwrap_or(0);
-            if now < last + self.cfg.renew_every_ms {
-                continue;
+        // the fencing token decides), all in a few batched entries.
+        if now >= self.last_renew_ms + self.cfg.renew_every_ms {
+            let mine: Vec<LeaseRef> = self
+                .sm
+                .rooms()
+                .values()
+                .filter(|r| r.origin_node == id)
+                .map(|r| LeaseRef {
+                    room: r.name.clone(),
+                    fencing_token: r.fencing_token,
+                })
+                .collect();
+            let mut all_sent = true;
+            for chunk in mine.chunks(self.cfg.max_renew_batch.max(1)) {
+                let kind = Kind::RenewLeases(RenewLeases {
+                    node: id,
+                    leases: chunk.to_vec(),
+                });
+                if self.propose(now, kind).is_err() {
+                    all_sent = false;
+                    break;
+                }
             }
-            let kind = Kind::RenewLease(RenewLease {
-                room: room.clone(),
-                node: id,
-                fencing_token: token,
-            });
-            if self.propose(now, kind).is_err() {
-                break;
+            if all_sent {
+                self.last_renew_ms = now;
             }
-            self.last_renew_ms.insert(room, now);
         }
         // The leader hands orphaned rooms (lease expired) to a live node.
         if self.is_leader() && now >= self.last_reassign_ms + self.cfg.reassign_every_ms {

@@ -77,6 +77,12 @@ pub enum Outcome {
         room: String,
         token: u64,
     },
+    /// A batch renewal: how many leases were extended, and the rooms whose token was stale.
+    LeasesRenewed {
+        node: u64,
+        renewed: usize,
+        stale: Vec<String>,
+    },
     Published(PublicationRecord),
     Unpublished(String),
     NodeRemoved(u64),
@@ -319,6 +325,25 @@ impl MembershipState {
                     stamp_ms: now,
                     expires_ms: room.lease_expires_ms,
                 }))
+            }
+            Kind::RenewLeases(b) => {
+                let mut renewed = 0;
+                let mut stale = Vec::new();
+                for l in &b.leases {
+                    match self.fenced_room_mut(&l.room, b.node, l.fencing_token) {
+                        Ok(room) => {
+                            room.lease_expires_ms =
+                                room.lease_expires_ms.max(now.saturating_add(cfg.lease_ms));
+                            renewed += 1;
+                        }
+                        Err(_) => stale.push(l.room.clone()),
+                    }
+                }
+                Ok(Outcome::LeasesRenewed {
+                    node: b.node,
+                    renewed,
+                    stale,
+                })
             }
             Kind::ReleaseLease(r) => {
                 let room = self.fenced_room_mut(&r.room, r.node, r.fencing_token)?;
@@ -616,6 +641,45 @@ mod tests {
             matches!(o, Outcome::Rejected(Rejection::StaleToken { .. })),
             "{o:?}"
         );
+    }
+
+    #[test]
+    fn batch_renewal_extends_current_and_reports_stale() {
+        let (mut s, cfg) = setup();
+        let c = |n: &str| {
+            Kind::CreateRoom(CreateRoom {
+                name: n.into(),
+                origin_node: 1,
+                config: None,
+            })
+        };
+        s.apply(&cfg, None, 11, 1, &cmd(1, 3, 100, c("b")));
+        let ta = s.room("a").unwrap().fencing_token;
+        let tb = s.room("b").unwrap().fencing_token;
+        let batch = Kind::RenewLeases(arbor_proto::membership::RenewLeases {
+            node: 1,
+            leases: vec![
+                arbor_proto::membership::LeaseRef {
+                    room: "a".into(),
+                    fencing_token: ta,
+                },
+                arbor_proto::membership::LeaseRef {
+                    room: "b".into(),
+                    fencing_token: tb + 100,
+                },
+            ],
+        });
+        let o = s.apply(&cfg, None, 12, 1, &cmd(1, 4, 900, batch));
+        assert_eq!(
+            o,
+            Outcome::LeasesRenewed {
+                node: 1,
+                renewed: 1,
+                stale: vec!["b".into()]
+            }
+        );
+        assert_eq!(s.room("a").unwrap().lease_expires_ms, 1900);
+        assert_eq!(s.room("b").unwrap().lease_expires_ms, 1100);
     }
 
     #[test]
