@@ -25,6 +25,13 @@ pub enum Violation {
         b: u64,
         tb: u64,
     },
+    #[error("room {room:?} lease expiry moved backwards on node {node}: {from} -> {to}")]
+    LeaseExpiryRegressed {
+        node: u64,
+        room: String,
+        from: u64,
+        to: u64,
+    },
     #[error(
         "publication {track} on node {node} carries token {token}, room {room:?} is at {current}"
     )]
@@ -57,6 +64,8 @@ pub struct Checker {
     last_holder: BTreeMap<String, (u64, u64)>,
     steps: u64,
     committed_at_heal: u64,
+    /// Per node: the lease expiry last seen for each room (must never decrease).
+    expiries: BTreeMap<u64, BTreeMap<String, u64>>,
     /// Times a room's believed origin changed to a different node.
     pub origin_changes: u64,
 }
@@ -76,6 +85,7 @@ impl Checker {
     }
     pub fn node_restarted(&mut self, id: u64) {
         self.checked_upto.remove(&id);
+        self.expiries.remove(&id);
     }
     /// Records the highest committed index at the moment the network heals; after the settle
     /// phase every node must have committed at least that far.
@@ -140,6 +150,21 @@ impl Checker {
                 }
             }
             self.checked_upto.insert(*id, commit);
+        }
+        // A room's lease expiry never decreases along the log, hence never in a node's view.
+        for (id, node, _) in views {
+            let seen = self.expiries.entry(*id).or_default();
+            for (name, room) in node.state().rooms() {
+                let prev = seen.insert(name.clone(), room.lease_expires_ms);
+                if let Some(p) = prev.filter(|p| *p > room.lease_expires_ms) {
+                    return Err(Violation::LeaseExpiryRegressed {
+                        node: *id,
+                        room: name.clone(),
+                        from: p,
+                        to: room.lease_expires_ms,
+                    });
+                }
+            }
         }
         // No room with two origins at once.
         let mut holders: BTreeMap<String, (u64, u64)> = BTreeMap::new();

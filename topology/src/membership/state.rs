@@ -21,6 +21,12 @@
 //! The holder itself only treats the lease as valid until `stamp + lease_ms - skew_margin`, where
 //! `stamp` is the timestamp of the command that granted/renewed it, so its belief always ends
 //! before the state machine would let anybody else acquire the lease.
+//!
+//! This rests on one invariant: **a room's `lease_expires_ms` never decreases along the log.**
+//! A node judges its lease from its own applied state, which may lag behind the log; a lagging
+//! view therefore sees an expiry no later than the real one, and any later acquisition by
+//! another node is stamped at or after the real one. (The simulator found the counter-example
+//! when a same-holder re-acquisition with an older timestamp moved the expiry backwards.)
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -306,7 +312,9 @@ impl MembershipState {
                     .get_mut(&a.room)
                     .ok_or_else(|| Rejection::NoSuchRoom(a.room.clone()))?;
                 room.fencing_token = token;
-                room.lease_expires_ms = now.saturating_add(lease_ms);
+                // Never move an expiry backwards (see the module docs: a lagging replica of the
+                // old holder must never see a later expiry than the one the state machine uses).
+                room.lease_expires_ms = room.lease_expires_ms.max(now.saturating_add(lease_ms));
                 Ok(Outcome::Lease(LeaseGrant {
                     room: a.room.clone(),
                     holder: a.node,
@@ -346,8 +354,10 @@ impl MembershipState {
                 })
             }
             Kind::ReleaseLease(r) => {
-                let room = self.fenced_room_mut(&r.room, r.node, r.fencing_token)?;
-                room.lease_expires_ms = now.min(room.lease_expires_ms);
+                // Release does not shorten the lease: the holder stops renewing and the room is
+                // handed over once the recorded expiry passes. Shortening it would let another
+                // node acquire while a lagging replica of the old holder still believes in it.
+                self.fenced_room_mut(&r.room, r.node, r.fencing_token)?;
                 Ok(Outcome::LeaseReleased {
                     room: r.room.clone(),
                     token: r.fencing_token,
