@@ -4,6 +4,7 @@
 //! the control plane (actix actors on the system arbiter) to the media plane (its own thread).
 
 mod auth;
+mod cluster;
 mod config;
 mod http;
 mod signal;
@@ -13,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context as _};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 use arbor_actors::manager::RoomManager;
 use arbor_actors::media::{MediaHandle, MediaSettings};
@@ -50,6 +51,48 @@ struct Cli {
     /// room.departure_timeout).
     #[arg(long, value_name = "SECS")]
     empty_timeout: Option<u64>,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Cluster administration (CA, membership, status). See docs/membership.md.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
+    /// Run a cluster member (Raft membership + admin API).
+    Node {
+        /// Cluster member config (TOML; keys documented in src/cluster.rs and docs/membership.md).
+        #[arg(long)]
+        cluster_config: PathBuf,
+        /// Admin HTTP listen address (default: `http_addr` from the config).
+        #[arg(long)]
+        http: Option<SocketAddr>,
+    },
+}
+
+/// `arbor cluster ...` and `arbor node ...`: the Raft membership tools.
+fn run_cluster_command(cmd: Cmd) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        match cmd {
+            Cmd::Cluster(c) => cluster::run(c).await,
+            Cmd::Node {
+                cluster_config,
+                http,
+            } => cluster::run_node(&cluster_config, http).await,
+        }
+    })
 }
 
 fn load_config(cli: &Cli) -> anyhow::Result<Config> {
@@ -105,7 +148,10 @@ fn default_node_ip() -> IpAddr {
 }
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    if let Some(cmd) = cli.cmd.take() {
+        return run_cluster_command(cmd);
+    }
     let cfg = load_config(&cli)?;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(format!("{},str0m=warn", cfg.logging.level))

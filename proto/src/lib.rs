@@ -4,3 +4,5 @@
 //! * Arbor's own relay and membership messages are prost types defined in this crate's modules.
 
 pub use livekit_protocol as livekit;
+
+pub mod membership;

@@ -1,3 +1,4 @@
 //! Seeded, deterministic discrete-event simulators that drive the real `arbor-topology` code.
 
 pub mod capacity;
+pub mod raft;

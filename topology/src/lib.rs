@@ -1,4 +1,6 @@
 //! Cluster topology: node registry, regions, relay-tree planning, relay links, Raft membership.
 
+pub mod membership;
 pub mod nodes;
 pub mod planner;
+pub mod transport;
