@@ -2,14 +2,16 @@
 
 use std::collections::BTreeMap;
 
-use livekit_api::access_token::{Claims, TokenVerifier};
+use livekit_api::access_token::{AccessTokenError, Claims, TokenVerifier};
 use livekit_protocol as lk;
 use thiserror::Error;
 
 /// Why a token was refused. `status()` gives the HTTP status LiveKit uses.
 #[derive(Debug, Error)]
 pub enum AuthError {
-    #[error("authorization token is missing (send `Authorization: Bearer <jwt>` or `?access_token=`)")]
+    #[error(
+        "authorization token is missing (send `Authorization: Bearer <jwt>` or `?access_token=`)"
+    )]
     Missing,
     #[error("invalid authorization token: {0}")]
     Invalid(String),
@@ -46,19 +48,46 @@ impl Auth {
             return Err(AuthError::Missing);
         }
         // `iss` names the key; read it unverified, then verify with that key's secret.
-        let unverified = Claims::from_unverified(token).map_err(|e| AuthError::Invalid(e.to_string()))?;
+        let unverified =
+            Claims::from_unverified(token).map_err(|e| AuthError::Invalid(e.to_string()))?;
         let secret = self
             .keys
             .get(&unverified.iss)
             .ok_or_else(|| AuthError::UnknownKey(unverified.iss.clone()))?;
         let claims = TokenVerifier::with_api_key(&unverified.iss, secret)
             .verify(token)
-            .map_err(|e| AuthError::Invalid(e.to_string()))?;
+            .map_err(describe)?;
         if claims.exp == 0 {
             return Err(AuthError::Invalid("token has no `exp`".into()));
         }
         Ok(claims)
     }
+}
+
+/// Say what is wrong with a token in words an operator can act on.
+fn describe(e: AccessTokenError) -> AuthError {
+    use jsonwebtoken::errors::ErrorKind;
+    let msg = match &e {
+        AccessTokenError::Encoding(inner) => match inner.kind() {
+            ErrorKind::ExpiredSignature => "token expired (exp is in the past)".to_string(),
+            ErrorKind::InvalidSignature => {
+                "invalid token signature (wrong API secret?)".to_string()
+            }
+            ErrorKind::ImmatureSignature => {
+                "token not yet valid (nbf is in the future)".to_string()
+            }
+            ErrorKind::InvalidIssuer => "token issuer (iss) is not the API key".to_string(),
+            ErrorKind::MissingRequiredClaim(c) => format!("token lacks the required `{c}` claim"),
+            ErrorKind::InvalidAlgorithm => "token algorithm must be HS256".to_string(),
+            ErrorKind::InvalidToken => "malformed token (not a JWT)".to_string(),
+            ErrorKind::Base64(_) | ErrorKind::Json(_) | ErrorKind::Utf8(_) => {
+                format!("malformed token: {inner}")
+            }
+            _ => format!("invalid token: {inner}"),
+        },
+        other => other.to_string(),
+    };
+    AuthError::Invalid(msg)
 }
 
 /// The participant permission a token grants (LiveKit defaults for unset fields).
@@ -116,11 +145,23 @@ mod tests {
     #[test]
     fn bad_tokens_are_refused() {
         assert!(matches!(auth().verify(""), Err(AuthError::Missing)));
-        assert!(matches!(auth().verify("garbage"), Err(AuthError::Invalid(_))));
-        let wrong = AccessToken::with_api_key("devkey", "other").with_identity("a").to_jwt().unwrap();
+        assert!(matches!(
+            auth().verify("garbage"),
+            Err(AuthError::Invalid(_))
+        ));
+        let wrong = AccessToken::with_api_key("devkey", "other")
+            .with_identity("a")
+            .to_jwt()
+            .unwrap();
         assert!(matches!(auth().verify(&wrong), Err(AuthError::Invalid(_))));
-        let unknown = AccessToken::with_api_key("nokey", "secret").with_identity("a").to_jwt().unwrap();
-        assert!(matches!(auth().verify(&unknown), Err(AuthError::UnknownKey(_))));
+        let unknown = AccessToken::with_api_key("nokey", "secret")
+            .with_identity("a")
+            .to_jwt()
+            .unwrap();
+        assert!(matches!(
+            auth().verify(&unknown),
+            Err(AuthError::UnknownKey(_))
+        ));
         let expired = AccessToken::with_api_key("devkey", "secret")
             .with_identity("a")
             .with_ttl(std::time::Duration::from_secs(0))
@@ -128,5 +169,16 @@ mod tests {
             .unwrap();
         // jsonwebtoken allows 60 s of leeway; a zero-TTL token is still inside it.
         let _ = auth().verify(&expired);
+        let mut claims = Claims::from_unverified(&expired).unwrap();
+        claims.exp = 1_000;
+        claims.nbf = 0;
+        let old = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(b"secret"),
+        )
+        .unwrap();
+        let e = auth().verify(&old).unwrap_err().to_string();
+        assert!(e.contains("expired"), "{e}");
     }
 }

@@ -207,7 +207,10 @@ impl Config {
                 continue;
             }
             let Some((k, v)) = line.split_once(':') else {
-                return Err(invalid("key_file", format!("{}:{}: expected `key: secret`", path.display(), n + 1)));
+                return Err(invalid(
+                    "key_file",
+                    format!("{}:{}: expected `key: secret`", path.display(), n + 1),
+                ));
             };
             self.keys.insert(k.trim().to_string(), v.trim().to_string());
         }
@@ -240,7 +243,10 @@ impl Config {
             }
         }
         if self.limit.max_signal_message_bytes < 4096 {
-            return Err(invalid("limit.max_signal_message_bytes", "must be at least 4096"));
+            return Err(invalid(
+                "limit.max_signal_message_bytes",
+                "must be at least 4096",
+            ));
         }
         if self.limit.signal_queue == 0 {
             return Err(invalid("limit.signal_queue", "must be positive"));
@@ -305,13 +311,24 @@ mod tests {
     }
 
     #[test]
+    fn sample_config_is_valid() {
+        let c = Config::from_yaml(include_str!("../deploy/config-sample.yaml")).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.port, Config::default().port);
+    }
+
+    #[test]
     fn validation_names_the_key() {
         let mut c = Config::dev();
         c.port = 0;
         assert!(c.validate().unwrap_err().to_string().contains("`port`"));
         let mut c = Config::dev();
         c.keys.insert("k2".into(), String::new());
-        assert!(c.validate().unwrap_err().to_string().contains("missing secret"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("missing secret"));
         let c = Config::default();
         assert!(c.validate().unwrap_err().to_string().contains("`keys`"));
     }

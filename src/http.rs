@@ -45,8 +45,10 @@ pub fn router(state: AppState) -> Router {
 }
 
 fn cors(mut r: Response) -> Response {
-    r.headers_mut()
-        .insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
+    r.headers_mut().insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
     r
 }
 
@@ -71,8 +73,14 @@ async fn not_found() -> Response {
 
 /// Token from `Authorization: Bearer` or `?access_token=`.
 fn token<'a>(headers: &'a HeaderMap, query: &'a HashMap<String, String>) -> &'a str {
-    if let Some(h) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
-        if let Some(t) = h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")) {
+    if let Some(h) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        if let Some(t) = h
+            .strip_prefix("Bearer ")
+            .or_else(|| h.strip_prefix("bearer "))
+        {
             return t.trim();
         }
     }
@@ -133,8 +141,14 @@ async fn admit(
             _ => 0,
         },
         auto_subscribe: flag("auto_subscribe", true),
-        protocol: query.get("protocol").and_then(|p| p.parse().ok()).unwrap_or(0),
-        client_protocol: query.get("client_protocol").and_then(|p| p.parse().ok()).unwrap_or(0),
+        protocol: query
+            .get("protocol")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0),
+        client_protocol: query
+            .get("client_protocol")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0),
         room_name,
     };
     Ok((params, room))

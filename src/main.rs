@@ -62,7 +62,9 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
             c
         }
         (None, true) => Config::dev(),
-        (None, false) => bail!("no configuration: run `arbor --dev` for development, or `arbor --config FILE`"),
+        (None, false) => {
+            bail!("no configuration: run `arbor --dev` for development, or `arbor --config FILE`")
+        }
     };
     if let Some(b) = cli.bind {
         cfg.bind_addresses = vec![b];
@@ -105,8 +107,9 @@ fn default_node_ip() -> IpAddr {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let cfg = load_config(&cli)?;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{},str0m=warn", cfg.logging.level)));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("{},str0m=warn", cfg.logging.level))
+    });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -125,7 +128,12 @@ fn main() -> anyhow::Result<()> {
         max_peers: cfg.limit.max_peers,
         command_queue: 8192,
     })
-    .with_context(|| format!("starting media on UDP {} / TCP {}", cfg.rtc.udp_port, cfg.rtc.tcp_port))?;
+    .with_context(|| {
+        format!(
+            "starting media on UDP {} / TCP {}",
+            cfg.rtc.udp_port, cfg.rtc.tcp_port
+        )
+    })?;
 
     let node_id = cfg
         .node_id
@@ -161,7 +169,9 @@ fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("binding HTTP on {addr} (`port` / `bind_addresses`)"))?;
             tracing::info!(%addr, "listening for HTTP / WebSocket");
             let app = app.clone();
-            servers.push(tokio::spawn(async move { axum::serve(listener, app).await }));
+            servers.push(tokio::spawn(
+                async move { axum::serve(listener, app).await },
+            ));
         }
         tokio::select! {
             _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),

@@ -13,9 +13,9 @@ use actix::Addr;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::{SinkExt, StreamExt};
 use livekit_protocol as lk;
-use prost::Message as _;
 use tokio::sync::{mpsc, oneshot};
 
+use arbor_actors::codec;
 use arbor_actors::metrics::METRICS;
 use arbor_actors::participant::{Participant, ParticipantInit, SignalIn, SocketClosed};
 use arbor_actors::room::{GetSpan, Room};
@@ -40,17 +40,17 @@ pub struct JoinParams {
 /// How often the server pings the client's WebSocket.
 const WS_PING_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Decode one WebSocket message into a signal request.
+/// Decode one WebSocket message into a signal request (`None` for control frames).
 pub fn decode(msg: &Message, json: &AtomicBool) -> Result<Option<lk::SignalRequest>, String> {
     match msg {
-        Message::Binary(b) => lk::SignalRequest::decode(b.as_ref())
+        Message::Binary(b) => codec::decode_signal_binary(b.as_ref())
             .map(Some)
-            .map_err(|e| format!("invalid SignalRequest protobuf: {e}")),
+            .map_err(|e| e.to_string()),
         Message::Text(t) => {
             json.store(true, Ordering::Relaxed);
-            serde_json::from_str::<lk::SignalRequest>(t.as_str())
+            codec::decode_signal_text(t.as_str())
                 .map(Some)
-                .map_err(|e| format!("invalid SignalRequest JSON: {e}"))
+                .map_err(|e| e.to_string())
         }
         _ => Ok(None),
     }
@@ -58,19 +58,18 @@ pub fn decode(msg: &Message, json: &AtomicBool) -> Result<Option<lk::SignalReque
 
 /// Encode one response, as protobuf or (if the client spoke JSON) protojson text.
 pub fn encode(msg: lk::signal_response::Message, json: bool) -> Message {
-    let resp = lk::SignalResponse { message: Some(msg) };
-    if json {
-        match serde_json::to_string(&resp) {
-            Ok(s) => return Message::Text(s.into()),
-            Err(e) => tracing::warn!(error = %e, "JSON encoding failed; sending protobuf"),
-        }
+    match codec::encode_signal(msg, json) {
+        Ok(text) => Message::Text(text.into()),
+        Err(bytes) => Message::Binary(bytes.into()),
     }
-    Message::Binary(resp.encode_to_vec().into())
 }
 
 /// Run one signal session until either side ends it.
 pub async fn session(socket: WebSocket, state: AppState, params: JoinParams, room: Addr<Room>) {
-    let room_span = room.send(GetSpan).await.unwrap_or_else(|_| tracing::Span::none());
+    let room_span = room
+        .send(GetSpan)
+        .await
+        .unwrap_or_else(|_| tracing::Span::none());
     let (signal_tx, mut signal_rx) = mpsc::channel(state.settings.signal_queue);
     let init = ParticipantInit {
         identity: params.identity.clone(),
@@ -131,10 +130,14 @@ pub async fn session(socket: WebSocket, state: AppState, params: JoinParams, roo
     let timeout = Duration::from_secs(u64::from(state.settings.ping_timeout) + 5);
     let mut clean = false;
     let mut close_tx = Some(close_tx);
+    let mut writer_done = false;
     loop {
         let next = tokio::select! {
             n = tokio::time::timeout(timeout, ws_rx.next()) => n,
-            _ = &mut writer => break,
+            _ = &mut writer => {
+                writer_done = true;
+                break;
+            }
         };
         let msg = match next {
             Err(_) => {
@@ -145,7 +148,10 @@ pub async fn session(socket: WebSocket, state: AppState, params: JoinParams, roo
             Ok(Some(Err(e))) => {
                 METRICS.inc_signal_errors();
                 let text = e.to_string();
-                let code = if text.contains("too long") || text.contains("too big") || text.contains("size") {
+                let code = if text.contains("too long")
+                    || text.contains("too big")
+                    || text.contains("size")
+                {
                     1009
                 } else {
                     1002
@@ -184,6 +190,55 @@ pub async fn session(socket: WebSocket, state: AppState, params: JoinParams, roo
     }
     participant.do_send(SocketClosed { clean });
     // Let the writer flush a final close frame, but never wait long.
-    let _ = tokio::time::timeout(Duration::from_secs(2), &mut writer).await;
-    writer.abort();
+    if !writer_done {
+        let _ = tokio::time::timeout(Duration::from_secs(2), &mut writer).await;
+        writer.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message as _;
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        let json = AtomicBool::new(false);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for n in 0..2000 {
+            let len = rng.random_range(0..256);
+            let bytes: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+            let _ = decode(&Message::Binary(bytes.clone().into()), &json);
+            let text = String::from_utf8_lossy(&bytes).to_string();
+            let _ = decode(&Message::Text(text.into()), &json);
+            if n == 0 {
+                assert!(decode(&Message::Text("{".into()), &json).is_err());
+            }
+        }
+        assert!(decode(&Message::Binary(vec![0xff, 0xff, 0xff].into()), &json).is_err());
+    }
+
+    #[test]
+    fn protobuf_and_json_round_trip() {
+        let json = AtomicBool::new(false);
+        let req = lk::SignalRequest {
+            message: Some(lk::signal_request::Message::Ping(42)),
+        };
+        let got = decode(&Message::Binary(req.encode_to_vec().into()), &json)
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, req);
+        assert!(!json.load(Ordering::Relaxed));
+        let got = decode(&Message::Text(r#"{"ping":"42"}"#.into()), &json)
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, req);
+        assert!(json.load(Ordering::Relaxed));
+        // Responses follow the client's encoding.
+        match encode(lk::signal_response::Message::Pong(1), true) {
+            Message::Text(t) => assert!(t.as_str().contains("pong")),
+            other => panic!("expected text, got {other:?}"),
+        }
+    }
 }

@@ -72,23 +72,71 @@ impl Metrics {
         let mut s = String::with_capacity(2048);
         let gauges: [(&str, &str, i64); 3] = [
             ("arbor_rooms", "Open rooms.", self.rooms.load(Relaxed)),
-            ("arbor_participants", "Connected participants.", self.participants.load(Relaxed)),
-            ("arbor_tracks", "Published tracks.", self.tracks.load(Relaxed)),
+            (
+                "arbor_participants",
+                "Connected participants.",
+                self.participants.load(Relaxed),
+            ),
+            (
+                "arbor_tracks",
+                "Published tracks.",
+                self.tracks.load(Relaxed),
+            ),
         ];
         for (name, help, v) in gauges {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         }
         let counters: [(&str, &str, u64); 10] = [
-            ("arbor_media_frames_received_total", "Media frames received from publishers.", self.packets_received.load(Relaxed)),
-            ("arbor_media_bytes_received_total", "Media payload bytes received from publishers.", self.bytes_received.load(Relaxed)),
-            ("arbor_media_frames_forwarded_total", "Media frames written to subscribers.", self.packets_forwarded.load(Relaxed)),
-            ("arbor_media_bytes_forwarded_total", "Media payload bytes written to subscribers.", self.bytes_forwarded.load(Relaxed)),
-            ("arbor_datagrams_sent_total", "Datagrams/frames sent on media sockets.", self.datagrams_sent.load(Relaxed)),
-            ("arbor_bytes_sent_total", "Bytes sent on media sockets.", self.bytes_sent.load(Relaxed)),
-            ("arbor_packets_dropped_total", "Packets dropped (unroutable, socket full, write error).", self.packets_dropped.load(Relaxed)),
-            ("arbor_data_messages_dropped_total", "Data-channel messages dropped.", self.data_dropped.load(Relaxed)),
-            ("arbor_plis_total", "Keyframe requests sent to publishers.", self.plis.load(Relaxed)),
-            ("arbor_signal_errors_total", "Rejected signal messages.", self.signal_errors.load(Relaxed)),
+            (
+                "arbor_media_frames_received_total",
+                "Media frames received from publishers.",
+                self.packets_received.load(Relaxed),
+            ),
+            (
+                "arbor_media_bytes_received_total",
+                "Media payload bytes received from publishers.",
+                self.bytes_received.load(Relaxed),
+            ),
+            (
+                "arbor_media_frames_forwarded_total",
+                "Media frames written to subscribers.",
+                self.packets_forwarded.load(Relaxed),
+            ),
+            (
+                "arbor_media_bytes_forwarded_total",
+                "Media payload bytes written to subscribers.",
+                self.bytes_forwarded.load(Relaxed),
+            ),
+            (
+                "arbor_datagrams_sent_total",
+                "Datagrams/frames sent on media sockets.",
+                self.datagrams_sent.load(Relaxed),
+            ),
+            (
+                "arbor_bytes_sent_total",
+                "Bytes sent on media sockets.",
+                self.bytes_sent.load(Relaxed),
+            ),
+            (
+                "arbor_packets_dropped_total",
+                "Packets dropped (unroutable, socket full, write error).",
+                self.packets_dropped.load(Relaxed),
+            ),
+            (
+                "arbor_data_messages_dropped_total",
+                "Data-channel messages dropped.",
+                self.data_dropped.load(Relaxed),
+            ),
+            (
+                "arbor_plis_total",
+                "Keyframe requests sent to publishers.",
+                self.plis.load(Relaxed),
+            ),
+            (
+                "arbor_signal_errors_total",
+                "Rejected signal messages.",
+                self.signal_errors.load(Relaxed),
+            ),
         ];
         for (name, help, v) in counters {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");

@@ -33,6 +33,9 @@ use crate::media::{Command, MediaHandle, PeerEvent, PeerId, PeerRole, TrackKey};
 use crate::metrics::METRICS;
 use crate::room::{self, Room};
 
+/// How long a session outlives a closed peer connection, waiting for the client's `leave`.
+const PEER_CLOSED_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Capacity of each peer's event queue from the media engine.
 const PEER_EVENT_QUEUE: usize = 1024;
 
@@ -75,6 +78,9 @@ pub struct Participant {
     left: bool,
     active: bool,
     next_offer_id: u32,
+    /// Latest link statistics of the publisher and subscriber connections.
+    pub_link: Option<crate::quality::LinkStats>,
+    sub_link: Option<crate::quality::LinkStats>,
     span: tracing::Span,
 }
 
@@ -86,7 +92,9 @@ fn now_ms() -> i64 {
 }
 
 fn stream_for_source(source: i32) -> &'static str {
-    if source == lk::TrackSource::ScreenShare as i32 || source == lk::TrackSource::ScreenShareAudio as i32 {
+    if source == lk::TrackSource::ScreenShare as i32
+        || source == lk::TrackSource::ScreenShareAudio as i32
+    {
         "screen"
     } else {
         "camera"
@@ -95,7 +103,10 @@ fn stream_for_source(source: i32) -> &'static str {
 
 impl Participant {
     /// Create a participant session and start it on `arbiter` (the control-plane thread).
-    pub fn start_session(init: ParticipantInit, arbiter: &ArbiterHandle) -> (Addr<Participant>, String) {
+    pub fn start_session(
+        init: ParticipantInit,
+        arbiter: &ArbiterHandle,
+    ) -> (Addr<Participant>, String) {
         let sid = new_sid("PA_");
         let ms = now_ms();
         let info = lk::ParticipantInfo {
@@ -126,6 +137,8 @@ impl Participant {
             left: false,
             active: false,
             next_offer_id: 1,
+            pub_link: None,
+            sub_link: None,
             span,
         };
         (Participant::start_in_arbiter(arbiter, move |_| p), sid)
@@ -143,7 +156,9 @@ impl Participant {
                 tracing::warn!(parent: &self.span, "signal queue full (limit.signal_queue); disconnecting slow client");
                 self.leave(lk::DisconnectReason::SignalClose, ctx);
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => self.leave(lk::DisconnectReason::SignalClose, ctx),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.leave(lk::DisconnectReason::SignalClose, ctx)
+            }
         }
     }
 
@@ -172,7 +187,14 @@ impl Participant {
         self.leave(reason, ctx);
     }
 
-    fn request_error(&mut self, request_id: u32, reason: lk::request_response::Reason, message: String, request: Option<lk::request_response::Request>, ctx: &mut Context<Self>) {
+    fn request_error(
+        &mut self,
+        request_id: u32,
+        reason: lk::request_response::Reason,
+        message: String,
+        request: Option<lk::request_response::Request>,
+        ctx: &mut Context<Self>,
+    ) {
         METRICS.inc_signal_errors();
         tracing::info!(parent: &self.span, %message, "request rejected");
         self.send(
@@ -188,13 +210,23 @@ impl Participant {
 
     fn can_publish_source(&self, source: i32) -> bool {
         let p = self.perm();
-        p.can_publish && (p.can_publish_sources.is_empty() || p.can_publish_sources.contains(&source))
+        p.can_publish
+            && (p.can_publish_sources.is_empty() || p.can_publish_sources.contains(&source))
     }
 
     fn handle_add_track(&mut self, req: lk::AddTrackRequest, ctx: &mut Context<Self>) {
         if !self.can_publish_source(req.source) {
-            let msg = format!("not allowed to publish source {} (token grants)", req.source);
-            self.request_error(0, lk::request_response::Reason::NotAllowed, msg, Some(lk::request_response::Request::AddTrack(req)), ctx);
+            let msg = format!(
+                "not allowed to publish source {} (token grants)",
+                req.source
+            );
+            self.request_error(
+                0,
+                lk::request_response::Reason::NotAllowed,
+                msg,
+                Some(lk::request_response::Request::AddTrack(req)),
+                ctx,
+            );
             return;
         }
         let count = self.pending.len() + self.published.len();
@@ -203,15 +235,28 @@ impl Participant {
                 "too many tracks (limit.max_tracks_per_participant = {})",
                 self.init.settings.max_tracks_per_participant
             );
-            self.request_error(0, lk::request_response::Reason::LimitExceeded, msg, Some(lk::request_response::Request::AddTrack(req)), ctx);
+            self.request_error(
+                0,
+                lk::request_response::Reason::LimitExceeded,
+                msg,
+                Some(lk::request_response::Request::AddTrack(req)),
+                ctx,
+            );
             return;
         }
         if req.cid.is_empty() || self.pending.contains_key(&req.cid) {
             let msg = "track cid missing or already pending".to_string();
-            self.request_error(0, lk::request_response::Reason::InvalidRequest, msg, Some(lk::request_response::Request::AddTrack(req)), ctx);
+            self.request_error(
+                0,
+                lk::request_response::Reason::InvalidRequest,
+                msg,
+                Some(lk::request_response::Request::AddTrack(req)),
+                ctx,
+            );
             return;
         }
-        let simulcast = req.layers.len() > 1 || req.simulcast_codecs.iter().any(|c| c.layers.len() > 1);
+        let simulcast =
+            req.layers.len() > 1 || req.simulcast_codecs.iter().any(|c| c.layers.len() > 1);
         let stream = if req.stream.is_empty() {
             stream_for_source(req.source).to_string()
         } else {
@@ -377,19 +422,42 @@ impl Participant {
         }
     }
 
-    fn handle_update_metadata(&mut self, req: lk::UpdateParticipantMetadata, ctx: &mut Context<Self>) {
+    fn handle_update_metadata(
+        &mut self,
+        req: lk::UpdateParticipantMetadata,
+        ctx: &mut Context<Self>,
+    ) {
         let rid = req.request_id;
         if !self.perm().can_update_metadata {
             let msg = "not allowed to update own metadata (canUpdateOwnMetadata)".to_string();
-            self.request_error(rid, lk::request_response::Reason::NotAllowed, msg, Some(lk::request_response::Request::UpdateMetadata(req)), ctx);
+            self.request_error(
+                rid,
+                lk::request_response::Reason::NotAllowed,
+                msg,
+                Some(lk::request_response::Request::UpdateMetadata(req)),
+                ctx,
+            );
             return;
         }
         let size = req.metadata.len()
             + req.name.len()
-            + req.attributes.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+            + req
+                .attributes
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>();
         if size > self.init.settings.max_metadata_bytes {
-            let msg = format!("metadata too large (limit.max_metadata_bytes = {})", self.init.settings.max_metadata_bytes);
-            self.request_error(rid, lk::request_response::Reason::LimitExceeded, msg, Some(lk::request_response::Request::UpdateMetadata(req)), ctx);
+            let msg = format!(
+                "metadata too large (limit.max_metadata_bytes = {})",
+                self.init.settings.max_metadata_bytes
+            );
+            self.request_error(
+                rid,
+                lk::request_response::Reason::LimitExceeded,
+                msg,
+                Some(lk::request_response::Request::UpdateMetadata(req)),
+                ctx,
+            );
             return;
         }
         self.init.room.do_send(room::UpdateMetadata {
@@ -398,49 +466,47 @@ impl Participant {
         });
     }
 
+    /// The worse of the two connections, but "lost" only when neither hears the client.
+    fn combined_link(&self) -> Option<crate::quality::LinkStats> {
+        let (a, b) = match (self.pub_link, self.sub_link) {
+            (Some(a), Some(b)) => (a, b),
+            (Some(a), None) | (None, Some(a)) => (a, a),
+            (None, None) => return None,
+        };
+        Some(crate::quality::LinkStats {
+            loss: a.loss.max(b.loss),
+            rtt: a.rtt.max(b.rtt),
+            jitter: a.jitter.max(b.jitter),
+            silent_for: a.silent_for.min(b.silent_for),
+        })
+    }
+
     fn handle_data(&mut self, reliable: bool, data: Vec<u8>, ctx: &mut Context<Self>) {
         let _ = ctx;
-        if data.len() > self.init.settings.max_data_packet_bytes {
-            METRICS.inc_dropped_data();
-            tracing::debug!(parent: &self.span, len = data.len(), "data packet over limit.max_data_packet_bytes; dropped");
-            return;
-        }
         if !self.perm().can_publish_data {
             METRICS.inc_dropped_data();
             tracing::debug!(parent: &self.span, "data packet without canPublishData; dropped");
             return;
         }
-        let mut pkt = match lk::DataPacket::decode(data.as_slice()) {
-            Ok(p) => p,
+        let stamped = match crate::codec::stamp_data_packet(
+            &data,
+            self.init.settings.max_data_packet_bytes,
+            &self.init.identity,
+            &self.sid,
+            self.perm().hidden,
+        ) {
+            Ok(s) => s,
             Err(e) => {
                 METRICS.inc_dropped_data();
-                tracing::debug!(parent: &self.span, error = %e, "undecodable data packet; dropped");
+                tracing::debug!(parent: &self.span, error = %e, "data packet dropped");
                 return;
             }
         };
-        let hidden = self.perm().hidden;
-        let (identity, sid) = if hidden {
-            (String::new(), String::new())
-        } else {
-            (self.init.identity.clone(), self.sid.clone())
-        };
-        pkt.participant_identity = identity.clone();
-        pkt.participant_sid = sid.clone();
-        let mut destinations = std::mem::take(&mut pkt.destination_identities);
-        #[allow(deprecated)]
-        if let Some(lk::data_packet::Value::User(u)) = &mut pkt.value {
-            u.participant_identity = identity;
-            u.participant_sid = sid;
-            if destinations.is_empty() {
-                destinations = u.destination_identities.clone();
-            }
-        }
-        pkt.destination_identities = destinations.clone();
         self.init.room.do_send(room::RouteData {
             from_sid: self.sid.clone(),
             reliable,
-            destinations,
-            data: pkt.encode_to_vec(),
+            destinations: stamped.destinations,
+            data: stamped.packet.encode_to_vec(),
         });
     }
 }
@@ -450,13 +516,21 @@ impl Actor for Participant {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(256);
-        METRICS.participants.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        METRICS
+            .participants
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (pub_tx, pub_rx) = mpsc::channel(PEER_EVENT_QUEUE);
         let (sub_tx, sub_rx) = mpsc::channel(PEER_EVENT_QUEUE);
         let pub_peer = self.pub_peer;
         let sub_peer = self.sub_peer;
-        ctx.add_stream(PeerEvents { peer: pub_peer, rx: pub_rx });
-        ctx.add_stream(PeerEvents { peer: sub_peer, rx: sub_rx });
+        ctx.add_stream(PeerEvents {
+            peer: pub_peer,
+            rx: pub_rx,
+        });
+        ctx.add_stream(PeerEvents {
+            peer: sub_peer,
+            rx: sub_rx,
+        });
         let media = self.init.media.clone();
         let room = self.init.room.clone();
         let join = room::Join {
@@ -467,8 +541,12 @@ impl Actor for Participant {
             hidden: self.perm().hidden,
         };
         let fut = async move {
-            media.add_peer(pub_peer, PeerRole::Publisher, pub_tx).await?;
-            media.add_peer(sub_peer, PeerRole::Subscriber, sub_tx).await?;
+            media
+                .add_peer(pub_peer, PeerRole::Publisher, pub_tx)
+                .await?;
+            media
+                .add_peer(sub_peer, PeerRole::Subscriber, sub_tx)
+                .await?;
             let r = room
                 .send(join)
                 .await
@@ -519,15 +597,21 @@ impl Actor for Participant {
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
-        METRICS.participants.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        METRICS
+            .participants
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         if !self.left && self.joined {
             self.init.room.do_send(room::Leave {
                 sid: self.sid.clone(),
                 reason: lk::DisconnectReason::SignalClose,
             });
         }
-        let _ = self.init.media.send(Command::RemovePeer { peer: self.pub_peer });
-        let _ = self.init.media.send(Command::RemovePeer { peer: self.sub_peer });
+        let _ = self.init.media.send(Command::RemovePeer {
+            peer: self.pub_peer,
+        });
+        let _ = self.init.media.send(Command::RemovePeer {
+            peer: self.sub_peer,
+        });
         tracing::info!(parent: &self.span, "session ended");
     }
 }
@@ -590,8 +674,16 @@ impl StreamHandler<(PeerId, PeerEvent)> for Participant {
                 tracing::debug!(parent: &self.span, %peer, "ICE disconnected");
             }
             PeerEvent::Closed => {
-                tracing::info!(parent: &self.span, %peer, "peer connection closed; ending session");
-                self.disconnect(lk::DisconnectReason::ConnectionTimeout, ctx);
+                // A client that leaves often closes its PeerConnections just before its
+                // `leave` arrives on the WebSocket. Give the signal channel a short grace to say
+                // why; if it does not, the transport is gone and so is the session.
+                tracing::info!(parent: &self.span, %peer, "peer connection closed");
+                ctx.run_later(PEER_CLOSED_GRACE, |act, ctx| {
+                    if !act.left {
+                        tracing::info!(parent: &act.span, "transport lost; ending session");
+                        act.disconnect(lk::DisconnectReason::ConnectionTimeout, ctx);
+                    }
+                });
             }
             PeerEvent::Offer { sdp, mid_to_track } => {
                 let id = self.next_offer_id;
@@ -607,6 +699,55 @@ impl StreamHandler<(PeerId, PeerEvent)> for Participant {
                 );
             }
             PeerEvent::Data { reliable, data } => self.handle_data(reliable, data, ctx),
+            PeerEvent::StreamState {
+                track_sid,
+                publisher_sid,
+                paused,
+            } => {
+                let state = if paused {
+                    lk::StreamState::Paused
+                } else {
+                    lk::StreamState::Active
+                };
+                self.send(
+                    Resp::StreamStateUpdate(lk::StreamStateUpdate {
+                        stream_states: vec![lk::StreamStateInfo {
+                            participant_sid: publisher_sid,
+                            track_sid,
+                            state: state as i32,
+                        }],
+                    }),
+                    ctx,
+                );
+            }
+            PeerEvent::AudioLevel {
+                track,
+                level,
+                active,
+            } => {
+                if let Some(p) = self.published.values().find(|p| p.key == track) {
+                    self.init.room.do_send(room::AudioLevel {
+                        sid: self.sid.clone(),
+                        track_sid: p.track_sid.clone(),
+                        level,
+                        active,
+                    });
+                }
+            }
+            PeerEvent::Stats(link) => {
+                if peer == self.pub_peer {
+                    self.pub_link = Some(link);
+                } else {
+                    self.sub_link = Some(link);
+                }
+                if let Some(combined) = self.combined_link() {
+                    self.init.room.do_send(room::ConnQuality {
+                        sid: self.sid.clone(),
+                        quality: crate::quality::quality(&combined),
+                        score: crate::quality::score(&combined),
+                    });
+                }
+            }
         }
     }
 
@@ -628,7 +769,10 @@ impl Handler<SignalIn> for Participant {
                     self.pub_peer
                 };
                 if let Some(candidate) = candidate_from_init(&t.candidate_init) {
-                    let _ = self.init.media.send(Command::RemoteCandidate { peer, candidate });
+                    let _ = self
+                        .init
+                        .media
+                        .send(Command::RemoteCandidate { peer, candidate });
                 }
             }
             Req::AddTrack(req) => self.handle_add_track(req, ctx),
@@ -657,6 +801,10 @@ impl Handler<SignalIn> for Participant {
                 ctx,
             ),
             Req::UpdateMetadata(req) => self.handle_update_metadata(req, ctx),
+            Req::TrackSetting(settings) => self.init.room.do_send(room::TrackSettings {
+                sid: self.sid.clone(),
+                settings,
+            }),
             // Accepted and ignored, as the reference server does for features not implemented
             // yet (adaptive stream settings arrive here; see ARCHITECTURE.md non-goals).
             _ => {}

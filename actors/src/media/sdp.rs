@@ -68,12 +68,18 @@ pub fn media_sections(sdp: &str) -> Vec<MediaSection> {
             }
         } else if let Some(v) = line.strip_prefix("a=rtpmap:") {
             if cur.codec.is_none() {
-                let name = v.split_whitespace().nth(1).and_then(|e| e.split('/').next());
+                let name = v
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|e| e.split('/').next());
                 if let Some(n) = name {
                     cur.codec = Some(n.to_string());
                 }
             }
-        } else if matches!(line, "a=sendonly" | "a=recvonly" | "a=sendrecv" | "a=inactive") {
+        } else if matches!(
+            line,
+            "a=sendonly" | "a=recvonly" | "a=sendrecv" | "a=inactive"
+        ) {
             cur.direction = line[2..].to_string();
         }
     }
@@ -128,7 +134,8 @@ m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=mid:3\r\n";
 
     #[test]
     fn trickle_candidate() {
-        let j = r#"{"candidate":"candidate:1 1 udp 2122260223 10.200.0.2 5000 typ host","sdpMid":"0"}"#;
+        let j =
+            r#"{"candidate":"candidate:1 1 udp 2122260223 10.200.0.2 5000 typ host","sdpMid":"0"}"#;
         assert!(candidate_from_init(j).unwrap().starts_with("candidate:1"));
         assert_eq!(candidate_from_init(r#"{"candidate":""}"#), None);
         assert_eq!(candidate_from_init("not json"), None);

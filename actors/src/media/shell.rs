@@ -161,7 +161,13 @@ struct ShellOut<'a> {
 }
 
 impl Output for ShellOut<'_> {
-    fn transmit(&mut self, proto: Protocol, _source: SocketAddr, destination: SocketAddr, contents: &[u8]) {
+    fn transmit(
+        &mut self,
+        proto: Protocol,
+        _source: SocketAddr,
+        destination: SocketAddr,
+        contents: &[u8],
+    ) {
         match proto {
             Protocol::Udp => match self.udp.try_send_to(contents, destination) {
                 Ok(_) => METRICS.add_sent(contents.len()),
@@ -197,8 +203,12 @@ impl Output for ShellOut<'_> {
                 Err(mpsc::error::TrySendError::Full(PeerEvent::Data { .. })) => {
                     METRICS.inc_dropped_data();
                 }
-                Err(e) => {
-                    tracing::warn!(%peer, error = %e, "peer event queue full or closed; event lost");
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    // The owner already ended (normal at session end).
+                    tracing::debug!(%peer, "peer event after its session ended; dropped");
+                }
+                Err(mpsc::error::TrySendError::Full(ev)) => {
+                    tracing::warn!(%peer, event = ?ev, "peer event queue full; event lost");
                 }
             }
         }
