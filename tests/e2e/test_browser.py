@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from livekit import rtc
 
-from helpers import VideoReceiver, connect, disconnect_all, make_token, wait_until
+from helpers import ToneReceiver, VideoReceiver, connect, disconnect_all, make_token, wait_until
 
 HERE = Path(__file__).resolve().parent
 JS = HERE / "js"
@@ -49,6 +49,7 @@ def page_server():
 async def test_browser_publish_and_subscribe(arbor, page_server, results):
     py_room = None
     py_video = None
+    py_audio = None
     proc = None
     try:
         py_room, py_events = await connect(arbor.ws_url, make_token("py-sub", ROOM), "py-sub")
@@ -87,6 +88,18 @@ async def test_browser_publish_and_subscribe(arbor, page_server, results):
         )
         py_video = VideoReceiver(ev.args[0], decode_every=1_000_000)  # frames, not counters
         await wait_until(lambda: len(py_video.frames) >= 60, 60, "60 decoded browser frames at py-sub")
+        # Chromium's fake microphone beeps; the Python subscriber must hear some of it.
+        ev = await py_events.wait(
+            "track_subscribed",
+            lambda t, pub, p: p.identity == "browser-pub" and t.kind == rtc.TrackKind.KIND_AUDIO,
+            timeout=30,
+        )
+        py_audio = ToneReceiver(ev.args[0], 1000.0)
+        await wait_until(
+            lambda: py_audio.samples_received >= 2 * 48000 and py_audio.loud_windows >= 1,
+            30,
+            "2 s of the browser's audio, with sound in it, at py-sub",
+        )
         py_sizes = sorted({(f.width, f.height) for f in py_video.frames})
         print(f"py-sub decoded {len(py_video.frames)} frames, sizes {py_sizes}")
         assert all(w > 0 and h > 0 for w, h in py_sizes)
@@ -111,15 +124,25 @@ async def test_browser_publish_and_subscribe(arbor, page_server, results):
         seconds = (samples[-1]["t"] - samples[0]["t"]) / 1000
         # The fake camera runs at 30 fps; demand a third of that to stay clear of CPU hiccups.
         assert grown >= 10 * seconds, f"framesDecoded grew by only {grown} in {seconds:.1f} s: {decoded}"
+        audio_samples = samples[-1]["audioSamplesReceived"] - samples[0]["audioSamplesReceived"]
+        concealed = samples[-1]["audioConcealedSamples"] - samples[0]["audioConcealedSamples"]
+        assert audio_samples >= 0.5 * 48000 * seconds, (
+            f"the subscriber page played only {audio_samples} audio samples in {seconds:.1f} s"
+        )
+        assert concealed <= 0.5 * audio_samples, (
+            f"{concealed} of {audio_samples} audio samples at the subscriber page were concealment"
+        )
         results(
             f"browser: publisher connect {pub['connectMs']:.0f} ms, subscriber connect "
             f"{sub['connectMs']:.0f} ms, subscriber decoded {grown} frames in {seconds:.1f} s "
             f"at {samples[-1]['videoWidth']}x{samples[-1]['videoHeight']}; "
-            f"py-sub decoded {len(py_video.frames)} frames"
+            f"page audio {audio_samples} samples ({concealed} concealed); "
+            f"py-sub decoded {len(py_video.frames)} frames, {py_audio.samples_received / 48000:.1f} s audio"
         )
     finally:
-        if py_video is not None:
-            await py_video.close()
+        for r in (py_video, py_audio):
+            if r is not None:
+                await r.close()
         if proc is not None and proc.returncode is None:
             proc.kill()
             await proc.wait()

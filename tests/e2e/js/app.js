@@ -25,10 +25,17 @@ function log(msg) {
   if (state.log.length > 200) state.log.shift();
 }
 
-// Current decoder statistics of the first subscribed video track, from `RTCRtpReceiver.getStats()`.
+// Current decoder statistics of the subscribed video and audio tracks, from `RTCRtpReceiver.getStats()`.
 window.arborVideoStats = async () => {
   const el = document.querySelector('video');
-  const out = { videoWidth: el ? el.videoWidth : 0, videoHeight: el ? el.videoHeight : 0, framesDecoded: 0, framesReceived: 0 };
+  const out = {
+    videoWidth: el ? el.videoWidth : 0,
+    videoHeight: el ? el.videoHeight : 0,
+    framesDecoded: 0,
+    framesReceived: 0,
+    audioSamplesReceived: 0,
+    audioConcealedSamples: 0,
+  };
   const track = state._videoTrack;
   if (track && track.receiver) {
     const report = await track.receiver.getStats();
@@ -37,6 +44,16 @@ window.arborVideoStats = async () => {
         out.framesDecoded = s.framesDecoded || 0;
         out.framesReceived = s.framesReceived || 0;
         out.codecId = s.codecId;
+      }
+    });
+  }
+  const audio = state._audioTrack;
+  if (audio && audio.receiver) {
+    const report = await audio.receiver.getStats();
+    report.forEach((s) => {
+      if (s.type === 'inbound-rtp' && s.kind === 'audio') {
+        out.audioSamplesReceived = s.totalSamplesReceived || 0;
+        out.audioConcealedSamples = s.concealedSamples || 0;
       }
     });
   }
@@ -57,6 +74,7 @@ async function main() {
       el.muted = true;
       document.body.appendChild(el);
       if (track.kind === Track.Kind.Video) state._videoTrack = track;
+      if (track.kind === Track.Kind.Audio) state._audioTrack = track;
     })
     .on(RoomEvent.ParticipantConnected, (p) => {
       log(`participant connected ${p.identity}`);
