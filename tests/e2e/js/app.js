@@ -4,7 +4,7 @@
 //   index.html?url=ws://127.0.0.1:PORT&access_token=JWT&role=publish|subscribe
 // It never decides pass/fail itself: it exposes what it observed on `window.arborState`, and the
 // driver polls that object. Every field is filled from the SDK's own events or from WebRTC stats.
-import { Room, RoomEvent, Track } from 'livekit-client';
+import { Room, RoomEvent, Track, VideoPresets } from 'livekit-client';
 
 const params = new URLSearchParams(location.search);
 const state = {
@@ -63,7 +63,12 @@ window.arborVideoStats = async () => {
 async function main() {
   const url = params.get('url');
   const token = params.get('access_token');
-  const room = new Room({ adaptiveStream: false, dynacast: false });
+  // 640x360 capture (simulcast layers 320x180 + 640x360) keeps two tabs affordable on 2 cores.
+  const room = new Room({
+    adaptiveStream: false,
+    dynacast: false,
+    videoCaptureDefaults: { resolution: VideoPresets.h360.resolution },
+  });
   window.arborRoom = room;
 
   room
