@@ -121,6 +121,13 @@ async def test_two_participants_media_mute_data_leave(arbor, results):
         await b_events.wait(
             "track_unmuted", lambda p, pub: p.identity == "alice" and pub.sid == vpub.sid, timeout=20
         )
+        # After unmute the picture flows again: fresh counters, still increasing.
+        before = len(vrecv.counters())
+        await wait_until(
+            lambda: len(vrecv.counters()) >= before + 15, 30, "15 readable frames at B after unmute"
+        )
+        after = vrecv.counters()
+        assert all(x < y for x, y in zip(after, after[1:])), "counters went backwards after unmute"
 
         # --- data: reliable, lossy, and targeted (C proves non-delivery) -------------------
         c, c_events = await connect(arbor.ws_url, make_token("carol", ROOM), "C")
