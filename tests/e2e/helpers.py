@@ -396,6 +396,7 @@ class ToneReceiver:
         self.samples_received = 0
         self.tone_windows: list[float] = []  # arrival time of each window carrying the tone
         self.other_windows = 0
+        self.loud_windows = 0  # windows with clear energy, whatever their frequency
         self.peaks: list[float] = []
         self._pending = np.zeros(0, dtype=np.int16)
         self._stream = rtc.AudioStream(
@@ -416,6 +417,8 @@ class ToneReceiver:
         rms = float(np.sqrt(np.mean(window**2)))
         spectrum = np.abs(np.fft.rfft(window * np.hanning(len(window))))
         peak_hz = float(np.argmax(spectrum[1:]) + 1) * SAMPLE_RATE / len(window)
+        if rms > 500:
+            self.loud_windows += 1
         if rms > 500 and abs(peak_hz - self.freq) <= self.tolerance_hz:
             self.tone_windows.append(time.monotonic())
         else:

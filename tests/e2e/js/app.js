@@ -26,10 +26,17 @@ function log(msg) {
   if (state.log.length > 200) state.log.shift();
 }
 
-// Current decoder statistics of the first subscribed video track, from `RTCRtpReceiver.getStats()`.
+// Current decoder statistics of the subscribed video and audio tracks, from `RTCRtpReceiver.getStats()`.
 window.arborVideoStats = async () => {
   const el = document.querySelector('video');
-  const out = { videoWidth: el ? el.videoWidth : 0, videoHeight: el ? el.videoHeight : 0, framesDecoded: 0, framesReceived: 0 };
+  const out = {
+    videoWidth: el ? el.videoWidth : 0,
+    videoHeight: el ? el.videoHeight : 0,
+    framesDecoded: 0,
+    framesReceived: 0,
+    audioSamplesReceived: 0,
+    audioConcealedSamples: 0,
+  };
   const track = state._videoTrack;
   if (track && track.receiver) {
     const report = await track.receiver.getStats();
@@ -40,6 +47,16 @@ window.arborVideoStats = async () => {
         out.frameWidth = s.frameWidth || 0;
         out.frameHeight = s.frameHeight || 0;
         out.codecId = s.codecId;
+      }
+    });
+  }
+  const audio = state._audioTrack;
+  if (audio && audio.receiver) {
+    const report = await audio.receiver.getStats();
+    report.forEach((s) => {
+      if (s.type === 'inbound-rtp' && s.kind === 'audio') {
+        out.audioSamplesReceived = s.totalSamplesReceived || 0;
+        out.audioConcealedSamples = s.concealedSamples || 0;
       }
     });
   }
@@ -165,7 +182,10 @@ async function main() {
   const room = new Room({
     adaptiveStream: false,
     dynacast: simulcastRole,
-    videoCaptureDefaults: simulcastRole ? { resolution: { width, height, frameRate: fps } } : undefined,
+    // Plain roles capture 640x360 (layers 320x180 + 640x360): two tabs stay affordable on 2 cores.
+    videoCaptureDefaults: simulcastRole
+      ? { resolution: { width, height, frameRate: fps } }
+      : { resolution: VideoPresets.h360.resolution },
     publishDefaults: simulcastRole
       ? { simulcast: true, videoCodec: 'vp8', videoSimulcastLayers: [VideoPresets.h180, VideoPresets.h360] }
       : undefined,
@@ -191,6 +211,7 @@ async function main() {
         watchGrid(track.mediaStreamTrack).catch((e) => { grid.error = String(e); });
       }
       if (track.kind === Track.Kind.Video) state._videoTrack = track;
+      if (track.kind === Track.Kind.Audio) state._audioTrack = track;
     })
     .on(RoomEvent.ParticipantConnected, (p) => {
       log(`participant connected ${p.identity}`);

@@ -5,7 +5,8 @@
 //
 // Usage: node drive.mjs '{"pageBase":"http://127.0.0.1:PORT/index.html","wsUrl":"ws://127.0.0.1:7880",
 //                         "pubToken":"…","subToken":"…","watchSeconds":10}'
-// Every wait is bounded; the whole run is bounded by `hardLimitSeconds` (default 150).
+// Every wait is bounded; the whole run is bounded by `hardLimitSeconds` (default 150). With
+// `holdSeconds`, the pages stay open after RESULT until stdin gets a line or closes (at most that long).
 import { chromium } from 'playwright-core';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -21,7 +22,11 @@ const hardLimit = setTimeout(() => {
 
 const result = { pub: null, sub: null, samples: [] };
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-const say = (msg) => console.error(`[drive ${new Date().toISOString()}] ${msg}`);
+const say = (msg) => {
+  const text = String(msg);
+  // Long lines (signalling URLs carry whole tokens and join requests) are cut for readability.
+  console.error(`[drive ${new Date().toISOString()}] ${text.length > 400 ? `${text.slice(0, 400)}…` : text}`);
+};
 
 async function waitFor(page, what, predicate, timeoutMs) {
   const deadline = Date.now() + timeoutMs;
@@ -98,6 +103,16 @@ try {
   say(`error: ${result.error}`);
 } finally {
   process.stdout.write(`RESULT ${JSON.stringify(result)}\n`);
+  // Keep the pages (and so the browser's published tracks) alive until the test has finished
+  // with them: it closes our stdin or writes a line. Bounded by `holdSeconds`.
+  if (cfg.holdSeconds) {
+    await new Promise((resolve) => {
+      const t = setTimeout(resolve, cfg.holdSeconds * 1000);
+      process.stdin.once('data', () => { clearTimeout(t); resolve(); });
+      process.stdin.once('end', () => { clearTimeout(t); resolve(); });
+      process.stdin.resume();
+    });
+  }
   clearTimeout(hardLimit);
   if (context) await context.close().catch(() => {});
   rmSync(userDataDir, { recursive: true, force: true });
