@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod error;
+pub mod events;
 pub mod ids;
 pub mod manager;
 pub mod media;

@@ -22,6 +22,19 @@ pub struct Metrics {
     pub data_dropped: AtomicU64,
     pub plis: AtomicU64,
     pub signal_errors: AtomicU64,
+    /// Signal messages refused by the per-participant rate limit (`limit.signal_rate`).
+    pub signal_rate_limited: AtomicU64,
+    /// Twirp (server API) requests answered, and those answered with an error.
+    pub api_requests: AtomicU64,
+    pub api_errors: AtomicU64,
+    /// Webhook events accepted into a destination queue / delivered / dropped (queue full or
+    /// retries exhausted) / failed delivery attempts (each retry counts).
+    pub webhook_queued: AtomicU64,
+    pub webhook_delivered: AtomicU64,
+    pub webhook_dropped: AtomicU64,
+    pub webhook_failed_attempts: AtomicU64,
+    /// Webhook events waiting for delivery, summed over destinations.
+    pub webhook_pending: AtomicI64,
 }
 
 /// The process's metrics.
@@ -39,6 +52,14 @@ pub static METRICS: Metrics = Metrics {
     data_dropped: AtomicU64::new(0),
     plis: AtomicU64::new(0),
     signal_errors: AtomicU64::new(0),
+    signal_rate_limited: AtomicU64::new(0),
+    api_requests: AtomicU64::new(0),
+    api_errors: AtomicU64::new(0),
+    webhook_queued: AtomicU64::new(0),
+    webhook_delivered: AtomicU64::new(0),
+    webhook_dropped: AtomicU64::new(0),
+    webhook_failed_attempts: AtomicU64::new(0),
+    webhook_pending: AtomicI64::new(0),
 };
 
 impl Metrics {
@@ -70,7 +91,7 @@ impl Metrics {
     /// Render every metric in the Prometheus text format.
     pub fn render(&self) -> String {
         let mut s = String::with_capacity(2048);
-        let gauges: [(&str, &str, i64); 3] = [
+        let gauges: [(&str, &str, i64); 4] = [
             ("arbor_rooms", "Open rooms.", self.rooms.load(Relaxed)),
             (
                 "arbor_participants",
@@ -82,11 +103,16 @@ impl Metrics {
                 "Published tracks.",
                 self.tracks.load(Relaxed),
             ),
+            (
+                "arbor_webhook_queue_length",
+                "Webhook events waiting for delivery (all destinations).",
+                self.webhook_pending.load(Relaxed),
+            ),
         ];
         for (name, help, v) in gauges {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         }
-        let counters: [(&str, &str, u64); 10] = [
+        let counters: [(&str, &str, u64); 17] = [
             (
                 "arbor_media_frames_received_total",
                 "Media frames received from publishers.",
@@ -136,6 +162,41 @@ impl Metrics {
                 "arbor_signal_errors_total",
                 "Rejected signal messages.",
                 self.signal_errors.load(Relaxed),
+            ),
+            (
+                "arbor_signal_rate_limited_total",
+                "Signal messages over limit.signal_rate (the sender is disconnected).",
+                self.signal_rate_limited.load(Relaxed),
+            ),
+            (
+                "arbor_api_requests_total",
+                "Twirp server API requests.",
+                self.api_requests.load(Relaxed),
+            ),
+            (
+                "arbor_api_errors_total",
+                "Twirp server API requests answered with an error.",
+                self.api_errors.load(Relaxed),
+            ),
+            (
+                "arbor_webhook_events_queued_total",
+                "Webhook events accepted into a destination queue.",
+                self.webhook_queued.load(Relaxed),
+            ),
+            (
+                "arbor_webhook_events_delivered_total",
+                "Webhook events delivered (2xx answer).",
+                self.webhook_delivered.load(Relaxed),
+            ),
+            (
+                "arbor_webhook_events_dropped_total",
+                "Webhook events dropped (queue full or retries exhausted).",
+                self.webhook_dropped.load(Relaxed),
+            ),
+            (
+                "arbor_webhook_failed_attempts_total",
+                "Webhook delivery attempts that failed (each retry counts).",
+                self.webhook_failed_attempts.load(Relaxed),
             ),
         ];
         for (name, help, v) in counters {
