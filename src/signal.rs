@@ -141,7 +141,15 @@ pub async fn session(socket: WebSocket, state: AppState, params: JoinParams, roo
         let mut ping = tokio::time::interval(WS_PING_INTERVAL);
         ping.tick().await;
         loop {
+            // A close with a reason wins over queued responses, so the client learns why.
             tokio::select! {
+                biased;
+                c = &mut close_rx => {
+                    if let Ok((code, reason)) = c {
+                        let _ = ws_tx.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
+                    }
+                    return;
+                }
                 m = signal_rx.recv() => match m {
                     Some(m) => {
                         if ws_tx.send(encode(m, json_w.load(Ordering::Relaxed))).await.is_err() {
@@ -153,12 +161,6 @@ pub async fn session(socket: WebSocket, state: AppState, params: JoinParams, roo
                         return;
                     }
                 },
-                c = &mut close_rx => {
-                    if let Ok((code, reason)) = c {
-                        let _ = ws_tx.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
-                    }
-                    return;
-                }
                 _ = ping.tick() => {
                     if ws_tx.send(Message::Ping(Vec::new().into())).await.is_err() {
                         return;
@@ -250,6 +252,19 @@ pub async fn session(socket: WebSocket, state: AppState, params: JoinParams, roo
         }
     }
     participant.do_send(SocketClosed { clean });
+    // We closed with a reason: finish the closing handshake by reading (and discarding) what
+    // the client still sends until its close frame, briefly. Dropping the socket with unread
+    // data would make the kernel reset the connection and the client could lose our reason.
+    if close_tx.is_none() {
+        let drain = async {
+            while let Some(Ok(m)) = ws_rx.next().await {
+                if matches!(m, Message::Close(_)) {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
+    }
     // Let the writer flush a final close frame, but never wait long.
     if !writer_done {
         let _ = tokio::time::timeout(Duration::from_secs(2), &mut writer).await;
