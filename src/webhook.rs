@@ -97,7 +97,7 @@ pub fn parse_http_url(url: &str) -> Option<HttpUrl> {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Next {
     /// POST this event (its `num_dropped` is filled in).
-    Send(lk::WebhookEvent),
+    Send(Box<lk::WebhookEvent>),
     /// Nothing may be sent before this instant (retry backoff).
     WaitUntil(Instant),
     /// The outbox is empty (or an attempt is in flight).
@@ -191,7 +191,7 @@ impl Outbox {
             ev.num_dropped = self.reporting.min(i32::MAX as u64) as i32;
         }
         self.in_flight = true;
-        Next::Send(ev)
+        Next::Send(Box::new(ev))
     }
 
     /// The outcome of the attempt started by the last [`Next::Send`].
