@@ -350,7 +350,8 @@ async def test_room_service_every_method(arbor, sdk):
 
             # --- RemoveParticipant ---------------------------------------------------------------
             await lk.call("RemoveParticipant", {"room": room_name, "identity": "carol"})
-            await c_ev.wait("disconnected")
+            ev = await c_ev.wait("disconnected")
+            assert ev.args and ev.args[0] == rtc.DisconnectReason.PARTICIPANT_REMOVED, ev.args
             await a_ev.wait("participant_disconnected", lambda p: p.identity == "carol")
             parts = await lk.call("ListParticipants", {"room": room_name})
             assert identities(parts) == {"alice", "bob"}, parts
@@ -360,8 +361,9 @@ async def test_room_service_every_method(arbor, sdk):
 
             # --- DeleteRoom disconnects everyone -------------------------------------------------
             await lk.call("DeleteRoom", {"room": room_name})
-            await a_ev.wait("disconnected")
-            await b_ev.wait("disconnected")
+            for log in (a_ev, b_ev):
+                ev = await log.wait("disconnected")
+                assert ev.args and ev.args[0] == rtc.DisconnectReason.ROOM_DELETED, ev.args
             assert (await lk.call("ListRooms", {})).get("rooms", []) == []
             with pytest.raises(ApiError) as ei:
                 await lk.call("ListParticipants", {"room": room_name})
@@ -372,6 +374,32 @@ async def test_room_service_every_method(arbor, sdk):
             if tone:
                 await tone.stop()
             await disconnect_all(alice, bob, carol)
+
+
+@pytest.mark.timeout(60)
+async def test_create_room_timeouts(arbor):
+    """CreateRoom's empty_timeout and departure_timeout close the room as configured."""
+    async with PythonDriver(arbor.http_url) as lk:
+        await lk.call("CreateRoom", {"name": "short", "emptyTimeout": 1})
+        await lk.call("CreateRoom", {"name": "long", "emptyTimeout": 60, "departureTimeout": 1})
+        rooms = {r["name"] for r in (await lk.call("ListRooms", {})).get("rooms", [])}
+        assert rooms == {"short", "long"}, rooms
+
+        async def room_names() -> set:
+            return {r["name"] for r in (await lk.call("ListRooms", {})).get("rooms", [])}
+
+        deadline = asyncio.get_running_loop().time() + 10
+        while "short" in await room_names():
+            assert asyncio.get_running_loop().time() < deadline, "empty room was not closed"
+            await asyncio.sleep(0.2)
+        assert "long" in await room_names(), "the room with empty_timeout 60 closed early"
+        # A participant comes and goes: departure_timeout (1 s) applies, not empty_timeout.
+        room, _ = await connect(arbor.ws_url, participant_token("visitor", "long"), "visitor")
+        await disconnect_all(room)
+        deadline = asyncio.get_running_loop().time() + 10
+        while "long" in await room_names():
+            assert asyncio.get_running_loop().time() < deadline, "room not closed after departure"
+            await asyncio.sleep(0.2)
 
 
 def raw_twirp(
