@@ -679,6 +679,8 @@ pub const RPC_DEFAULT_RESPONSE_TIMEOUT: std::time::Duration = std::time::Duratio
 pub const RPC_MAX_RESPONSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 /// Largest RPC payload, as LiveKit clients enforce (15 KiB).
 pub const RPC_MAX_PAYLOAD_BYTES: usize = 15 * 1024;
+/// Server-initiated RPCs one room keeps in flight; more are refused.
+pub const RPC_MAX_PENDING: usize = 1024;
 
 /// Why a server-initiated RPC failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1073,6 +1075,11 @@ impl Handler<PerformRpc> for Room {
         }
         if msg.method.is_empty() {
             return Err(RoomError::InvalidArgument("RPC method is empty".into()));
+        }
+        if self.rpc.len() >= RPC_MAX_PENDING {
+            return Err(RoomError::LimitExceeded(format!(
+                "too many RPCs in flight in this room (at most {RPC_MAX_PENDING})"
+            )));
         }
         let sid = self.sid_of(&msg.identity)?;
         let peer = self.members[&sid].sub_peer;
