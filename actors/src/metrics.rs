@@ -6,6 +6,29 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 
+/// Turns cumulative per-stream counts (str0m reports NACKs as running totals per stream in its
+/// periodic stats) into increments of a process counter.
+#[derive(Debug)]
+pub struct Tally<K> {
+    last: std::collections::HashMap<K, u64>,
+}
+
+impl<K> Default for Tally<K> {
+    fn default() -> Self {
+        Tally {
+            last: std::collections::HashMap::new(),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq> Tally<K> {
+    /// Record the running total of stream `key`; returns how much it grew since last time.
+    pub fn delta(&mut self, key: K, total: u64) -> u64 {
+        let prev = self.last.insert(key, total).unwrap_or(0);
+        total.saturating_sub(prev)
+    }
+}
+
 /// All counters and gauges of the process.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -35,6 +58,9 @@ pub struct Metrics {
     pub webhook_failed_attempts: AtomicU64,
     /// Webhook events waiting for delivery, summed over destinations.
     pub webhook_pending: AtomicI64,
+    /// NACKs sent to publishers (for lost incoming packets) and received from subscribers.
+    pub nacks_sent: AtomicU64,
+    pub nacks_received: AtomicU64,
 }
 
 /// The process's metrics.
@@ -60,6 +86,8 @@ pub static METRICS: Metrics = Metrics {
     webhook_dropped: AtomicU64::new(0),
     webhook_failed_attempts: AtomicU64::new(0),
     webhook_pending: AtomicI64::new(0),
+    nacks_sent: AtomicU64::new(0),
+    nacks_received: AtomicU64::new(0),
 };
 
 impl Metrics {
@@ -112,7 +140,17 @@ impl Metrics {
         for (name, help, v) in gauges {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         }
-        let counters: [(&str, &str, u64); 17] = [
+        let counters: [(&str, &str, u64); 19] = [
+            (
+                "arbor_nacks_sent_total",
+                "NACKs sent to publishers for lost packets.",
+                self.nacks_sent.load(Relaxed),
+            ),
+            (
+                "arbor_nacks_received_total",
+                "NACKs received from subscribers.",
+                self.nacks_received.load(Relaxed),
+            ),
             (
                 "arbor_media_frames_received_total",
                 "Media frames received from publishers.",
@@ -203,5 +241,36 @@ impl Metrics {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tally_turns_totals_into_deltas() {
+        let mut t = Tally::default();
+        assert_eq!(t.delta(("a", true), 3), 3);
+        assert_eq!(t.delta(("a", true), 5), 2);
+        assert_eq!(t.delta(("b", true), 1), 1);
+        assert_eq!(t.delta(("a", true), 5), 0);
+        // A stream that restarts from zero never makes the counter go back.
+        assert_eq!(t.delta(("a", true), 1), 0);
+    }
+
+    #[test]
+    fn render_is_prometheus_text() {
+        let text = METRICS.render();
+        for name in [
+            "arbor_rooms",
+            "arbor_nacks_sent_total",
+            "arbor_webhook_queue_length",
+            "arbor_webhook_events_dropped_total",
+            "arbor_signal_rate_limited_total",
+        ] {
+            assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
+            assert!(text.lines().any(|l| l.starts_with(&format!("{name} "))));
+        }
     }
 }

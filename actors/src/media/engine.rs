@@ -62,6 +62,9 @@ const LAYER_IDLE: Duration = Duration::from_millis(1500);
 /// How far into the future the engine may sleep when no peer has a deadline.
 const IDLE_TICK: Duration = Duration::from_millis(100);
 
+/// How often str0m reports per-stream statistics (NACK counters for `/metrics`).
+const STATS_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Static configuration of one engine (shard).
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -129,6 +132,8 @@ struct Peer {
     channels: HashMap<ChannelId, ChanKind>,
     connected: bool,
     remote_addrs: Vec<SocketAddr>,
+    /// Running NACK totals per (mid, rid, incoming?) from str0m's stats, for the counters.
+    nacks: crate::metrics::Tally<(Mid, Option<Rid>, bool)>,
 }
 
 struct FwdTrack {
@@ -344,6 +349,7 @@ impl Engine {
         let mut rtc = RtcConfig::new()
             .set_ice_lite(true)
             .enable_opus(true, false)
+            .set_stats_interval(Some(STATS_INTERVAL))
             .build(now);
         for c in &self.config.candidates {
             rtc.add_local_candidate(c.clone());
@@ -361,6 +367,7 @@ impl Engine {
             channels: HashMap::new(),
             connected: false,
             remote_addrs: Vec::new(),
+            nacks: Default::default(),
         };
         Self::drain(id, &mut peer, &mut self.queue, out);
         self.peers.insert(id, peer);
@@ -751,6 +758,18 @@ impl Engine {
                     }
                     Event::ChannelClose(cid) => {
                         peer.channels.remove(&cid);
+                    }
+                    Event::MediaIngressStats(st) => {
+                        let n = peer.nacks.delta((st.mid, st.rid, true), st.nacks);
+                        METRICS
+                            .nacks_sent
+                            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Event::MediaEgressStats(st) => {
+                        let n = peer.nacks.delta((st.mid, st.rid, false), st.nacks);
+                        METRICS
+                            .nacks_received
+                            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
                     }
                     _ => {}
                 },
