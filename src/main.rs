@@ -98,7 +98,15 @@ fn default_node_ip() -> IpAddr {
     IpAddr::V4(Ipv4Addr::LOCALHOST)
 }
 
-fn main() -> anyhow::Result<()> {
+/// Errors (a bad configuration above all) are printed as one readable line, exit status 1.
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("arbor: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let cfg = load_config(&cli)?;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
