@@ -230,10 +230,8 @@ impl Config {
         let Some(path) = self.key_file.clone() else {
             return Ok(());
         };
-        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
-            path: path.clone(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| invalid("key_file", format!("cannot read {}: {e}", path.display())))?;
         for (n, line) in text.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {

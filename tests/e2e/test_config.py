@@ -55,7 +55,7 @@ CASES = [
      ["webhook.urls"]),
     ("webhook key unknown", "keys: {k: s}\nwebhook: {urls: ['http://127.0.0.1:9/h'], api_key: zz}\n", {},
      ["webhook.api_key"]),
-    ("missing key_file", "key_file: /nonexistent/keys.yaml\n", {}, ["/nonexistent/keys.yaml"]),
+    ("missing key_file", "key_file: /nonexistent/keys.yaml\n", {}, ["key_file", "/nonexistent/keys.yaml"]),
     ("env bad number", "keys: {k: s}\n", {"ARBOR_PORT": "abc"}, ["ARBOR_PORT", "port"]),
     ("env out of range", "keys: {k: s}\n", {"ARBOR_RTC_UDP_PORT": "70000"}, ["ARBOR_RTC_UDP_PORT"]),
     ("env unknown variable", "keys: {k: s}\n", {"ARBOR_PROT": "7880"}, ["ARBOR_PROT"]),

@@ -472,6 +472,10 @@ async def test_room_service_refusals_change_nothing(arbor):
             ("unknown track", "MutePublishedTrack",
              {"room": room_name, "identity": "alice", "trackSid": "TR_nope", "muted": True},
              good, js, 404, "not_found"),
+            # snake_case field names are accepted too (the message names the track it parsed).
+            ("unknown track, snake_case", "MutePublishedTrack",
+             {"room": room_name, "identity": "alice", "track_sid": "TR_snake", "muted": True},
+             good, js, 404, "not_found"),
             ("unknown method", "FlyToTheMoon", {"room": room_name}, good, js, 404, "bad_route"),
             ("unsupported content type", "ListParticipants", {"room": room_name}, good,
              "text/plain", 404, "bad_route"),
@@ -481,6 +485,8 @@ async def test_room_service_refusals_change_nothing(arbor):
                                          content_type=ct)
             assert (s, resp.get("code")) == (status, code), f"{what}: {method} -> {s} {resp}"
             assert resp.get("msg"), f"{what}: the error must say what is wrong: {resp}"
+            if "track_sid" in body:
+                assert "TR_snake" in resp["msg"], resp
             assert headers.get("access-control-allow-origin") == "*", f"{what}: CORS header missing"
 
         # Malformed bodies, in both encodings.
