@@ -13,9 +13,9 @@ use actix::Addr;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::{SinkExt, StreamExt};
 use livekit_protocol as lk;
-use prost::Message as _;
 use tokio::sync::{mpsc, oneshot};
 
+use arbor_actors::codec;
 use arbor_actors::metrics::METRICS;
 use arbor_actors::participant::{Participant, ParticipantInit, SignalIn, SocketClosed};
 use arbor_actors::room::{GetSpan, Room};
@@ -78,17 +78,17 @@ impl TokenBucket {
 /// How often the server pings the client's WebSocket.
 const WS_PING_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Decode one WebSocket message into a signal request.
+/// Decode one WebSocket message into a signal request (`None` for control frames).
 pub fn decode(msg: &Message, json: &AtomicBool) -> Result<Option<lk::SignalRequest>, String> {
     match msg {
-        Message::Binary(b) => lk::SignalRequest::decode(b.as_ref())
+        Message::Binary(b) => codec::decode_signal_binary(b.as_ref())
             .map(Some)
-            .map_err(|e| format!("invalid SignalRequest protobuf: {e}")),
+            .map_err(|e| e.to_string()),
         Message::Text(t) => {
             json.store(true, Ordering::Relaxed);
-            serde_json::from_str::<lk::SignalRequest>(t.as_str())
+            codec::decode_signal_text(t.as_str())
                 .map(Some)
-                .map_err(|e| format!("invalid SignalRequest JSON: {e}"))
+                .map_err(|e| e.to_string())
         }
         _ => Ok(None),
     }
@@ -96,14 +96,10 @@ pub fn decode(msg: &Message, json: &AtomicBool) -> Result<Option<lk::SignalReque
 
 /// Encode one response, as protobuf or (if the client spoke JSON) protojson text.
 pub fn encode(msg: lk::signal_response::Message, json: bool) -> Message {
-    let resp = lk::SignalResponse { message: Some(msg) };
-    if json {
-        match serde_json::to_string(&resp) {
-            Ok(s) => return Message::Text(s.into()),
-            Err(e) => tracing::warn!(error = %e, "JSON encoding failed; sending protobuf"),
-        }
+    match codec::encode_signal(msg, json) {
+        Ok(text) => Message::Text(text.into()),
+        Err(bytes) => Message::Binary(bytes.into()),
     }
-    Message::Binary(resp.encode_to_vec().into())
 }
 
 /// Run one signal session until either side ends it.
@@ -275,6 +271,7 @@ pub async fn session(socket: WebSocket, state: AppState, params: JoinParams, roo
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prost::Message as _;
     use rand::{Rng, SeedableRng};
 
     #[test]

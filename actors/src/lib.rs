@@ -6,6 +6,7 @@
 //! * Media never enters a mailbox: the [`media`] engine forwards packets from the socket to the
 //!   subscriber transports on its own thread.
 
+pub mod codec;
 pub mod config;
 pub mod error;
 pub mod events;
@@ -14,6 +15,7 @@ pub mod manager;
 pub mod media;
 pub mod metrics;
 pub mod participant;
+pub mod quality;
 pub mod room;
 pub mod track;
 

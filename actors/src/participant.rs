@@ -78,6 +78,9 @@ pub struct Participant {
     left: bool,
     active: bool,
     next_offer_id: u32,
+    /// Latest link statistics of the publisher and subscriber connections.
+    pub_link: Option<crate::quality::LinkStats>,
+    sub_link: Option<crate::quality::LinkStats>,
     span: tracing::Span,
 }
 
@@ -134,6 +137,8 @@ impl Participant {
             left: false,
             active: false,
             next_offer_id: 1,
+            pub_link: None,
+            sub_link: None,
             span,
         };
         (Participant::start_in_arbiter(arbiter, move |_| p), sid)
@@ -461,49 +466,47 @@ impl Participant {
         });
     }
 
+    /// The worse of the two connections, but "lost" only when neither hears the client.
+    fn combined_link(&self) -> Option<crate::quality::LinkStats> {
+        let (a, b) = match (self.pub_link, self.sub_link) {
+            (Some(a), Some(b)) => (a, b),
+            (Some(a), None) | (None, Some(a)) => (a, a),
+            (None, None) => return None,
+        };
+        Some(crate::quality::LinkStats {
+            loss: a.loss.max(b.loss),
+            rtt: a.rtt.max(b.rtt),
+            jitter: a.jitter.max(b.jitter),
+            silent_for: a.silent_for.min(b.silent_for),
+        })
+    }
+
     fn handle_data(&mut self, reliable: bool, data: Vec<u8>, ctx: &mut Context<Self>) {
         let _ = ctx;
-        if data.len() > self.init.settings.max_data_packet_bytes {
-            METRICS.inc_dropped_data();
-            tracing::debug!(parent: &self.span, len = data.len(), "data packet over limit.max_data_packet_bytes; dropped");
-            return;
-        }
         if !self.perm().can_publish_data {
             METRICS.inc_dropped_data();
             tracing::debug!(parent: &self.span, "data packet without canPublishData; dropped");
             return;
         }
-        let mut pkt = match lk::DataPacket::decode(data.as_slice()) {
-            Ok(p) => p,
+        let stamped = match crate::codec::stamp_data_packet(
+            &data,
+            self.init.settings.max_data_packet_bytes,
+            &self.init.identity,
+            &self.sid,
+            self.perm().hidden,
+        ) {
+            Ok(s) => s,
             Err(e) => {
                 METRICS.inc_dropped_data();
-                tracing::debug!(parent: &self.span, error = %e, "undecodable data packet; dropped");
+                tracing::debug!(parent: &self.span, error = %e, "data packet dropped");
                 return;
             }
         };
-        let hidden = self.perm().hidden;
-        let (identity, sid) = if hidden {
-            (String::new(), String::new())
-        } else {
-            (self.init.identity.clone(), self.sid.clone())
-        };
-        pkt.participant_identity = identity.clone();
-        pkt.participant_sid = sid.clone();
-        let mut destinations = std::mem::take(&mut pkt.destination_identities);
-        #[allow(deprecated)]
-        if let Some(lk::data_packet::Value::User(u)) = &mut pkt.value {
-            u.participant_identity = identity;
-            u.participant_sid = sid;
-            if destinations.is_empty() {
-                destinations = u.destination_identities.clone();
-            }
-        }
-        pkt.destination_identities = destinations.clone();
         self.init.room.do_send(room::RouteData {
             from_sid: self.sid.clone(),
             reliable,
-            destinations,
-            data: pkt.encode_to_vec(),
+            destinations: stamped.destinations,
+            data: stamped.packet.encode_to_vec(),
         });
     }
 }
@@ -696,6 +699,55 @@ impl StreamHandler<(PeerId, PeerEvent)> for Participant {
                 );
             }
             PeerEvent::Data { reliable, data } => self.handle_data(reliable, data, ctx),
+            PeerEvent::StreamState {
+                track_sid,
+                publisher_sid,
+                paused,
+            } => {
+                let state = if paused {
+                    lk::StreamState::Paused
+                } else {
+                    lk::StreamState::Active
+                };
+                self.send(
+                    Resp::StreamStateUpdate(lk::StreamStateUpdate {
+                        stream_states: vec![lk::StreamStateInfo {
+                            participant_sid: publisher_sid,
+                            track_sid,
+                            state: state as i32,
+                        }],
+                    }),
+                    ctx,
+                );
+            }
+            PeerEvent::AudioLevel {
+                track,
+                level,
+                active,
+            } => {
+                if let Some(p) = self.published.values().find(|p| p.key == track) {
+                    self.init.room.do_send(room::AudioLevel {
+                        sid: self.sid.clone(),
+                        track_sid: p.track_sid.clone(),
+                        level,
+                        active,
+                    });
+                }
+            }
+            PeerEvent::Stats(link) => {
+                if peer == self.pub_peer {
+                    self.pub_link = Some(link);
+                } else {
+                    self.sub_link = Some(link);
+                }
+                if let Some(combined) = self.combined_link() {
+                    self.init.room.do_send(room::ConnQuality {
+                        sid: self.sid.clone(),
+                        quality: crate::quality::quality(&combined),
+                        score: crate::quality::score(&combined),
+                    });
+                }
+            }
         }
     }
 
@@ -749,6 +801,10 @@ impl Handler<SignalIn> for Participant {
                 ctx,
             ),
             Req::UpdateMetadata(req) => self.handle_update_metadata(req, ctx),
+            Req::TrackSetting(settings) => self.init.room.do_send(room::TrackSettings {
+                sid: self.sid.clone(),
+                settings,
+            }),
             // Accepted and ignored, as the reference server does for features not implemented
             // yet (adaptive stream settings arrive here; see ARCHITECTURE.md non-goals).
             _ => {}

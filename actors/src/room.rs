@@ -20,7 +20,16 @@ use crate::manager::{RoomManager, RoomStopped};
 use crate::media::{Command, MediaHandle, PeerId, TrackKey};
 use crate::metrics::METRICS;
 use crate::participant::{Kick, Participant, SendSignal, SetPermission};
-use crate::track::{AddSubscriber, CloseTrack, RemoveSubscriber, SetMuted, Track};
+use crate::track::{
+    AddSubscriber, CloseTrack, RemoveSubscriber, SetMuted, SubscriberSettings, Track,
+};
+
+/// Cadence of `SpeakersChanged` updates.
+const SPEAKER_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+/// Cadence of `ConnectionQualityUpdate` broadcasts.
+const QUALITY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+/// A speaker's level change smaller than this is not worth a message.
+const LEVEL_EPSILON: f32 = 0.05;
 
 struct Member {
     info: lk::ParticipantInfo,
@@ -46,6 +55,12 @@ pub struct Room {
     members: BTreeMap<String, Member>,
     tracks: BTreeMap<String, TrackEntry>,
     close_timer: Option<SpawnHandle>,
+    /// Participant sid → track sid → (level, active), from the media engine's meters.
+    levels: BTreeMap<String, BTreeMap<String, (f32, bool)>>,
+    /// What clients were last told about each speaker.
+    sent_speakers: BTreeMap<String, (f32, bool)>,
+    /// Participant sid → (quality, score).
+    qualities: BTreeMap<String, (i32, f32)>,
     span: tracing::Span,
     /// Server-initiated RPCs waiting for the destination's ack/response, by request id.
     rpc: HashMap<String, PendingRpc>,
@@ -95,6 +110,9 @@ impl Room {
             members: BTreeMap::new(),
             tracks: BTreeMap::new(),
             close_timer: None,
+            levels: BTreeMap::new(),
+            sent_speakers: BTreeMap::new(),
+            qualities: BTreeMap::new(),
             span,
             rpc: HashMap::new(),
             close_reason: lk::DisconnectReason::RoomClosed,
@@ -180,6 +198,72 @@ impl Room {
         }
     }
 
+    /// Send `SpeakersChanged` with what changed since the last update.
+    fn send_speakers(&mut self) {
+        let mut changed = Vec::new();
+        let mut current: BTreeMap<String, (f32, bool)> = BTreeMap::new();
+        for (sid, tracks) in &self.levels {
+            if self.members.get(sid).is_none_or(|m| m.hidden) {
+                continue;
+            }
+            let level = tracks.values().map(|(l, _)| *l).fold(0.0f32, f32::max);
+            let active = tracks.values().any(|(_, a)| *a);
+            current.insert(sid.clone(), (level, active));
+        }
+        for (sid, (level, active)) in &current {
+            let prev = self.sent_speakers.get(sid).copied().unwrap_or((0.0, false));
+            if prev.1 != *active || (*active && (prev.0 - level).abs() > LEVEL_EPSILON) {
+                changed.push(lk::SpeakerInfo {
+                    sid: sid.clone(),
+                    level: if *active { *level } else { 0.0 },
+                    active: *active,
+                });
+            }
+        }
+        for (sid, (_, was_active)) in &self.sent_speakers {
+            if *was_active && !current.contains_key(sid) {
+                changed.push(lk::SpeakerInfo {
+                    sid: sid.clone(),
+                    level: 0.0,
+                    active: false,
+                });
+            }
+        }
+        if changed.is_empty() {
+            return;
+        }
+        for c in &changed {
+            self.sent_speakers
+                .insert(c.sid.clone(), (c.level, c.active));
+        }
+        self.sent_speakers
+            .retain(|sid, _| current.contains_key(sid));
+        let msg = Resp::SpeakersChanged(lk::SpeakersChanged { speakers: changed });
+        for m in self.members.values() {
+            m.addr.do_send(SendSignal(msg.clone()));
+        }
+    }
+
+    fn send_qualities(&self) {
+        let updates: Vec<lk::ConnectionQualityInfo> = self
+            .qualities
+            .iter()
+            .filter(|(sid, _)| self.members.get(*sid).is_some_and(|m| !m.hidden))
+            .map(|(sid, (q, score))| lk::ConnectionQualityInfo {
+                participant_sid: sid.clone(),
+                quality: *q,
+                score: *score,
+            })
+            .collect();
+        if updates.is_empty() {
+            return;
+        }
+        let msg = Resp::ConnectionQuality(lk::ConnectionQualityUpdate { updates });
+        for m in self.members.values() {
+            m.addr.do_send(SendSignal(msg.clone()));
+        }
+    }
+
     fn schedule_close(&mut self, ctx: &mut Context<Self>, after: std::time::Duration) {
         if let Some(h) = self.close_timer.take() {
             ctx.cancel_future(h);
@@ -206,6 +290,8 @@ impl Actor for Room {
             .events
             .emit(ev::ROOM_STARTED, &self.room_info(), None, None);
         self.schedule_close(ctx, self.settings.empty_timeout);
+        ctx.run_interval(SPEAKER_INTERVAL, |room, _| room.send_speakers());
+        ctx.run_interval(QUALITY_INTERVAL, |room, _| room.send_qualities());
     }
 
     fn stopped(&mut self, ctx: &mut Self::Context) {
@@ -415,6 +501,8 @@ impl Handler<Leave> for Room {
         let Some(mut m) = self.members.remove(&msg.sid) else {
             return;
         };
+        self.levels.remove(&msg.sid);
+        self.qualities.remove(&msg.sid);
         tracing::info!(parent: &self.span, participant = %msg.sid, reason = ?msg.reason, "participant left");
         // Its subscriptions end with its peer; its tracks end for everyone.
         for t in std::mem::take(&mut m.subscriptions) {
@@ -486,6 +574,7 @@ impl Handler<PublishTrack> for Room {
             self.media.clone(),
             &self.span,
         )
+        .with_publisher(m.addr.clone())
         .start();
         self.tracks.insert(
             track_sid.clone(),
@@ -539,6 +628,9 @@ impl Handler<UnpublishTrack> for Room {
             }
         }
         self.remove_track(&msg.track_sid);
+        if let Some(l) = self.levels.get_mut(&msg.sid) {
+            l.remove(&msg.track_sid);
+        }
         if let Some(m) = self.members.get_mut(&msg.sid) {
             m.info.tracks.retain(|t| t.sid != msg.track_sid);
         }
@@ -1134,5 +1226,82 @@ impl Handler<PerformRpc> for Room {
             }
         });
         Ok(rx)
+    }
+}
+
+/// A subscriber's `UpdateTrackSettings`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct TrackSettings {
+    pub sid: String,
+    pub settings: lk::UpdateTrackSettings,
+}
+
+/// The speech level of one of a participant's audio tracks.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AudioLevel {
+    pub sid: String,
+    pub track_sid: String,
+    pub level: f32,
+    pub active: bool,
+}
+
+/// A participant's connection quality.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ConnQuality {
+    pub sid: String,
+    pub quality: lk::ConnectionQuality,
+    pub score: f32,
+}
+
+impl Handler<TrackSettings> for Room {
+    type Result = ();
+    fn handle(&mut self, msg: TrackSettings, _ctx: &mut Self::Context) {
+        let Some(m) = self.members.get(&msg.sid) else {
+            return;
+        };
+        let st = msg.settings;
+        // An explicit quality applies when no dimensions are given.
+        let quality = (st.width == 0 && st.height == 0).then_some(st.quality);
+        for t in &st.track_sids {
+            if !m.subscriptions.contains(t) {
+                continue;
+            }
+            if let Some(te) = self.tracks.get(t) {
+                te.addr.do_send(SubscriberSettings {
+                    participant_sid: msg.sid.clone(),
+                    disabled: st.disabled,
+                    quality,
+                    width: st.width,
+                    height: st.height,
+                });
+            }
+        }
+    }
+}
+
+impl Handler<AudioLevel> for Room {
+    type Result = ();
+    fn handle(&mut self, msg: AudioLevel, _ctx: &mut Self::Context) {
+        if !self.members.contains_key(&msg.sid) {
+            return;
+        }
+        self.levels
+            .entry(msg.sid)
+            .or_default()
+            .insert(msg.track_sid, (msg.level, msg.active));
+    }
+}
+
+impl Handler<ConnQuality> for Room {
+    type Result = ();
+    fn handle(&mut self, msg: ConnQuality, _ctx: &mut Self::Context) {
+        if !self.members.contains_key(&msg.sid) {
+            return;
+        }
+        self.qualities
+            .insert(msg.sid, (msg.quality as i32, msg.score));
     }
 }

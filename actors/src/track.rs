@@ -11,6 +11,7 @@ use livekit_protocol as lk;
 
 use crate::media::{Command, MediaHandle, PeerId, TrackKey};
 use crate::metrics::METRICS;
+use crate::participant::{Participant, SendSignal};
 
 /// One published track.
 pub struct Track {
@@ -18,9 +19,38 @@ pub struct Track {
     publisher_sid: String,
     key: TrackKey,
     media: MediaHandle,
-    /// Subscriber participant sid → its subscriber peer.
-    subscribers: BTreeMap<String, PeerId>,
+    /// Subscriber participant sid → (its subscriber peer, the best layer rank it wants).
+    subscribers: BTreeMap<String, (PeerId, u8)>,
+    /// The publisher, told which layers anyone needs (dynacast).
+    publisher: Option<Addr<Participant>>,
+    /// The last set of needed qualities sent to the publisher.
+    published_qualities: Option<[bool; 3]>,
     span: tracing::Span,
+}
+
+/// The best layer rank (1 low, 2 medium, 3 high) that satisfies a subscriber's settings, given
+/// the publisher's layers. `None` fields mean "no constraint".
+pub fn rank_for_settings(
+    layers: &[lk::VideoLayer],
+    quality: Option<i32>,
+    width: u32,
+    height: u32,
+) -> u8 {
+    if width > 0 || height > 0 {
+        // The smallest layer at least as large as the requested size; the best if none is.
+        let mut sorted: Vec<&lk::VideoLayer> = layers.iter().collect();
+        sorted.sort_by_key(|l| l.quality);
+        for l in &sorted {
+            if l.width >= width && l.height >= height {
+                return (l.quality.clamp(0, 2) + 1) as u8;
+            }
+        }
+        return 3;
+    }
+    match quality {
+        Some(q) if (0..=2).contains(&q) => (q + 1) as u8,
+        _ => 3,
+    }
 }
 
 impl Track {
@@ -40,8 +70,59 @@ impl Track {
             key,
             media,
             subscribers: BTreeMap::new(),
+            publisher: None,
+            published_qualities: None,
             span,
         }
+    }
+
+    /// Tell the publisher which simulcast layers any subscriber needs (dynacast).
+    pub fn with_publisher(mut self, publisher: Addr<Participant>) -> Self {
+        self.publisher = Some(publisher);
+        self
+    }
+
+    fn update_dynacast(&mut self) {
+        if self.info.r#type != lk::TrackType::Video as i32 {
+            return;
+        }
+        let best = self
+            .subscribers
+            .values()
+            .map(|(_, r)| *r)
+            .max()
+            .unwrap_or(0);
+        // Low is always kept on while anyone subscribes (cheap, and the fallback layer).
+        let needed = [best >= 1, best >= 2, best >= 3];
+        if self.published_qualities == Some(needed) {
+            return;
+        }
+        self.published_qualities = Some(needed);
+        let Some(p) = &self.publisher else { return };
+        let qualities: Vec<lk::SubscribedQuality> = needed
+            .iter()
+            .enumerate()
+            .map(|(i, on)| lk::SubscribedQuality {
+                quality: i as i32,
+                enabled: *on,
+            })
+            .collect();
+        let codec = self
+            .info
+            .mime_type
+            .split('/')
+            .nth(1)
+            .unwrap_or("vp8")
+            .to_ascii_lowercase();
+        tracing::debug!(parent: &self.span, ?needed, "dynacast: subscribed qualities changed");
+        #[allow(deprecated)]
+        p.do_send(SendSignal(
+            lk::signal_response::Message::SubscribedQualityUpdate(lk::SubscribedQualityUpdate {
+                track_sid: self.info.sid.clone(),
+                subscribed_qualities: qualities.clone(),
+                subscribed_codecs: vec![lk::SubscribedCodec { codec, qualities }],
+            }),
+        ));
     }
 }
 
@@ -107,7 +188,8 @@ impl Handler<AddSubscriber> for Track {
         match self.media.send(cmd) {
             Ok(()) => {
                 tracing::debug!(parent: &self.span, subscriber = %msg.participant_sid, "subscribed");
-                self.subscribers.insert(msg.participant_sid, msg.peer);
+                self.subscribers.insert(msg.participant_sid, (msg.peer, 3));
+                self.update_dynacast();
             }
             Err(e) => tracing::warn!(parent: &self.span, error = %e, "subscribe failed"),
         }
@@ -117,7 +199,8 @@ impl Handler<AddSubscriber> for Track {
 impl Handler<RemoveSubscriber> for Track {
     type Result = ();
     fn handle(&mut self, msg: RemoveSubscriber, _ctx: &mut Self::Context) {
-        if let Some(peer) = self.subscribers.remove(&msg.participant_sid) {
+        if let Some((peer, _)) = self.subscribers.remove(&msg.participant_sid) {
+            self.update_dynacast();
             if !msg.peer_gone {
                 let _ = self.media.send(Command::Unsubscribe {
                     sub: peer,
@@ -140,5 +223,70 @@ impl Handler<SetMuted> for Track {
     type Result = ();
     fn handle(&mut self, msg: SetMuted, _ctx: &mut Self::Context) {
         self.info.muted = msg.0;
+    }
+}
+
+/// A subscriber's `UpdateTrackSettings` for this track.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SubscriberSettings {
+    pub participant_sid: String,
+    pub disabled: bool,
+    pub quality: Option<i32>,
+    pub width: u32,
+    pub height: u32,
+}
+
+impl Handler<SubscriberSettings> for Track {
+    type Result = ();
+    fn handle(&mut self, msg: SubscriberSettings, _ctx: &mut Self::Context) {
+        let Some(entry) = self.subscribers.get_mut(&msg.participant_sid) else {
+            return;
+        };
+        #[allow(deprecated)]
+        let rank = if msg.disabled {
+            0
+        } else {
+            rank_for_settings(&self.info.layers, msg.quality, msg.width, msg.height)
+        };
+        if entry.1 == rank {
+            return;
+        }
+        entry.1 = rank;
+        let peer = entry.0;
+        let _ = self.media.send(Command::SetTrackSettings {
+            sub: peer,
+            track: self.key,
+            max_rank: rank,
+        });
+        tracing::debug!(parent: &self.span, subscriber = %msg.participant_sid, rank, "subscriber settings");
+        self.update_dynacast();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layers() -> Vec<lk::VideoLayer> {
+        [(0, 320, 180), (1, 640, 360), (2, 1280, 720)]
+            .iter()
+            .map(|(q, w, h)| lk::VideoLayer {
+                quality: *q,
+                width: *w,
+                height: *h,
+                ..Default::default()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn dimensions_pick_the_smallest_sufficient_layer() {
+        assert_eq!(rank_for_settings(&layers(), None, 320, 180), 1);
+        assert_eq!(rank_for_settings(&layers(), None, 400, 200), 2);
+        assert_eq!(rank_for_settings(&layers(), None, 1920, 1080), 3);
+        assert_eq!(rank_for_settings(&layers(), Some(0), 0, 0), 1);
+        assert_eq!(rank_for_settings(&layers(), Some(2), 0, 0), 3);
+        assert_eq!(rank_for_settings(&layers(), None, 0, 0), 3);
     }
 }

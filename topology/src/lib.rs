@@ -1,1 +1,4 @@
 //! Cluster topology: node registry, regions, relay-tree planning, relay links, Raft membership.
+
+pub mod nodes;
+pub mod planner;

@@ -28,11 +28,17 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use str0m::bwe::{Bitrate, BweKind};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::channel::{ChannelConfig, ChannelId, Reliability};
+use str0m::media::MediaTime;
 use str0m::media::{Direction, KeyframeRequestKind, MediaData, MediaKind, Mid, Rid};
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output as RtcOutput, Rtc, RtcConfig};
+
+use crate::media::alloc::{allocate, AllocTrack, Decision};
+use crate::media::audio::{LevelConfig, LevelMeter};
+use crate::quality::LinkStats;
 
 use crate::error::MediaError;
 use crate::media::{Command, PeerEvent, PeerId, PeerRole, TrackKey};
@@ -59,11 +65,20 @@ const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(500);
 /// A simulcast layer that produced no packet for this long is considered stopped.
 const LAYER_IDLE: Duration = Duration::from_millis(1500);
 
+/// Period of the engine's housekeeping: layer bitrates, audio levels, bandwidth allocation.
+const HOUSEKEEPING: Duration = Duration::from_millis(500);
+
+/// Link statistics are reported every this many housekeeping periods.
+const STATS_EVERY: u32 = 4;
+
+/// Initial bandwidth estimate for a subscriber connection.
+const BWE_INITIAL_KBPS: u64 = 1_500;
+
+/// Fraction of the estimate the allocator may fill (headroom for audio, RTX, RTCP).
+const BWE_USABLE: f64 = 0.85;
+
 /// How far into the future the engine may sleep when no peer has a deadline.
 const IDLE_TICK: Duration = Duration::from_millis(100);
-
-/// How often str0m reports per-stream statistics (NACK counters for `/metrics`).
-const STATS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Static configuration of one engine (shard).
 #[derive(Debug, Clone)]
@@ -90,6 +105,27 @@ struct OutTrack {
     want_rid: Option<Rid>,
     /// Waiting for a keyframe before forwarding anything (new subscription or layer switch).
     need_keyframe: bool,
+    /// The best layer rank the subscriber asked for (`UpdateTrackSettings`); 0 = disabled.
+    max_rank: u8,
+    /// The allocator's decision under this subscriber's bandwidth estimate.
+    alloc: Decision,
+    /// Whether the subscriber was last told the stream is paused.
+    reported_paused: bool,
+    /// Added to incoming RTP timestamps so a layer switch continues the outgoing timeline.
+    ts_offset: i64,
+    /// Last written (timestamp numerator, wallclock), to place the next layer after it.
+    last_out: Option<(u64, Instant)>,
+}
+
+impl OutTrack {
+    /// The layer rank this subscriber may receive now (0: nothing).
+    fn allowed_rank(&self) -> u8 {
+        match self.alloc {
+            _ if self.max_rank == 0 => 0,
+            Decision::Layer(r) => r.min(self.max_rank),
+            Decision::PausedBySubscriber | Decision::PausedByCongestion => 0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,6 +170,12 @@ struct Peer {
     remote_addrs: Vec<SocketAddr>,
     /// Running NACK totals per (mid, rid, incoming?) from str0m's stats, for the counters.
     nacks: crate::metrics::Tally<(Mid, Option<Rid>, bool)>,
+    /// Subscriber: the latest bandwidth estimate (bits/s).
+    bwe_bps: Option<u64>,
+    /// Last time any datagram arrived from this peer.
+    last_rx: Instant,
+    /// Latest link statistics from str0m.
+    link: LinkStats,
 }
 
 struct FwdTrack {
@@ -145,6 +187,31 @@ struct FwdTrack {
     /// Last time a packet of each simulcast layer was seen.
     layers: Vec<(Rid, Instant)>,
     last_keyframe_request: HashMap<Option<Rid>, Instant>,
+    /// Per layer (None: non-simulcast): bytes in the current window and the measured bitrate.
+    rates: Vec<(Option<Rid>, u64, u64)>,
+    /// Audio tracks: speech level meter.
+    meter: LevelMeter,
+}
+
+impl FwdTrack {
+    /// Live layers as `(rank, bits/s)` sorted by rank.
+    fn live_layers(&self, now: Instant) -> Vec<(u8, u64)> {
+        let mut v: Vec<(u8, u64)> = Vec::with_capacity(3);
+        for (rid, _, bps) in &self.rates {
+            let live = match rid {
+                Some(r) => self
+                    .layers
+                    .iter()
+                    .any(|(x, seen)| x == r && now.saturating_duration_since(*seen) < LAYER_IDLE),
+                None => true,
+            };
+            if live {
+                v.push((rid.as_ref().map(rid_rank).unwrap_or(1), (*bps).max(1)));
+            }
+        }
+        v.sort_unstable();
+        v
+    }
 }
 
 /// Work produced while draining one peer that involves other peers.
@@ -162,8 +229,7 @@ fn rid_rank(rid: &Rid) -> u8 {
     match &**rid {
         "f" | "0" => 3,
         "h" | "1" => 2,
-        "q" | "2" => 1,
-        _ => 0,
+        _ => 1,
     }
 }
 
@@ -175,6 +241,9 @@ pub struct Engine {
     /// Cache: remote address → peer, filled when a peer first accepts a datagram.
     by_addr: HashMap<SocketAddr, PeerId>,
     queue: VecDeque<Pending>,
+    next_housekeeping: Option<Instant>,
+    housekeeping_count: u32,
+    level_config: LevelConfig,
 }
 
 impl Engine {
@@ -186,6 +255,9 @@ impl Engine {
             tracks: HashMap::new(),
             by_addr: HashMap::new(),
             queue: VecDeque::with_capacity(256),
+            next_housekeeping: None,
+            housekeeping_count: 0,
+            level_config: LevelConfig::default(),
         }
     }
 
@@ -197,6 +269,9 @@ impl Engine {
     /// The earliest instant at which [`Engine::handle_timeout`] must be called.
     pub fn poll_timeout(&self, now: Instant) -> Instant {
         let mut t = now + IDLE_TICK;
+        if let Some(h) = self.next_housekeeping {
+            t = t.min(h);
+        }
         for p in self.peers.values() {
             if p.next_timeout < t {
                 t = p.next_timeout;
@@ -224,6 +299,14 @@ impl Engine {
         }
         self.process_queue(now, out);
         self.reap_dead(out);
+        match self.next_housekeeping {
+            None => self.next_housekeeping = Some(now + HOUSEKEEPING),
+            Some(h) if h <= now => {
+                self.housekeeping(now, out);
+                self.next_housekeeping = Some(now + HOUSEKEEPING);
+            }
+            _ => {}
+        }
     }
 
     /// Feed one received datagram.
@@ -268,6 +351,7 @@ impl Engine {
             }
         };
         if let Some(peer) = self.peers.get_mut(&id) {
+            peer.last_rx = now;
             if let Err(e) = peer.rtc.handle_input(input) {
                 tracing::debug!(peer = id.0, error = %e, "input rejected");
             }
@@ -328,6 +412,22 @@ impl Engine {
                 data,
             } => self.send_data(peer, reliable, &data, out),
             Command::RequestKeyframe { track } => self.request_keyframe(now, track, None, out),
+            Command::SetTrackSettings {
+                sub,
+                track,
+                max_rank,
+            } => {
+                if let Some(p) = self.peers.get_mut(&sub) {
+                    if let Some(o) = p.media_out.iter_mut().find(|o| o.track == track) {
+                        let was = o.allowed_rank();
+                        o.max_rank = max_rank;
+                        if was == 0 && o.allowed_rank() > 0 {
+                            o.need_keyframe = o.kind == MediaKind::Video;
+                        }
+                    }
+                }
+                self.allocate_peer(now, sub, out);
+            }
         }
         self.process_queue(now, out);
         self.reap_dead(out);
@@ -346,11 +446,14 @@ impl Engine {
         if self.peers.contains_key(&id) {
             return Err(MediaError::DuplicatePeer(id.0));
         }
-        let mut rtc = RtcConfig::new()
+        let mut cfg = RtcConfig::new()
             .set_ice_lite(true)
             .enable_opus(true, false)
-            .set_stats_interval(Some(STATS_INTERVAL))
-            .build(now);
+            .set_stats_interval(Some(Duration::from_secs(1)));
+        if role == PeerRole::Subscriber {
+            cfg = cfg.enable_bwe(Some(Bitrate::kbps(BWE_INITIAL_KBPS)));
+        }
+        let mut rtc = cfg.build(now);
         for c in &self.config.candidates {
             rtc.add_local_candidate(c.clone());
         }
@@ -368,6 +471,9 @@ impl Engine {
             connected: false,
             remote_addrs: Vec::new(),
             nacks: Default::default(),
+            bwe_bps: None,
+            last_rx: now,
+            link: LinkStats::default(),
         };
         Self::drain(id, &mut peer, &mut self.queue, out);
         self.peers.insert(id, peer);
@@ -449,6 +555,8 @@ impl Engine {
                     subscribers: Vec::new(),
                     layers: Vec::new(),
                     last_keyframe_request: HashMap::new(),
+                    rates: Vec::new(),
+                    meter: LevelMeter::default(),
                 },
             );
         }
@@ -530,6 +638,11 @@ impl Engine {
             rid: None,
             want_rid: None,
             need_keyframe: kind == MediaKind::Video,
+            max_rank: 3,
+            alloc: Decision::Layer(u8::MAX),
+            reported_paused: false,
+            ts_offset: 0,
+            last_out: None,
         });
         let _ = now;
         self.negotiate(sub, out);
@@ -771,6 +884,19 @@ impl Engine {
                             .nacks_received
                             .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
                     }
+                    Event::EgressBitrateEstimate(BweKind::Twcc { estimate, .. }) => {
+                        peer.bwe_bps = Some(estimate.as_u64());
+                    }
+                    Event::PeerStats(st) => {
+                        let loss = st
+                            .egress_loss_fraction
+                            .unwrap_or(0.0)
+                            .max(st.ingress_loss_fraction.unwrap_or(0.0));
+                        peer.link.loss = loss;
+                        if let Some(rtt) = st.rtt {
+                            peer.link.rtt = rtt;
+                        }
+                    }
                     _ => {}
                 },
                 Err(e) => {
@@ -807,7 +933,11 @@ impl Engine {
         let Some(track) = publisher.media_in.get(&data.mid).copied() else {
             return;
         };
-        if !data.contiguous {
+        let is_video = self
+            .tracks
+            .get(&track)
+            .is_some_and(|f| f.kind == MediaKind::Video);
+        if !data.contiguous && is_video {
             // A gap the receive buffer could not repair: ask for a fresh keyframe.
             self.request_keyframe(now, track, data.rid, out);
         }
@@ -816,8 +946,15 @@ impl Engine {
         };
         METRICS.add_received(data.data.len());
 
-        // Track simulcast layer liveness and pick the best live layer.
-        let mut best: Option<Rid> = None;
+        // Per-layer byte counts (for the allocator) and layer liveness.
+        match ft.rates.iter_mut().find(|(r, _, _)| *r == data.rid) {
+            Some(r) => r.1 += data.data.len() as u64,
+            None => {
+                if ft.rates.len() < 8 {
+                    ft.rates.push((data.rid, data.data.len() as u64, 0));
+                }
+            }
+        }
         if let Some(rid) = data.rid {
             match ft.layers.iter_mut().find(|(r, _)| *r == rid) {
                 Some(l) => l.1 = now,
@@ -827,13 +964,10 @@ impl Engine {
                     }
                 }
             }
-            for (r, seen) in &ft.layers {
-                if now.saturating_duration_since(*seen) < LAYER_IDLE
-                    && best.is_none_or(|b| rid_rank(r) > rid_rank(&b))
-                {
-                    best = Some(*r);
-                }
-            }
+        }
+        if ft.kind == MediaKind::Audio {
+            ft.meter
+                .observe(data.ext_vals.audio_level, &self.level_config);
         }
         let is_keyframe = data.is_keyframe();
         let mut want_keyframe: Option<Option<Rid>> = None;
@@ -847,13 +981,46 @@ impl Engine {
             let OutState::Open(mid) = o.state else {
                 continue;
             };
+            let allowed = if o.kind == MediaKind::Video {
+                o.allowed_rank()
+            } else {
+                3
+            };
+            if allowed == 0 {
+                continue;
+            }
             if data.rid.is_some() {
-                // Simulcast: one layer per subscriber; layers switch on a keyframe only.
+                // Simulcast: one layer per subscriber, the best live one it may receive;
+                // layers switch on a keyframe only.
+                let mut best_fit: Option<(u8, Rid)> = None;
+                let mut lowest: Option<(u8, Rid)> = None;
+                for (r, seen) in &ft.layers {
+                    if now.saturating_duration_since(*seen) >= LAYER_IDLE {
+                        continue;
+                    }
+                    let rank = rid_rank(r);
+                    if rank <= allowed && best_fit.is_none_or(|(b, _)| rank > b) {
+                        best_fit = Some((rank, *r));
+                    }
+                    if lowest.is_none_or(|(l, _)| rank < l) {
+                        lowest = Some((rank, *r));
+                    }
+                }
+                let best = best_fit.or(lowest).map(|(_, r)| r);
                 o.want_rid = best;
                 if o.rid != o.want_rid && data.rid == o.want_rid {
                     if is_keyframe {
                         o.rid = o.want_rid;
                         o.need_keyframe = false;
+                        // Continue the outgoing timeline from the last frame written.
+                        if let Some((last_ts, last_at)) = o.last_out {
+                            let hz = data.time.frequency().get() as u64;
+                            let gap = (now.saturating_duration_since(last_at).as_micros() as u64
+                                * hz
+                                / 1_000_000)
+                                .max(1);
+                            o.ts_offset = (last_ts + gap) as i64 - data.time.numer() as i64;
+                        }
                     } else {
                         want_keyframe = Some(o.want_rid);
                     }
@@ -869,13 +1036,16 @@ impl Engine {
                 }
                 o.need_keyframe = false;
             }
+            let ts = (data.time.numer() as i64 + o.ts_offset).max(0) as u64;
+            let time = MediaTime::new(ts, data.time.frequency());
+            o.last_out = Some((ts, now));
             let Some(w) = peer.rtc.writer(mid) else {
                 continue;
             };
             let Some(pt) = w.match_params(data.params) else {
                 continue;
             };
-            match w.write(pt, data.network_time, data.time, data.data.clone()) {
+            match w.write(pt, data.network_time, time, data.data.clone()) {
                 Ok(()) => METRICS.add_forwarded(data.data.len()),
                 Err(e) => {
                     tracing::debug!(peer = sub.0, error = %e, "write failed");
@@ -886,6 +1056,113 @@ impl Engine {
         }
         if let Some(rid) = want_keyframe {
             self.request_keyframe(now, track, rid, out);
+        }
+    }
+
+    /// Periodic work: measure layer bitrates, report audio levels and link statistics, and
+    /// re-run every subscriber's bandwidth allocation.
+    fn housekeeping(&mut self, now: Instant, out: &mut dyn Output) {
+        self.housekeeping_count = self.housekeeping_count.wrapping_add(1);
+        let secs = HOUSEKEEPING.as_secs_f64();
+        for (key, ft) in self.tracks.iter_mut() {
+            for r in ft.rates.iter_mut() {
+                let bps = (r.1 as f64 * 8.0 / secs) as u64;
+                // Smooth over about two periods; a stopped layer decays to zero.
+                r.2 = (r.2 + bps) / 2;
+                r.1 = 0;
+            }
+            if ft.kind == MediaKind::Audio {
+                let (level, active) = ft.meter.take(&self.level_config);
+                out.event(
+                    ft.publisher,
+                    PeerEvent::AudioLevel {
+                        track: *key,
+                        level,
+                        active,
+                    },
+                );
+            }
+        }
+        let subs: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.role == PeerRole::Subscriber)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in subs {
+            self.allocate_peer(now, id, out);
+        }
+        if self.housekeeping_count.is_multiple_of(STATS_EVERY) {
+            for (id, p) in self.peers.iter() {
+                let mut link = p.link;
+                link.silent_for = now.saturating_duration_since(p.last_rx);
+                out.event(*id, PeerEvent::Stats(link));
+            }
+        }
+    }
+
+    /// Fit one subscriber's video tracks into its bandwidth estimate and tell it about
+    /// streams that pause or resume.
+    fn allocate_peer(&mut self, now: Instant, id: PeerId, out: &mut dyn Output) {
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        let budget = match peer.bwe_bps {
+            Some(b) => (b as f64 * BWE_USABLE) as u64,
+            None => u64::MAX,
+        };
+        let mut inputs = Vec::new();
+        let mut idx = Vec::new();
+        for (i, o) in peer.media_out.iter().enumerate() {
+            if o.kind != MediaKind::Video || !matches!(o.state, OutState::Open(_)) {
+                continue;
+            }
+            let Some(ft) = self.tracks.get(&o.track) else {
+                continue;
+            };
+            let layers = ft.live_layers(now);
+            if layers.is_empty() {
+                continue;
+            }
+            inputs.push(AllocTrack {
+                priority: 0,
+                max_rank: o.max_rank,
+                layers,
+            });
+            idx.push(i);
+        }
+        let (decisions, desired) = allocate(budget, &inputs);
+        let mut keyframes = Vec::new();
+        for (d, i) in decisions.into_iter().zip(idx) {
+            let o = &mut peer.media_out[i];
+            let was = o.allowed_rank();
+            o.alloc = d;
+            let now_allowed = o.allowed_rank();
+            if was == 0 && now_allowed > 0 {
+                o.need_keyframe = true;
+                keyframes.push(o.track);
+            }
+            let paused = now_allowed == 0;
+            if paused != o.reported_paused {
+                o.reported_paused = paused;
+                let publisher_sid = o.stream_id.split('|').next().unwrap_or("").to_string();
+                out.event(
+                    id,
+                    PeerEvent::StreamState {
+                        track_sid: o.track_id.clone(),
+                        publisher_sid,
+                        paused,
+                    },
+                );
+            }
+        }
+        if peer.bwe_bps.is_some() && desired > 0 {
+            let min = Bitrate::bps(desired.min(budget) / 2);
+            peer.rtc.bwe().set_bitrate(min, Bitrate::bps(desired));
+            Self::drain(id, peer, &mut self.queue, out);
+        }
+        for t in keyframes {
+            self.request_keyframe(now, t, None, out);
         }
     }
 

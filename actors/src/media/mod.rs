@@ -8,6 +8,8 @@
 //! command queue in, one bounded event queue per peer out. Media packets never leave the shard
 //! thread.
 
+pub mod alloc;
+pub mod audio;
 pub mod engine;
 pub mod sdp;
 pub mod shell;
@@ -93,6 +95,13 @@ pub enum Command {
     },
     /// Ask the publisher of `track` for a keyframe (coalesced).
     RequestKeyframe { track: TrackKey },
+    /// The best simulcast layer rank (1 = low, 2 = medium, 3 = high) `sub` wants of `track`;
+    /// 0 pauses the track for that subscriber.
+    SetTrackSettings {
+        sub: PeerId,
+        track: TrackKey,
+        max_rank: u8,
+    },
 }
 
 /// Something the data plane tells the owner of a peer.
@@ -111,6 +120,20 @@ pub enum PeerEvent {
     },
     /// A data-channel message received from the client.
     Data { reliable: bool, data: Vec<u8> },
+    /// Subscriber: a track stopped or resumed for this subscriber (bandwidth or settings).
+    StreamState {
+        track_sid: String,
+        publisher_sid: String,
+        paused: bool,
+    },
+    /// Publisher: speech level of one of its audio tracks over the last window.
+    AudioLevel {
+        track: TrackKey,
+        level: f32,
+        active: bool,
+    },
+    /// Link statistics of this peer connection.
+    Stats(crate::quality::LinkStats),
 }
 
 /// Install str0m's crypto provider for the process. Call once before starting the engine.
