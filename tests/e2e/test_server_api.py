@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -173,7 +174,7 @@ def identities(resp: dict) -> set[str]:
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("sdk", ["python", "node"])
-async def test_room_service_every_method(arbor, sdk):
+async def test_room_service_every_method(arbor, sdk, results):
     room_name = f"api-{sdk}"
     alice = bob = carol = None
     tone = None
@@ -311,6 +312,23 @@ async def test_room_service_every_method(arbor, sdk):
                 {"room": room_name, "destinationIdentity": "bob", "method": "greet", "payload": sdk},
             )
             assert r.get("payload") == f"hello {sdk}", r
+            if sdk == "python":
+                # Measured, not asserted: server API -> participant -> server API round trips.
+                times = []
+                for i in range(20):
+                    t0 = time.monotonic()
+                    r = await lk.call("PerformRpc", {"room": room_name, "destinationIdentity": "bob",
+                                                     "method": "greet", "payload": str(i)})
+                    times.append(time.monotonic() - t0)
+                    assert r.get("payload") == f"hello {i}", r
+                times.sort()
+                t0 = time.monotonic()
+                for _ in range(100):
+                    await lk.call("ListParticipants", {"room": room_name})
+                per_list = (time.monotonic() - t0) / 100
+                results(f"server API (python, protobuf): PerformRpc round trip median "
+                        f"{times[10] * 1000:.1f} ms, max {times[-1] * 1000:.1f} ms (20 calls); "
+                        f"ListParticipants {per_list * 1000:.2f} ms per call (100 sequential)")
             with pytest.raises(ApiError) as ei:
                 await lk.call(
                     "PerformRpc",
