@@ -309,6 +309,7 @@ async fn dispatch(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<Response, TwirpError> {
+    // Routing comes first (as in Twirp): an unknown method is `bad_route` whatever the token.
     const METHODS: [&str; 12] = [
         "CreateRoom",
         "ListRooms",
@@ -364,7 +365,11 @@ async fn dispatch(
             "UpdateRoomMetadata" => {
                 call(format, body, |r| update_room_metadata(state, &caller, r)).await
             }
-            _ => call(format, body, |r| perform_rpc(state, &caller, r)).await,
+            "PerformRpc" => call(format, body, |r| perform_rpc(state, &caller, r)).await,
+            other => Err(TwirpError::new(
+                "bad_route",
+                format!("no such method: livekit.RoomService/{other}"),
+            )),
         }
     }
     .instrument(span)
