@@ -25,6 +25,8 @@ pub mod names {
     pub const ROOM_FINISHED: &str = "room_finished";
     pub const PARTICIPANT_JOINED: &str = "participant_joined";
     pub const PARTICIPANT_LEFT: &str = "participant_left";
+    /// A participant left before it ever became active (no `participant_joined` was sent).
+    pub const PARTICIPANT_CONNECTION_ABORTED: &str = "participant_connection_aborted";
     pub const TRACK_PUBLISHED: &str = "track_published";
     pub const TRACK_UNPUBLISHED: &str = "track_unpublished";
 }

@@ -66,6 +66,10 @@ pub struct Room {
     rpc: HashMap<String, PendingRpc>,
     /// Why members are disconnected when the room stops.
     close_reason: lk::DisconnectReason,
+    /// Members announced by a `participant_joined` event (sent, as LiveKit does, when a member
+    /// first becomes ACTIVE). Their track events follow; the others' leaving is
+    /// `participant_connection_aborted`.
+    announced: BTreeSet<String>,
 }
 
 /// A room's public summary.
@@ -116,6 +120,7 @@ impl Room {
             span,
             rpc: HashMap::new(),
             close_reason: lk::DisconnectReason::RoomClosed,
+            announced: BTreeSet::new(),
         }
     }
 
@@ -467,12 +472,6 @@ impl Handler<Join> for Room {
         // Announce the newcomer to the others.
         if let Some(m) = self.members.get(&sid) {
             if !m.hidden {
-                self.settings.events.emit(
-                    ev::PARTICIPANT_JOINED,
-                    &self.room_info(),
-                    Some(&m.info),
-                    None,
-                );
                 let update = Resp::Update(lk::ParticipantUpdate {
                     participants: vec![m.info.clone()],
                 });
@@ -519,8 +518,9 @@ impl Handler<Leave> for Room {
             .filter(|(_, t)| t.publisher_sid == msg.sid)
             .map(|(sid, _)| sid.clone())
             .collect();
+        let announced = self.announced.remove(&msg.sid);
         for t in published {
-            if !m.hidden {
+            if announced {
                 if let Some(info) = m.info.tracks.iter().find(|i| i.sid == t) {
                     self.settings.events.emit(
                         ev::TRACK_UNPUBLISHED,
@@ -535,9 +535,14 @@ impl Handler<Leave> for Room {
         if !m.hidden {
             m.info.state = lk::participant_info::State::Disconnected as i32;
             m.info.disconnect_reason = msg.reason as i32;
+            let event = if announced {
+                ev::PARTICIPANT_LEFT
+            } else {
+                ev::PARTICIPANT_CONNECTION_ABORTED
+            };
             self.settings
                 .events
-                .emit(ev::PARTICIPANT_LEFT, &self.room_info(), Some(&m.info), None);
+                .emit(event, &self.room_info(), Some(&m.info), None);
             m.info.version += 1;
             m.info.tracks.clear();
             let update = Resp::Update(lk::ParticipantUpdate {
@@ -583,7 +588,8 @@ impl Handler<PublishTrack> for Room {
                 publisher_sid: msg.sid.clone(),
             },
         );
-        if let Some(m) = self.members.get(&msg.sid).filter(|m| !m.hidden) {
+        let announced = self.announced.contains(&msg.sid);
+        if let Some(m) = self.members.get(&msg.sid).filter(|_| announced) {
             if let Some(t) = m.info.tracks.iter().find(|t| t.sid == track_sid) {
                 self.settings.events.emit(
                     ev::TRACK_PUBLISHED,
@@ -617,7 +623,8 @@ impl Handler<UnpublishTrack> for Room {
         if !owned {
             return;
         }
-        if let Some(m) = self.members.get(&msg.sid).filter(|m| !m.hidden) {
+        let announced = self.announced.contains(&msg.sid);
+        if let Some(m) = self.members.get(&msg.sid).filter(|_| announced) {
             if let Some(t) = m.info.tracks.iter().find(|t| t.sid == msg.track_sid) {
                 self.settings.events.emit(
                     ev::TRACK_UNPUBLISHED,
@@ -672,6 +679,9 @@ impl Handler<SetState> for Room {
         m.info.state = msg.state as i32;
         self.bump(&msg.sid);
         self.broadcast_info(&msg.sid);
+        if msg.state == lk::participant_info::State::Active {
+            self.announce(&msg.sid);
+        }
     }
 }
 
@@ -803,16 +813,45 @@ impl Room {
             return;
         }
         let room = self.room_info();
-        for m in self.members.values().filter(|m| !m.hidden) {
-            for t in &m.info.tracks {
-                events.emit(ev::TRACK_UNPUBLISHED, &room, Some(&m.info), Some(t));
+        for (sid, m) in self.members.iter().filter(|(_, m)| !m.hidden) {
+            let announced = self.announced.contains(sid);
+            if announced {
+                for t in &m.info.tracks {
+                    events.emit(ev::TRACK_UNPUBLISHED, &room, Some(&m.info), Some(t));
+                }
             }
             let mut info = m.info.clone();
             info.state = lk::participant_info::State::Disconnected as i32;
             info.disconnect_reason = self.close_reason as i32;
-            events.emit(ev::PARTICIPANT_LEFT, &room, Some(&info), None);
+            let event = if announced {
+                ev::PARTICIPANT_LEFT
+            } else {
+                ev::PARTICIPANT_CONNECTION_ABORTED
+            };
+            events.emit(event, &room, Some(&info), None);
         }
         events.emit(ev::ROOM_FINISHED, &room, None, None);
+    }
+
+    /// Send `participant_joined` for a member that became active (once), then
+    /// `track_published` for the tracks it already has, so receivers always see a participant
+    /// before its tracks.
+    fn announce(&mut self, sid: &str) {
+        let Some(m) = self.members.get(sid) else {
+            return;
+        };
+        if m.hidden || !self.announced.insert(sid.to_string()) {
+            return;
+        }
+        let room = self.room_info();
+        self.settings
+            .events
+            .emit(ev::PARTICIPANT_JOINED, &room, Some(&m.info), None);
+        for t in &m.info.tracks {
+            self.settings
+                .events
+                .emit(ev::TRACK_PUBLISHED, &room, Some(&m.info), Some(t));
+        }
     }
 
     fn sid_of(&self, identity: &str) -> Result<String, RoomError> {

@@ -3,8 +3,10 @@
 Arbor is started with four webhook URLs served by an aiohttp app inside this test:
 
 * `/good` answers 200 at once; it must receive, in order, the whole life of the room: room_started,
-  participant_joined (alice), track_published, participant_joined (bob), track_unpublished,
-  participant_left (bob, CLIENT_INITIATED), participant_left (alice), room_finished. Every event is
+  participant_joined (alice, sent when she becomes active), track_published,
+  participant_connection_aborted (ghost: signalling only, never active), participant_joined (bob),
+  track_unpublished, participant_left (bob, CLIENT_INITIATED), participant_left (alice),
+  room_finished. Every event is
   verified with `livekit-api`'s `WebhookReceiver` (JWT signature and body SHA-256).
 * `/flaky` fails the first attempt at every event with 503; retries must still deliver every
   event exactly in order.
@@ -27,12 +29,14 @@ from livekit import api
 
 from conftest import WORK, free_port, start_arbor, stop_arbor
 from helpers import API_KEY, API_SECRET, TonePublisher, connect, disconnect_all, make_token, wait_until
+from test_bad_input import raw_connect, recv_join
 
 ROOM = "hooks"
 EXPECTED = [
     ("room_started", None),
     ("participant_joined", "alice"),
     ("track_published", "alice"),
+    ("participant_connection_aborted", "ghost"),
     ("participant_joined", "bob"),
     ("track_unpublished", "alice"),
     ("participant_left", "bob"),
@@ -120,6 +124,14 @@ async def test_webhooks_signed_ordered_and_never_blocking(request):
         # negotiated, which can be after publish_track() returns: wait for it before bob joins.
         await wait_until(lambda: ("track_published", "alice") in names(receiver.events["good"]), 10,
                          "/good to receive track_published")
+        # A participant that never becomes active (signalling only, no media) leaves as
+        # participant_connection_aborted, without a participant_joined (as LiveKit does).
+        ws = await raw_connect(server, make_token("ghost", ROOM))
+        await recv_join(ws)
+        await ws.close()
+        await wait_until(
+            lambda: ("participant_connection_aborted", "ghost") in names(receiver.events["good"]),
+            10, "/good to receive participant_connection_aborted for ghost")
         t0 = time.monotonic()
         bob, b_ev = await connect(server.ws_url, make_token("bob", ROOM), "bob")
         bob_join = time.monotonic() - t0
@@ -149,9 +161,9 @@ async def test_webhooks_signed_ordered_and_never_blocking(request):
             got = names(receiver.events[path])
             assert got == EXPECTED, f"/{path} got {got}"
         good = [e for e in receiver.events["good"] if e.room.name == ROOM]
-        left_bob = good[5]
+        left_bob = good[6]
         assert left_bob.participant.disconnect_reason == api.DisconnectReason.CLIENT_INITIATED, left_bob
-        assert good[2].track.sid == pub.sid and good[4].track.sid == pub.sid
+        assert good[2].track.sid == pub.sid and good[5].track.sid == pub.sid
         assert all(e.id.startswith("EV_") and e.created_at > 0 for e in good)
         assert len({e.id for e in good}) == len(good), "event ids must be unique"
         assert good[0].room.sid == good[-1].room.sid and good[0].room.sid.startswith("RM_")
