@@ -83,6 +83,10 @@ pub struct RoomConfig {
     pub auto_create: bool,
     /// Let the server API unmute tracks (muting is always allowed).
     pub enable_remote_unmute: bool,
+    /// Forward only the video of the N most recent speakers (0 = off).
+    pub last_n: usize,
+    /// Participants joining after this many receive audio only (0 = off).
+    pub audio_only_after: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -166,6 +170,8 @@ impl Default for RoomConfig {
             max_participants: 0,
             auto_create: true,
             enable_remote_unmute: false,
+            last_n: 0,
+            audio_only_after: 0,
         }
     }
 }
@@ -364,6 +370,8 @@ impl Config {
             signal_queue: self.limit.signal_queue,
             ping_interval: 5,
             ping_timeout: 15,
+            last_n: self.room.last_n,
+            audio_only_after: self.room.audio_only_after,
             node_id,
             region: self.region.clone(),
             enable_remote_unmute: self.room.enable_remote_unmute,

@@ -28,6 +28,12 @@ pub struct RoomSettings {
     pub ping_interval: u32,
     /// Seconds without any client message before the session is dropped.
     pub ping_timeout: u32,
+    /// Room policy: forward only the video of the N most recent speakers (0 = off,
+    /// `room.last_n`).
+    pub last_n: usize,
+    /// Room policy: participants joining after this many receive audio only (0 = off,
+    /// `room.audio_only_after`).
+    pub audio_only_after: usize,
     /// Node id and region reported to clients.
     pub node_id: String,
     pub region: String,
@@ -52,6 +58,8 @@ impl Default for RoomSettings {
             signal_queue: 1024,
             ping_interval: 5,
             ping_timeout: 15,
+            last_n: 0,
+            audio_only_after: 0,
             node_id: "ND_local".into(),
             region: String::new(),
             enable_remote_unmute: false,

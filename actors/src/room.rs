@@ -21,7 +21,7 @@ use crate::media::{Command, MediaHandle, PeerId, TrackKey};
 use crate::metrics::METRICS;
 use crate::participant::{Kick, Participant, SendSignal, SetPermission};
 use crate::track::{
-    AddSubscriber, CloseTrack, RemoveSubscriber, SetMuted, SubscriberSettings, Track,
+    AddSubscriber, CloseTrack, PolicyCap, RemoveSubscriber, SetMuted, SubscriberSettings, Track,
 };
 
 /// Cadence of `SpeakersChanged` updates.
@@ -39,11 +39,18 @@ struct Member {
     hidden: bool,
     /// Tracks this member subscribes to.
     subscriptions: BTreeSet<String>,
+    /// Room policy `audio_only_after`: this member receives no video.
+    audio_only: bool,
+    /// Join order, for policies.
+    joined_seq: u64,
 }
 
 struct TrackEntry {
     addr: Addr<Track>,
     publisher_sid: String,
+    video: bool,
+    /// The last-N cap last sent to the track (3: forwarded; 0: not among the last N).
+    last_n_cap: u8,
 }
 
 /// One room. See the module documentation.
@@ -61,6 +68,9 @@ pub struct Room {
     sent_speakers: BTreeMap<String, (f32, bool)>,
     /// Participant sid → (quality, score).
     qualities: BTreeMap<String, (i32, f32)>,
+    /// Participant sids, most recent speaker first (for last-N).
+    recent_speakers: Vec<String>,
+    next_join_seq: u64,
     span: tracing::Span,
     /// Server-initiated RPCs waiting for the destination's ack/response, by request id.
     rpc: HashMap<String, PendingRpc>,
@@ -117,6 +127,8 @@ impl Room {
             levels: BTreeMap::new(),
             sent_speakers: BTreeMap::new(),
             qualities: BTreeMap::new(),
+            recent_speakers: Vec::new(),
+            next_join_seq: 0,
             span,
             rpc: HashMap::new(),
             close_reason: lk::DisconnectReason::RoomClosed,
@@ -176,6 +188,7 @@ impl Room {
             t.addr.do_send(AddSubscriber {
                 participant_sid: subscriber_sid.to_string(),
                 peer: m.sub_peer,
+                cap: if m.audio_only && t.video { 0 } else { 3 },
             });
         }
     }
@@ -215,6 +228,13 @@ impl Room {
             let active = tracks.values().any(|(_, a)| *a);
             current.insert(sid.clone(), (level, active));
         }
+        for (sid, (_, active)) in &current {
+            if *active {
+                self.recent_speakers.retain(|s| s != sid);
+                self.recent_speakers.insert(0, sid.clone());
+            }
+        }
+        self.recent_speakers.truncate(64);
         for (sid, (level, active)) in &current {
             let prev = self.sent_speakers.get(sid).copied().unwrap_or((0.0, false));
             if prev.1 != *active || (*active && (prev.0 - level).abs() > LEVEL_EPSILON) {
@@ -246,6 +266,50 @@ impl Room {
         let msg = Resp::SpeakersChanged(lk::SpeakersChanged { speakers: changed });
         for m in self.members.values() {
             m.addr.do_send(SendSignal(msg.clone()));
+        }
+    }
+
+    /// Room policy last-N: only the video of the N most recent speakers is forwarded (with
+    /// fewer speakers, the earliest joiners fill the remaining places). Off when N is 0.
+    fn apply_last_n(&mut self) {
+        let n = self.settings.last_n;
+        if n == 0 {
+            return;
+        }
+        let mut order: Vec<String> = self
+            .recent_speakers
+            .iter()
+            .filter(|s| self.members.contains_key(*s))
+            .cloned()
+            .collect();
+        let mut by_join: Vec<(&u64, &String)> = self
+            .members
+            .iter()
+            .map(|(sid, m)| (&m.joined_seq, sid))
+            .collect();
+        by_join.sort();
+        for (_, sid) in by_join {
+            if !order.contains(sid) {
+                order.push(sid.clone());
+            }
+        }
+        order.truncate(n);
+        for t in self.tracks.values_mut() {
+            if !t.video {
+                continue;
+            }
+            let cap = if order.contains(&t.publisher_sid) {
+                3
+            } else {
+                0
+            };
+            if cap != t.last_n_cap {
+                t.last_n_cap = cap;
+                t.addr.do_send(PolicyCap {
+                    participant_sid: None,
+                    cap,
+                });
+            }
         }
     }
 
@@ -295,7 +359,10 @@ impl Actor for Room {
             .events
             .emit(ev::ROOM_STARTED, &self.room_info(), None, None);
         self.schedule_close(ctx, self.settings.empty_timeout);
-        ctx.run_interval(SPEAKER_INTERVAL, |room, _| room.send_speakers());
+        ctx.run_interval(SPEAKER_INTERVAL, |room, _| {
+            room.send_speakers();
+            room.apply_last_n();
+        });
         ctx.run_interval(QUALITY_INTERVAL, |room, _| room.send_qualities());
     }
 
@@ -458,6 +525,10 @@ impl Handler<Join> for Room {
             .map(|m| m.info.clone())
             .collect();
         tracing::info!(parent: &self.span, participant = %sid, identity = %msg.info.identity, "participant joined");
+        let after = self.settings.audio_only_after;
+        let audio_only = after > 0 && self.members.len() >= after;
+        let joined_seq = self.next_join_seq;
+        self.next_join_seq += 1;
         self.members.insert(
             sid.clone(),
             Member {
@@ -467,6 +538,8 @@ impl Handler<Join> for Room {
                 auto_subscribe: msg.auto_subscribe,
                 hidden: msg.hidden,
                 subscriptions: BTreeSet::new(),
+                audio_only,
+                joined_seq,
             },
         );
         // Announce the newcomer to the others.
@@ -572,6 +645,7 @@ impl Handler<PublishTrack> for Room {
         m.info.is_publisher = true;
         m.info.version += 1;
         let track_sid = msg.track.sid.clone();
+        let is_video = msg.track.r#type == lk::TrackType::Video as i32;
         let addr = Track::new(
             msg.track,
             msg.sid.clone(),
@@ -586,6 +660,8 @@ impl Handler<PublishTrack> for Room {
             TrackEntry {
                 addr,
                 publisher_sid: msg.sid.clone(),
+                video: is_video,
+                last_n_cap: 3,
             },
         );
         let announced = self.announced.contains(&msg.sid);
@@ -599,6 +675,7 @@ impl Handler<PublishTrack> for Room {
                 );
             }
         }
+        self.apply_last_n();
         // The update carrying the TrackInfo goes out before any subscriber offer.
         self.broadcast_info(&msg.sid);
         let subscribers: Vec<String> = self

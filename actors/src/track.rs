@@ -19,13 +19,28 @@ pub struct Track {
     publisher_sid: String,
     key: TrackKey,
     media: MediaHandle,
-    /// Subscriber participant sid → (its subscriber peer, the best layer rank it wants).
-    subscribers: BTreeMap<String, (PeerId, u8)>,
+    /// Subscriber participant sid → its subscription.
+    subscribers: BTreeMap<String, Sub>,
+    /// A room policy's cap on every subscriber (last-N: 0 when the publisher is not among
+    /// the N most recent speakers).
+    policy_cap: u8,
     /// The publisher, told which layers anyone needs (dynacast).
     publisher: Option<Addr<Participant>>,
     /// The last set of needed qualities sent to the publisher.
     published_qualities: Option<[bool; 3]>,
     span: tracing::Span,
+}
+
+/// One subscriber of a track.
+#[derive(Debug, Clone, Copy)]
+struct Sub {
+    peer: PeerId,
+    /// The best layer rank the subscriber asked for (0: disabled).
+    requested: u8,
+    /// A room policy's cap for this subscriber (audio-only participants: 0).
+    cap: u8,
+    /// The rank last sent to the media engine.
+    applied: u8,
 }
 
 /// The best layer rank (1 low, 2 medium, 3 high) that satisfies a subscriber's settings, given
@@ -70,6 +85,7 @@ impl Track {
             key,
             media,
             subscribers: BTreeMap::new(),
+            policy_cap: 3,
             publisher: None,
             published_qualities: None,
             span,
@@ -82,6 +98,25 @@ impl Track {
         self
     }
 
+    /// Send a subscriber's effective rank to the engine if it changed.
+    fn apply(&mut self, participant_sid: &str) {
+        let policy = self.policy_cap;
+        let Some(sub) = self.subscribers.get_mut(participant_sid) else {
+            return;
+        };
+        let effective = sub.requested.min(sub.cap).min(policy);
+        if effective == sub.applied {
+            return;
+        }
+        sub.applied = effective;
+        let _ = self.media.send(Command::SetTrackSettings {
+            sub: sub.peer,
+            track: self.key,
+            max_rank: effective,
+        });
+        tracing::debug!(parent: &self.span, subscriber = %participant_sid, rank = effective, "subscriber layer cap");
+    }
+
     fn update_dynacast(&mut self) {
         if self.info.r#type != lk::TrackType::Video as i32 {
             return;
@@ -89,7 +124,7 @@ impl Track {
         let best = self
             .subscribers
             .values()
-            .map(|(_, r)| *r)
+            .map(|s| s.applied)
             .max()
             .unwrap_or(0);
         // Low is always kept on while anyone subscribes (cheap, and the fallback layer).
@@ -152,6 +187,8 @@ impl Actor for Track {
 pub struct AddSubscriber {
     pub participant_sid: String,
     pub peer: PeerId,
+    /// Room-policy cap on the layers this subscriber gets (3: none; 0: audio only).
+    pub cap: u8,
 }
 
 /// Stop forwarding this track to a participant.
@@ -188,7 +225,17 @@ impl Handler<AddSubscriber> for Track {
         match self.media.send(cmd) {
             Ok(()) => {
                 tracing::debug!(parent: &self.span, subscriber = %msg.participant_sid, "subscribed");
-                self.subscribers.insert(msg.participant_sid, (msg.peer, 3));
+                let sid = msg.participant_sid.clone();
+                self.subscribers.insert(
+                    msg.participant_sid,
+                    Sub {
+                        peer: msg.peer,
+                        requested: 3,
+                        cap: msg.cap,
+                        applied: 3,
+                    },
+                );
+                self.apply(&sid);
                 self.update_dynacast();
             }
             Err(e) => tracing::warn!(parent: &self.span, error = %e, "subscribe failed"),
@@ -199,7 +246,7 @@ impl Handler<AddSubscriber> for Track {
 impl Handler<RemoveSubscriber> for Track {
     type Result = ();
     fn handle(&mut self, msg: RemoveSubscriber, _ctx: &mut Self::Context) {
-        if let Some((peer, _)) = self.subscribers.remove(&msg.participant_sid) {
+        if let Some(Sub { peer, .. }) = self.subscribers.remove(&msg.participant_sid) {
             self.update_dynacast();
             if !msg.peer_gone {
                 let _ = self.media.send(Command::Unsubscribe {
@@ -240,26 +287,48 @@ pub struct SubscriberSettings {
 impl Handler<SubscriberSettings> for Track {
     type Result = ();
     fn handle(&mut self, msg: SubscriberSettings, _ctx: &mut Self::Context) {
-        let Some(entry) = self.subscribers.get_mut(&msg.participant_sid) else {
-            return;
-        };
         #[allow(deprecated)]
         let rank = if msg.disabled {
             0
         } else {
             rank_for_settings(&self.info.layers, msg.quality, msg.width, msg.height)
         };
-        if entry.1 == rank {
+        let Some(sub) = self.subscribers.get_mut(&msg.participant_sid) else {
             return;
+        };
+        sub.requested = rank;
+        self.apply(&msg.participant_sid);
+        self.update_dynacast();
+    }
+}
+
+/// A room policy caps what one subscriber (or, with `participant_sid: None`, every subscriber)
+/// receives of this track.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PolicyCap {
+    pub participant_sid: Option<String>,
+    pub cap: u8,
+}
+
+impl Handler<PolicyCap> for Track {
+    type Result = ();
+    fn handle(&mut self, msg: PolicyCap, _ctx: &mut Self::Context) {
+        let sids: Vec<String> = match msg.participant_sid {
+            Some(sid) => {
+                if let Some(s) = self.subscribers.get_mut(&sid) {
+                    s.cap = msg.cap;
+                }
+                vec![sid]
+            }
+            None => {
+                self.policy_cap = msg.cap;
+                self.subscribers.keys().cloned().collect()
+            }
+        };
+        for sid in sids {
+            self.apply(&sid);
         }
-        entry.1 = rank;
-        let peer = entry.0;
-        let _ = self.media.send(Command::SetTrackSettings {
-            sub: peer,
-            track: self.key,
-            max_rank: rank,
-        });
-        tracing::debug!(parent: &self.span, subscriber = %msg.participant_sid, rank, "subscriber settings");
         self.update_dynacast();
     }
 }

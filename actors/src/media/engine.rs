@@ -77,6 +77,18 @@ const BWE_INITIAL_KBPS: u64 = 1_500;
 /// Fraction of the estimate the allocator may fill (headroom for audio, RTX, RTCP).
 const BWE_USABLE: f64 = 0.85;
 
+/// Packets held for reordering per incoming video stream. str0m needs at least as many as the
+/// largest keyframe spans, or it releases keyframes incomplete (a 960x540 keyframe is often 40+).
+const VIDEO_REORDER_PACKETS: usize = 512;
+
+/// Consecutive allocation rounds a layer must fail to fit before a subscriber is moved down
+/// (unless the link is clearly overloaded).
+const DOWNGRADE_ROUNDS: u8 = 2;
+
+/// Loss (fraction of packets NACKed) above which a subscriber's link counts as overloaded:
+/// its budget is cut at once instead of waiting for the delay-based estimate.
+const OVERLOAD_LOSS: f32 = 0.10;
+
 /// How far into the future the engine may sleep when no peer has a deadline.
 const IDLE_TICK: Duration = Duration::from_millis(100);
 
@@ -115,6 +127,8 @@ struct OutTrack {
     ts_offset: i64,
     /// Last written (timestamp numerator, wallclock), to place the next layer after it.
     last_out: Option<(u64, Instant)>,
+    /// Consecutive allocation rounds that wanted a lower layer than the current one.
+    down_votes: u8,
 }
 
 impl OutTrack {
@@ -176,6 +190,10 @@ struct Peer {
     last_rx: Instant,
     /// Latest link statistics from str0m.
     link: LinkStats,
+    /// Cumulative (packets, NACKs) per media stream at the last stats event.
+    nack_seen: HashMap<(Mid, Option<Rid>), (u64, u64)>,
+    /// Packets and NACKs since the last loss estimate.
+    window: (u64, u64),
 }
 
 struct FwdTrack {
@@ -449,7 +467,8 @@ impl Engine {
         let mut cfg = RtcConfig::new()
             .set_ice_lite(true)
             .enable_opus(true, false)
-            .set_stats_interval(Some(Duration::from_secs(1)));
+            .set_stats_interval(Some(Duration::from_secs(1)))
+            .set_reordering_size_video(VIDEO_REORDER_PACKETS);
         if role == PeerRole::Subscriber {
             cfg = cfg.enable_bwe(Some(Bitrate::kbps(BWE_INITIAL_KBPS)));
         }
@@ -474,6 +493,8 @@ impl Engine {
             bwe_bps: None,
             last_rx: now,
             link: LinkStats::default(),
+            nack_seen: HashMap::new(),
+            window: (0, 0),
         };
         Self::drain(id, &mut peer, &mut self.queue, out);
         self.peers.insert(id, peer);
@@ -643,6 +664,7 @@ impl Engine {
             reported_paused: false,
             ts_offset: 0,
             last_out: None,
+            down_votes: 0,
         });
         let _ = now;
         self.negotiate(sub, out);
@@ -872,27 +894,37 @@ impl Engine {
                     Event::ChannelClose(cid) => {
                         peer.channels.remove(&cid);
                     }
-                    Event::MediaIngressStats(st) => {
-                        let n = peer.nacks.delta((st.mid, st.rid, true), st.nacks);
-                        METRICS
-                            .nacks_sent
-                            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                    Event::EgressBitrateEstimate(BweKind::Twcc { estimate, .. }) => {
+                        peer.bwe_bps = Some(estimate.as_u64());
                     }
                     Event::MediaEgressStats(st) => {
+                        Self::count_nacks(peer, (st.mid, st.rid), st.packets, st.nacks);
                         let n = peer.nacks.delta((st.mid, st.rid, false), st.nacks);
                         METRICS
                             .nacks_received
                             .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
                     }
-                    Event::EgressBitrateEstimate(BweKind::Twcc { estimate, .. }) => {
-                        peer.bwe_bps = Some(estimate.as_u64());
+                    Event::MediaIngressStats(st) => {
+                        Self::count_nacks(peer, (st.mid, st.rid), st.packets, st.nacks);
+                        let n = peer.nacks.delta((st.mid, st.rid, true), st.nacks);
+                        METRICS
+                            .nacks_sent
+                            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
                     }
                     Event::PeerStats(st) => {
-                        let loss = st
-                            .egress_loss_fraction
-                            .unwrap_or(0.0)
+                        // Loss before repair: NACKed packets per packet over the last second.
+                        // (RTCP's fraction-lost counts after RTX repaired the gaps.)
+                        let (packets, nacks) = std::mem::take(&mut peer.window);
+                        let nack_loss = if packets >= 20 {
+                            (nacks as f32 / packets as f32).min(1.0)
+                        } else {
+                            0.0
+                        };
+                        let loss = nack_loss
+                            .max(st.egress_loss_fraction.unwrap_or(0.0))
                             .max(st.ingress_loss_fraction.unwrap_or(0.0));
-                        peer.link.loss = loss;
+                        // Smooth: one lossy second should move the figure, not own it.
+                        peer.link.loss = 0.5 * peer.link.loss + 0.5 * loss;
                         if let Some(rtt) = st.rtt {
                             peer.link.rtt = rtt;
                         }
@@ -905,6 +937,15 @@ impl Engine {
                 }
             }
         }
+    }
+
+    fn count_nacks(peer: &mut Peer, key: (Mid, Option<Rid>), packets: u64, nacks: u64) {
+        let last = peer
+            .nack_seen
+            .insert(key, (packets, nacks))
+            .unwrap_or((0, 0));
+        peer.window.0 += packets.saturating_sub(last.0);
+        peer.window.1 += nacks.saturating_sub(last.1);
     }
 
     fn process_queue(&mut self, now: Instant, out: &mut dyn Output) {
@@ -1107,8 +1148,15 @@ impl Engine {
         let Some(peer) = self.peers.get_mut(&id) else {
             return;
         };
-        let budget = match peer.bwe_bps {
+        let overloaded = peer.link.loss > OVERLOAD_LOSS;
+        let estimate = peer.bwe_bps.map(|b| if overloaded { b / 2 } else { b });
+        // Upgrades need head-room; keeping the current layer tolerates a fuller link.
+        let budget = match estimate {
             Some(b) => (b as f64 * BWE_USABLE) as u64,
+            None => u64::MAX,
+        };
+        let keep_budget = match estimate {
+            Some(b) => (b as f64 * 0.97) as u64,
             None => u64::MAX,
         };
         let mut inputs = Vec::new();
@@ -1132,10 +1180,39 @@ impl Engine {
             idx.push(i);
         }
         let (decisions, desired) = allocate(budget, &inputs);
+        let (keep, _) = allocate(keep_budget, &inputs);
+        let rank_of = |d: Decision| match d {
+            Decision::Layer(r) => r,
+            _ => 0,
+        };
         let mut keyframes = Vec::new();
-        for (d, i) in decisions.into_iter().zip(idx) {
+        for ((d, k), i) in decisions.into_iter().zip(keep).zip(idx) {
             let o = &mut peer.media_out[i];
             let was = o.allowed_rank();
+            let current = match o.alloc {
+                Decision::Layer(r) => r.min(3),
+                _ => 0,
+            };
+            let d = if rank_of(d) >= current || o.max_rank < current {
+                // An upgrade, or the subscriber itself asked for less: apply at once.
+                o.down_votes = 0;
+                d
+            } else if rank_of(k) >= current && !overloaded {
+                // The current layer still fits the fuller budget: stay.
+                o.down_votes = 0;
+                o.alloc
+            } else {
+                o.down_votes = o.down_votes.saturating_add(1);
+                if o.down_votes >= DOWNGRADE_ROUNDS || overloaded {
+                    o.down_votes = 0;
+                    d
+                } else {
+                    o.alloc
+                }
+            };
+            if d != o.alloc {
+                tracing::debug!(peer = id.0, track = o.track.0, estimate = ?peer.bwe_bps, from = ?o.alloc, to = ?d, "allocation changed");
+            }
             o.alloc = d;
             let now_allowed = o.allowed_rank();
             if was == 0 && now_allowed > 0 {
@@ -1157,8 +1234,10 @@ impl Engine {
             }
         }
         if peer.bwe_bps.is_some() && desired > 0 {
+            // Probe beyond the need so that the need fits under the usable fraction.
+            let target = (desired as f64 / BWE_USABLE * 1.2) as u64;
             let min = Bitrate::bps(desired.min(budget) / 2);
-            peer.rtc.bwe().set_bitrate(min, Bitrate::bps(desired));
+            peer.rtc.bwe().set_bitrate(min, Bitrate::bps(target));
             Self::drain(id, peer, &mut self.queue, out);
         }
         for t in keyframes {
