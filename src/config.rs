@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// Configuration errors name the key and the problem.
@@ -21,6 +21,8 @@ pub enum ConfigError {
     Parse { path: PathBuf, msg: String },
     #[error("invalid value for `{key}`: {msg}")]
     Invalid { key: &'static str, msg: String },
+    #[error("environment variable {var}: {msg}")]
+    Env { var: String, msg: String },
 }
 
 fn invalid(key: &'static str, msg: impl Into<String>) -> ConfigError {
@@ -31,7 +33,7 @@ fn invalid(key: &'static str, msg: impl Into<String>) -> ConfigError {
 }
 
 /// The whole configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// HTTP / WebSocket / Twirp port.
@@ -45,6 +47,7 @@ pub struct Config {
     pub key_file: Option<PathBuf>,
     pub room: RoomConfig,
     pub limit: LimitConfig,
+    pub webhook: WebhookConfig,
     pub logging: LoggingConfig,
     /// Region reported to clients.
     pub region: String,
@@ -54,7 +57,7 @@ pub struct Config {
     pub seed: Option<u64>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RtcConfig {
     /// The single UDP port for all media.
@@ -67,7 +70,7 @@ pub struct RtcConfig {
     pub bind: Option<IpAddr>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RoomConfig {
     /// Seconds an unjoined room stays open.
@@ -78,13 +81,15 @@ pub struct RoomConfig {
     pub max_participants: u32,
     /// Create rooms on first join.
     pub auto_create: bool,
+    /// Let the server API unmute tracks (muting is always allowed).
+    pub enable_remote_unmute: bool,
     /// Forward only the video of the N most recent speakers (0 = off).
     pub last_n: usize,
     /// Participants joining after this many receive audio only (0 = off).
     pub audio_only_after: usize,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LimitConfig {
     pub max_rooms: usize,
@@ -97,9 +102,30 @@ pub struct LimitConfig {
     pub signal_queue: usize,
     /// Peer connections per node (two per participant).
     pub max_peers: usize,
+    /// Signal messages per second one participant may send (token bucket; 0 = unlimited).
+    pub signal_rate: u32,
+    /// Burst allowance of the signal rate limit (bucket size).
+    pub signal_burst: u32,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Receivers; each gets every event, in order, on its own queue.
+    pub urls: Vec<String>,
+    /// The API key whose secret signs the events (default: the only configured key).
+    pub api_key: String,
+    /// Events queued per URL before new ones are dropped (and counted in `num_dropped`).
+    pub queue_size: usize,
+    /// Delivery attempts per event before it is dropped.
+    pub max_attempts: u32,
+    /// Timeout of one delivery attempt, in milliseconds.
+    pub request_timeout_ms: u64,
+    /// First retry delay in milliseconds; doubles per attempt up to 30 s.
+    pub retry_backoff_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LoggingConfig {
     /// `trace`, `debug`, `info`, `warn`, `error` (RUST_LOG overrides).
@@ -116,6 +142,7 @@ impl Default for Config {
             key_file: None,
             room: RoomConfig::default(),
             limit: LimitConfig::default(),
+            webhook: WebhookConfig::default(),
             logging: LoggingConfig::default(),
             region: String::new(),
             node_id: None,
@@ -142,6 +169,7 @@ impl Default for RoomConfig {
             departure_timeout: 20,
             max_participants: 0,
             auto_create: true,
+            enable_remote_unmute: false,
             last_n: 0,
             audio_only_after: 0,
         }
@@ -158,6 +186,21 @@ impl Default for LimitConfig {
             max_signal_message_bytes: 256 * 1024,
             signal_queue: 1024,
             max_peers: 20_000,
+            signal_rate: 100,
+            signal_burst: 200,
+        }
+    }
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        WebhookConfig {
+            urls: Vec::new(),
+            api_key: String::new(),
+            queue_size: 1000,
+            max_attempts: 5,
+            request_timeout_ms: 5000,
+            retry_backoff_ms: 500,
         }
     }
 }
@@ -171,19 +214,8 @@ impl Default for LoggingConfig {
 }
 
 impl Config {
-    /// Read and parse a YAML file.
-    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::from_yaml(&text).map_err(|msg| ConfigError::Parse {
-            path: path.to_path_buf(),
-            msg,
-        })
-    }
-
     /// Parse YAML text (an empty document gives the defaults).
+    #[cfg(test)]
     pub fn from_yaml(text: &str) -> Result<Config, String> {
         if text.trim().is_empty() {
             return Ok(Config::default());
@@ -192,6 +224,7 @@ impl Config {
     }
 
     /// The development defaults: key `devkey` / secret `secret`.
+    #[cfg(test)]
     pub fn dev() -> Config {
         let mut c = Config::default();
         c.keys.insert("devkey".into(), "secret".into());
@@ -203,10 +236,8 @@ impl Config {
         let Some(path) = self.key_file.clone() else {
             return Ok(());
         };
-        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
-            path: path.clone(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| invalid("key_file", format!("cannot read {}: {e}", path.display())))?;
         for (n, line) in text.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
@@ -263,6 +294,35 @@ impl Config {
         if self.limit.max_rooms == 0 {
             return Err(invalid("limit.max_rooms", "must be positive"));
         }
+        if self.limit.signal_rate > 0 && self.limit.signal_burst == 0 {
+            return Err(invalid(
+                "limit.signal_burst",
+                "must be positive when limit.signal_rate is set",
+            ));
+        }
+        for u in &self.webhook.urls {
+            if !u.starts_with("http://") {
+                return Err(invalid(
+                    "webhook.urls",
+                    format!("`{u}`: only http:// URLs are supported (terminate TLS in a proxy)"),
+                ));
+            }
+            if crate::webhook::parse_http_url(u).is_none() {
+                return Err(invalid("webhook.urls", format!("`{u}` is not a valid URL")));
+            }
+        }
+        if !self.webhook.urls.is_empty() {
+            self.webhook_key()?;
+            if self.webhook.queue_size == 0 {
+                return Err(invalid("webhook.queue_size", "must be positive"));
+            }
+            if self.webhook.max_attempts == 0 {
+                return Err(invalid("webhook.max_attempts", "must be at least 1"));
+            }
+            if self.webhook.request_timeout_ms == 0 {
+                return Err(invalid("webhook.request_timeout_ms", "must be positive"));
+            }
+        }
         match self.logging.level.as_str() {
             "trace" | "debug" | "info" | "warn" | "error" => {}
             other => return Err(invalid("logging.level", format!("unknown level `{other}`"))),
@@ -270,8 +330,34 @@ impl Config {
         Ok(())
     }
 
+    /// The API key and secret that sign webhooks: `webhook.api_key`, or the only key.
+    pub fn webhook_key(&self) -> Result<(String, String), ConfigError> {
+        if self.webhook.api_key.is_empty() {
+            if self.keys.len() == 1 {
+                if let Some((k, v)) = self.keys.iter().next() {
+                    return Ok((k.clone(), v.clone()));
+                }
+            }
+            return Err(invalid(
+                "webhook.api_key",
+                "required when several API keys are configured",
+            ));
+        }
+        match self.keys.get(&self.webhook.api_key) {
+            Some(secret) => Ok((self.webhook.api_key.clone(), secret.clone())),
+            None => Err(invalid(
+                "webhook.api_key",
+                format!("`{}` is not one of `keys`", self.webhook.api_key),
+            )),
+        }
+    }
+
     /// Room settings for the actors.
-    pub fn room_settings(&self, node_id: String) -> arbor_actors::config::RoomSettings {
+    pub fn room_settings(
+        &self,
+        node_id: String,
+        events: arbor_actors::events::EventSink,
+    ) -> arbor_actors::config::RoomSettings {
         arbor_actors::config::RoomSettings {
             empty_timeout: Duration::from_secs(self.room.empty_timeout),
             departure_timeout: Duration::from_secs(self.room.departure_timeout),
@@ -288,7 +374,235 @@ impl Config {
             audio_only_after: self.room.audio_only_after,
             node_id,
             region: self.region.clone(),
+            enable_remote_unmute: self.room.enable_remote_unmute,
+            events,
         }
+    }
+}
+
+/// Environment variables starting with `ARBOR_` that are not configuration: the test and
+/// simulation tooling's own (`ARBOR_BIN`, `ARBOR_NODE_IP`, `ARBOR_E2E_*`, `ARBOR_SIM_*`).
+fn reserved_env(name: &str) -> bool {
+    matches!(name, "ARBOR_BIN" | "ARBOR_NODE_IP")
+        || name.starts_with("ARBOR_E2E_")
+        || name.starts_with("ARBOR_SIM_")
+}
+
+/// Config keys whose value is a map (`keys`) rather than a section.
+const MAP_KEYS: [&str; 1] = ["keys"];
+
+/// Every overridable key path (`rtc.udp_port`, ...) and its default value.
+fn leaf_keys() -> Vec<(String, serde_yaml::Value)> {
+    fn walk(prefix: &str, v: &serde_yaml::Value, out: &mut Vec<(String, serde_yaml::Value)>) {
+        match v {
+            serde_yaml::Value::Mapping(m) if !MAP_KEYS.contains(&prefix) => {
+                for (k, child) in m {
+                    if let Some(k) = k.as_str() {
+                        let path = if prefix.is_empty() {
+                            k.to_string()
+                        } else {
+                            format!("{prefix}.{k}")
+                        };
+                        walk(&path, child, out);
+                    }
+                }
+            }
+            other => out.push((prefix.to_string(), other.clone())),
+        }
+    }
+    let mut out = Vec::new();
+    if let Ok(v) = serde_yaml::to_value(Config::default()) {
+        walk("", &v, &mut out);
+    }
+    out
+}
+
+/// The environment variable for a key path: `rtc.udp_port` → `ARBOR_RTC_UDP_PORT`.
+pub fn env_name(path: &str) -> String {
+    format!("ARBOR_{}", path.replace('.', "_").to_ascii_uppercase())
+}
+
+/// Parse an environment value into the YAML shape of the key it overrides.
+fn env_value(
+    default: &serde_yaml::Value,
+    path: &str,
+    raw: &str,
+) -> Result<serde_yaml::Value, String> {
+    use serde_yaml::Value;
+    let scalar = |s: &str| -> Value {
+        serde_yaml::from_str::<Value>(s).unwrap_or_else(|_| Value::String(s.to_string()))
+    };
+    if MAP_KEYS.contains(&path) {
+        // `k1: s1, k2: s2`
+        let mut m = serde_yaml::Mapping::new();
+        for item in raw.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let (k, v) = item
+                .split_once(':')
+                .ok_or_else(|| format!("expected `key: value[, key: value]`, got `{item}`"))?;
+            m.insert(
+                Value::String(k.trim().to_string()),
+                Value::String(v.trim().to_string()),
+            );
+        }
+        return Ok(Value::Mapping(m));
+    }
+    Ok(match default {
+        Value::Sequence(_) => Value::Sequence(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|i| !i.is_empty())
+                .map(|i| Value::String(i.to_string()))
+                .collect(),
+        ),
+        Value::String(_) => Value::String(raw.to_string()),
+        Value::Bool(_) => match raw.trim() {
+            "true" | "1" | "yes" => Value::Bool(true),
+            "false" | "0" | "no" => Value::Bool(false),
+            other => return Err(format!("expected true or false, got `{other}`")),
+        },
+        Value::Number(_) => {
+            let v = scalar(raw.trim());
+            if !v.is_number() {
+                return Err(format!("expected a number, got `{raw}`"));
+            }
+            v
+        }
+        _ => scalar(raw.trim()),
+    })
+}
+
+impl Config {
+    /// Build the configuration from (in rising precedence) the defaults, an optional YAML
+    /// file (or the dev defaults), and `ARBOR_*` environment variables. `source` names the
+    /// file in errors. Unknown keys and unknown `ARBOR_*` variables are errors that name them.
+    pub fn load(
+        file: Option<&Path>,
+        dev: bool,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut file_text = None;
+        let (mut tree, source) = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                file_text = Some(text.clone());
+                let v = if text.trim().is_empty() {
+                    serde_yaml::Value::Mapping(Default::default())
+                } else {
+                    serde_yaml::from_str(&text).map_err(|e| ConfigError::Parse {
+                        path: path.to_path_buf(),
+                        msg: e.to_string(),
+                    })?
+                };
+                (v, path.to_path_buf())
+            }
+            None => (
+                serde_yaml::Value::Mapping(Default::default()),
+                PathBuf::from("<defaults>"),
+            ),
+        };
+        if !tree.is_mapping() {
+            return Err(ConfigError::Parse {
+                path: source,
+                msg: "the top level must be a mapping of keys".into(),
+            });
+        }
+        let leaves = leaf_keys();
+        let mut applied = Vec::new();
+        let mut env: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("ARBOR_") && !reserved_env(k))
+            .collect();
+        env.sort();
+        for (var, raw) in env {
+            let Some((path, default)) = leaves.iter().find(|(p, _)| env_name(p) == var) else {
+                let known: Vec<String> = leaves.iter().map(|(p, _)| env_name(p)).collect();
+                return Err(ConfigError::Env {
+                    var,
+                    msg: format!("not a configuration key (known: {})", known.join(", ")),
+                });
+            };
+            let value = env_value(default, path, &raw).map_err(|msg| ConfigError::Env {
+                var: var.clone(),
+                msg: format!("invalid value for `{path}`: {msg}"),
+            })?;
+            let mut node = &mut tree;
+            let parts: Vec<&str> = path.split('.').collect();
+            for (i, part) in parts.iter().enumerate() {
+                let map = match node {
+                    serde_yaml::Value::Mapping(m) => m,
+                    _ => {
+                        return Err(ConfigError::Env {
+                            var: var.clone(),
+                            msg: format!(
+                                "`{}` in the config file is not a section",
+                                parts[..i].join(".")
+                            ),
+                        })
+                    }
+                };
+                let key = serde_yaml::Value::String(part.to_string());
+                if i + 1 == parts.len() {
+                    map.insert(key, value.clone());
+                    break;
+                }
+                node = map
+                    .entry(key)
+                    .or_insert_with(|| serde_yaml::Value::Mapping(Default::default()));
+            }
+            applied.push((var, path.clone()));
+        }
+        // Deserialize from text, not from the tree: serde_yaml then names the key path in
+        // errors (`rtc.udp_port: invalid value ...`). Line numbers refer to the file only
+        // when no variable changed it.
+        let text = match (&file_text, applied.is_empty()) {
+            (Some(t), true) => t.clone(),
+            _ => serde_yaml::to_string(&tree).map_err(|e| ConfigError::Parse {
+                path: source.clone(),
+                msg: e.to_string(),
+            })?,
+        };
+        let parsed: Result<Config, _> = if text.trim().is_empty() {
+            Ok(Config::default())
+        } else {
+            serde_yaml::from_str(&text)
+        };
+        let mut cfg = parsed.map_err(|e| {
+            let mut msg = e.to_string();
+            // Say which variable set a key whose value is wrong.
+            if let Some((var, path)) = applied
+                .iter()
+                .find(|(_, p)| msg.starts_with(&format!("{p}:")) || msg.contains(&format!("`{p}`")))
+            {
+                msg = format!("{msg} (set by {var} for `{path}`)");
+            }
+            ConfigError::Parse {
+                path: source.clone(),
+                msg,
+            }
+        })?;
+        if dev && cfg.keys.is_empty() && cfg.key_file.is_none() {
+            cfg.keys.insert("devkey".into(), "secret".into());
+        }
+        Ok(cfg)
+    }
+
+    /// True when the environment holds configuration (`ARBOR_*` variables that are not the
+    /// tooling's own).
+    pub fn env_has_config(env: impl IntoIterator<Item = (String, String)>) -> bool {
+        env.into_iter()
+            .any(|(k, _)| k.starts_with("ARBOR_") && !reserved_env(&k))
+    }
+
+    /// Every supported environment variable with its key path.
+    #[cfg(test)]
+    pub fn env_variables() -> Vec<(String, String)> {
+        leaf_keys()
+            .into_iter()
+            .map(|(p, _)| (env_name(&p), p))
+            .collect()
     }
 }
 
@@ -323,6 +637,134 @@ mod tests {
         let c = Config::from_yaml(include_str!("../deploy/config-sample.yaml")).unwrap();
         c.validate().unwrap();
         assert_eq!(c.port, Config::default().port);
+    }
+
+    fn env(vars: &[(&str, &str)]) -> Vec<(String, String)> {
+        vars.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn env_overrides_every_kind_of_key() {
+        let c = Config::load(
+            None,
+            false,
+            env(&[
+                ("ARBOR_PORT", "9000"),
+                ("ARBOR_RTC_UDP_PORT", "9002"),
+                ("ARBOR_RTC_NODE_IP", "10.1.2.3"),
+                ("ARBOR_KEYS", "k1: s1, k2: s2"),
+                ("ARBOR_ROOM_EMPTY_TIMEOUT", "12"),
+                ("ARBOR_ROOM_AUTO_CREATE", "false"),
+                ("ARBOR_LIMIT_SIGNAL_RATE", "5"),
+                (
+                    "ARBOR_WEBHOOK_URLS",
+                    "http://127.0.0.1:1/a, http://127.0.0.1:2/b",
+                ),
+                ("ARBOR_WEBHOOK_API_KEY", "k1"),
+                ("ARBOR_LOGGING_LEVEL", "debug"),
+                ("ARBOR_REGION", "eu"),
+                // The tooling's own variables are ignored.
+                ("ARBOR_BIN", "/x"),
+                ("ARBOR_NODE_IP", "10.200.0.1"),
+                ("ARBOR_E2E_IN_NETNS", "1"),
+                ("PATH", "/bin"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.port, 9000);
+        assert_eq!(c.rtc.udp_port, 9002);
+        assert_eq!(c.rtc.node_ip, Some("10.1.2.3".parse().unwrap()));
+        assert_eq!(c.keys.len(), 2);
+        assert_eq!(c.keys["k2"], "s2");
+        assert_eq!(c.room.empty_timeout, 12);
+        assert!(!c.room.auto_create);
+        assert_eq!(c.limit.signal_rate, 5);
+        assert_eq!(c.webhook.urls.len(), 2);
+        assert_eq!(c.logging.level, "debug");
+        assert_eq!(c.region, "eu");
+        c.validate().unwrap();
+        assert_eq!(c.webhook_key().unwrap().0, "k1");
+    }
+
+    #[test]
+    fn env_overrides_the_file() {
+        let dir = std::env::temp_dir().join(format!("arbor-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("c.yaml");
+        std::fs::write(&f, "port: 7000\nrtc:\n  udp_port: 7002\nkeys:\n  a: b\n").unwrap();
+        let c = Config::load(Some(&f), false, env(&[("ARBOR_RTC_UDP_PORT", "7100")])).unwrap();
+        assert_eq!(c.port, 7000);
+        assert_eq!(c.rtc.udp_port, 7100);
+        assert_eq!(c.keys["a"], "b");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn env_errors_name_the_variable() {
+        let e = Config::load(None, true, env(&[("ARBOR_BOGUS", "1")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("ARBOR_BOGUS") && e.contains("not a configuration key"),
+            "{e}"
+        );
+        let e = Config::load(None, true, env(&[("ARBOR_PORT", "abc")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ARBOR_PORT") && e.contains("`port`"), "{e}");
+        let e = Config::load(None, true, env(&[("ARBOR_PORT", "70000")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("port") && e.contains("ARBOR_PORT"), "{e}");
+        let e = Config::load(None, true, env(&[("ARBOR_KEYS", "nocolon")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ARBOR_KEYS"), "{e}");
+    }
+
+    #[test]
+    fn webhook_validation() {
+        let mut c = Config::dev();
+        c.webhook.urls = vec!["https://example.invalid/x".into()];
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("webhook.urls"));
+        c.webhook.urls = vec!["http://127.0.0.1:9/hook".into()];
+        c.validate().unwrap();
+        c.keys.insert("k2".into(), "s2".into());
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("webhook.api_key"));
+        c.webhook.api_key = "nope".into();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("webhook.api_key"));
+        c.webhook.api_key = "k2".into();
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn every_key_is_documented_in_the_sample() {
+        let sample = include_str!("../deploy/config-sample.yaml");
+        for (var, path) in Config::env_variables() {
+            let leaf = path.rsplit('.').next().unwrap();
+            assert!(
+                sample.contains(&format!("{leaf}:")),
+                "`{path}` is not documented in deploy/config-sample.yaml"
+            );
+            assert!(
+                sample.contains(&var),
+                "{var} is not documented in the sample"
+            );
+        }
     }
 
     #[test]

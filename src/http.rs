@@ -9,7 +9,7 @@ use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 
 use arbor_actors::config::RoomSettings;
@@ -30,6 +30,10 @@ pub struct AppState {
     pub settings: Arc<RoomSettings>,
     pub arbiter: ArbiterHandle,
     pub max_message_bytes: usize,
+    /// Signal messages per second per participant (`limit.signal_rate`, 0 = unlimited).
+    pub signal_rate: u32,
+    /// Burst of the signal rate limit (`limit.signal_burst`).
+    pub signal_burst: u32,
 }
 
 /// All routes.
@@ -41,6 +45,14 @@ pub fn router(state: AppState) -> Router {
         .route("/rtc/validate", get(validate))
         .route("/rtc/v1", get(not_found))
         .route("/rtc/v1/validate", get(not_found))
+        .route(
+            "/twirp/livekit.RoomService/{method}",
+            post(crate::twirp::handle).options(crate::twirp::preflight),
+        )
+        .route(
+            "/twirp/{*path}",
+            post(crate::twirp::bad_route).options(crate::twirp::preflight),
+        )
         .with_state(state)
 }
 

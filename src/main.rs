@@ -8,6 +8,8 @@ mod cluster;
 mod config;
 mod http;
 mod signal;
+mod twirp;
+mod webhook;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -96,19 +98,11 @@ fn run_cluster_command(cmd: Cmd) -> anyhow::Result<()> {
 }
 
 fn load_config(cli: &Cli) -> anyhow::Result<Config> {
-    let mut cfg = match (&cli.config, cli.dev) {
-        (Some(path), dev) => {
-            let mut c = Config::from_file(path)?;
-            if dev && c.keys.is_empty() {
-                c.keys.insert("devkey".into(), "secret".into());
-            }
-            c
-        }
-        (None, true) => Config::dev(),
-        (None, false) => {
-            bail!("no configuration: run `arbor --dev` for development, or `arbor --config FILE`")
-        }
-    };
+    // Defaults < file (or dev defaults) < ARBOR_* environment < command-line flags.
+    if cli.config.is_none() && !cli.dev && !Config::env_has_config(std::env::vars()) {
+        bail!("no configuration: run `arbor --dev` for development, `arbor --config FILE`, or set ARBOR_* variables (see deploy/config-sample.yaml)");
+    }
+    let mut cfg = Config::load(cli.config.as_deref(), cli.dev, std::env::vars())?;
     if let Some(b) = cli.bind {
         cfg.bind_addresses = vec![b];
     }
@@ -147,7 +141,15 @@ fn default_node_ip() -> IpAddr {
     IpAddr::V4(Ipv4Addr::LOCALHOST)
 }
 
-fn main() -> anyhow::Result<()> {
+/// Errors (a bad configuration above all) are printed as one readable line, exit status 1.
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("arbor: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let mut cli = Cli::parse();
     if let Some(cmd) = cli.cmd.take() {
         return run_cluster_command(cmd);
@@ -185,7 +187,6 @@ fn main() -> anyhow::Result<()> {
         .node_id
         .clone()
         .unwrap_or_else(|| arbor_actors::ids::new_sid("ND_"));
-    let settings = Arc::new(cfg.room_settings(node_id.clone()));
     tracing::info!(%node_ip, node_id, seed, udp = cfg.rtc.udp_port, tcp = cfg.rtc.tcp_port, "arbor starting");
 
     // Control plane: actix actors on the system arbiter; HTTP on a multi-threaded runtime.
@@ -197,6 +198,21 @@ fn main() -> anyhow::Result<()> {
             .expect("tokio runtime")
     });
     system.block_on(async move {
+        let events = if cfg.webhook.urls.is_empty() {
+            arbor_actors::events::EventSink::default()
+        } else {
+            let (api_key, api_secret) = cfg.webhook_key()?;
+            webhook::start(webhook::WebhookSettings {
+                urls: cfg.webhook.urls.clone(),
+                api_key,
+                api_secret,
+                queue_size: cfg.webhook.queue_size,
+                max_attempts: cfg.webhook.max_attempts,
+                request_timeout: std::time::Duration::from_millis(cfg.webhook.request_timeout_ms),
+                retry_backoff: std::time::Duration::from_millis(cfg.webhook.retry_backoff_ms),
+            })
+        };
+        let settings = Arc::new(cfg.room_settings(node_id.clone(), events));
         let manager = actix::Actor::start(RoomManager::new(settings.clone(), media.clone()));
         let state = http::AppState {
             auth: auth::Auth::new(cfg.keys.clone()),
@@ -205,6 +221,8 @@ fn main() -> anyhow::Result<()> {
             settings,
             arbiter: actix::Arbiter::current(),
             max_message_bytes: cfg.limit.max_signal_message_bytes,
+            signal_rate: cfg.limit.signal_rate,
+            signal_burst: cfg.limit.signal_burst,
         };
         let app = http::router(state);
         let mut servers = Vec::new();

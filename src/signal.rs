@@ -37,6 +37,44 @@ pub struct JoinParams {
     pub room_name: String,
 }
 
+/// A token bucket: `rate` tokens per second, at most `burst` saved up. Sans-IO: the caller
+/// passes the time.
+#[derive(Debug, Clone)]
+pub struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: std::time::Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket. `rate` 0 means unlimited.
+    pub fn new(rate: u32, burst: u32, now: std::time::Instant) -> Self {
+        TokenBucket {
+            rate: f64::from(rate),
+            burst: f64::from(burst.max(1)),
+            tokens: f64::from(burst.max(1)),
+            last: now,
+        }
+    }
+
+    /// Take one token if there is one.
+    pub fn allow(&mut self, now: std::time::Instant) -> bool {
+        if self.rate <= 0.0 {
+            return true;
+        }
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// How often the server pings the client's WebSocket.
 const WS_PING_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -99,7 +137,15 @@ pub async fn session(socket: WebSocket, state: AppState, params: JoinParams, roo
         let mut ping = tokio::time::interval(WS_PING_INTERVAL);
         ping.tick().await;
         loop {
+            // A close with a reason wins over queued responses, so the client learns why.
             tokio::select! {
+                biased;
+                c = &mut close_rx => {
+                    if let Ok((code, reason)) = c {
+                        let _ = ws_tx.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
+                    }
+                    return;
+                }
                 m = signal_rx.recv() => match m {
                     Some(m) => {
                         if ws_tx.send(encode(m, json_w.load(Ordering::Relaxed))).await.is_err() {
@@ -111,12 +157,6 @@ pub async fn session(socket: WebSocket, state: AppState, params: JoinParams, roo
                         return;
                     }
                 },
-                c = &mut close_rx => {
-                    if let Ok((code, reason)) = c {
-                        let _ = ws_tx.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
-                    }
-                    return;
-                }
                 _ = ping.tick() => {
                     if ws_tx.send(Message::Ping(Vec::new().into())).await.is_err() {
                         return;
@@ -131,6 +171,11 @@ pub async fn session(socket: WebSocket, state: AppState, params: JoinParams, roo
     let mut clean = false;
     let mut close_tx = Some(close_tx);
     let mut writer_done = false;
+    let mut bucket = TokenBucket::new(
+        state.signal_rate,
+        state.signal_burst,
+        std::time::Instant::now(),
+    );
     loop {
         let next = tokio::select! {
             n = tokio::time::timeout(timeout, ws_rx.next()) => n,
@@ -170,6 +215,20 @@ pub async fn session(socket: WebSocket, state: AppState, params: JoinParams, roo
         match decode(&msg, &json) {
             Ok(Some(req)) => {
                 let Some(m) = req.message else { continue };
+                if !bucket.allow(std::time::Instant::now()) {
+                    METRICS
+                        .signal_rate_limited
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let reason = format!(
+                        "signal rate limit exceeded (limit.signal_rate = {}/s, limit.signal_burst = {})",
+                        state.signal_rate, state.signal_burst
+                    );
+                    tracing::warn!(participant = %sid, %reason, "disconnecting");
+                    if let Some(tx) = close_tx.take() {
+                        let _ = tx.send((1008, reason));
+                    }
+                    break;
+                }
                 if matches!(m, lk::signal_request::Message::Leave(_)) {
                     clean = true;
                 }
@@ -189,6 +248,19 @@ pub async fn session(socket: WebSocket, state: AppState, params: JoinParams, roo
         }
     }
     participant.do_send(SocketClosed { clean });
+    // We closed with a reason: finish the closing handshake by reading (and discarding) what
+    // the client still sends until its close frame, briefly. Dropping the socket with unread
+    // data would make the kernel reset the connection and the client could lose our reason.
+    if close_tx.is_none() {
+        let drain = async {
+            while let Some(Ok(m)) = ws_rx.next().await {
+                if matches!(m, Message::Close(_)) {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
+    }
     // Let the writer flush a final close frame, but never wait long.
     if !writer_done {
         let _ = tokio::time::timeout(Duration::from_secs(2), &mut writer).await;
@@ -217,6 +289,21 @@ mod tests {
             }
         }
         assert!(decode(&Message::Binary(vec![0xff, 0xff, 0xff].into()), &json).is_err());
+    }
+
+    #[test]
+    fn token_bucket_allows_burst_then_rate() {
+        let t0 = std::time::Instant::now();
+        let mut b = TokenBucket::new(10, 5, t0);
+        let allowed = (0..20).filter(|_| b.allow(t0)).count();
+        assert_eq!(allowed, 5);
+        // 1 s later: 10 more tokens, capped by the burst of 5.
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!((0..20).filter(|_| b.allow(t1)).count(), 5);
+        let t2 = t1 + Duration::from_millis(100);
+        assert_eq!((0..20).filter(|_| b.allow(t2)).count(), 1);
+        let mut unlimited = TokenBucket::new(0, 0, t0);
+        assert!((0..10_000).all(|_| unlimited.allow(t0)));
     }
 
     #[test]

@@ -37,6 +37,11 @@ pub struct RoomSettings {
     /// Node id and region reported to clients.
     pub node_id: String,
     pub region: String,
+    /// Let the server API unmute a participant's track (`room.enable_remote_unmute`);
+    /// muting is always allowed.
+    pub enable_remote_unmute: bool,
+    /// Where rooms report lifecycle events (webhooks); the default discards them.
+    pub events: crate::events::EventSink,
 }
 
 impl Default for RoomSettings {
@@ -57,6 +62,8 @@ impl Default for RoomSettings {
             audio_only_after: 0,
             node_id: "ND_local".into(),
             region: String::new(),
+            enable_remote_unmute: false,
+            events: crate::events::EventSink::default(),
         }
     }
 }

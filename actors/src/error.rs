@@ -40,6 +40,14 @@ pub enum RoomError {
     NotAllowed(String),
     #[error("too many rooms (limit.max_rooms = {0})")]
     TooManyRooms(usize),
+    #[error("participant `{0}` not found in this room")]
+    ParticipantNotFound(String),
+    #[error("track `{0}` not found")]
+    TrackNotFound(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    LimitExceeded(String),
     #[error(transparent)]
     Media(#[from] MediaError),
     #[error("actor mailbox error: {0}")]

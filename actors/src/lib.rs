@@ -9,6 +9,7 @@
 pub mod codec;
 pub mod config;
 pub mod error;
+pub mod events;
 pub mod ids;
 pub mod manager;
 pub mod media;

@@ -6,6 +6,29 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 
+/// Turns cumulative per-stream counts (str0m reports NACKs as running totals per stream in its
+/// periodic stats) into increments of a process counter.
+#[derive(Debug)]
+pub struct Tally<K> {
+    last: std::collections::HashMap<K, u64>,
+}
+
+impl<K> Default for Tally<K> {
+    fn default() -> Self {
+        Tally {
+            last: std::collections::HashMap::new(),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq> Tally<K> {
+    /// Record the running total of stream `key`; returns how much it grew since last time.
+    pub fn delta(&mut self, key: K, total: u64) -> u64 {
+        let prev = self.last.insert(key, total).unwrap_or(0);
+        total.saturating_sub(prev)
+    }
+}
+
 /// All counters and gauges of the process.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -22,6 +45,22 @@ pub struct Metrics {
     pub data_dropped: AtomicU64,
     pub plis: AtomicU64,
     pub signal_errors: AtomicU64,
+    /// Signal messages refused by the per-participant rate limit (`limit.signal_rate`).
+    pub signal_rate_limited: AtomicU64,
+    /// Twirp (server API) requests answered, and those answered with an error.
+    pub api_requests: AtomicU64,
+    pub api_errors: AtomicU64,
+    /// Webhook events accepted into a destination queue / delivered / dropped (queue full or
+    /// retries exhausted) / failed delivery attempts (each retry counts).
+    pub webhook_queued: AtomicU64,
+    pub webhook_delivered: AtomicU64,
+    pub webhook_dropped: AtomicU64,
+    pub webhook_failed_attempts: AtomicU64,
+    /// Webhook events waiting for delivery, summed over destinations.
+    pub webhook_pending: AtomicI64,
+    /// NACKs sent to publishers (for lost incoming packets) and received from subscribers.
+    pub nacks_sent: AtomicU64,
+    pub nacks_received: AtomicU64,
 }
 
 /// The process's metrics.
@@ -39,6 +78,16 @@ pub static METRICS: Metrics = Metrics {
     data_dropped: AtomicU64::new(0),
     plis: AtomicU64::new(0),
     signal_errors: AtomicU64::new(0),
+    signal_rate_limited: AtomicU64::new(0),
+    api_requests: AtomicU64::new(0),
+    api_errors: AtomicU64::new(0),
+    webhook_queued: AtomicU64::new(0),
+    webhook_delivered: AtomicU64::new(0),
+    webhook_dropped: AtomicU64::new(0),
+    webhook_failed_attempts: AtomicU64::new(0),
+    webhook_pending: AtomicI64::new(0),
+    nacks_sent: AtomicU64::new(0),
+    nacks_received: AtomicU64::new(0),
 };
 
 impl Metrics {
@@ -70,7 +119,7 @@ impl Metrics {
     /// Render every metric in the Prometheus text format.
     pub fn render(&self) -> String {
         let mut s = String::with_capacity(2048);
-        let gauges: [(&str, &str, i64); 3] = [
+        let gauges: [(&str, &str, i64); 4] = [
             ("arbor_rooms", "Open rooms.", self.rooms.load(Relaxed)),
             (
                 "arbor_participants",
@@ -82,11 +131,26 @@ impl Metrics {
                 "Published tracks.",
                 self.tracks.load(Relaxed),
             ),
+            (
+                "arbor_webhook_queue_length",
+                "Webhook events waiting for delivery (all destinations).",
+                self.webhook_pending.load(Relaxed),
+            ),
         ];
         for (name, help, v) in gauges {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         }
-        let counters: [(&str, &str, u64); 10] = [
+        let counters: [(&str, &str, u64); 19] = [
+            (
+                "arbor_nacks_sent_total",
+                "NACKs sent to publishers for lost packets.",
+                self.nacks_sent.load(Relaxed),
+            ),
+            (
+                "arbor_nacks_received_total",
+                "NACKs received from subscribers.",
+                self.nacks_received.load(Relaxed),
+            ),
             (
                 "arbor_media_frames_received_total",
                 "Media frames received from publishers.",
@@ -137,10 +201,76 @@ impl Metrics {
                 "Rejected signal messages.",
                 self.signal_errors.load(Relaxed),
             ),
+            (
+                "arbor_signal_rate_limited_total",
+                "Signal messages over limit.signal_rate (the sender is disconnected).",
+                self.signal_rate_limited.load(Relaxed),
+            ),
+            (
+                "arbor_api_requests_total",
+                "Twirp server API requests.",
+                self.api_requests.load(Relaxed),
+            ),
+            (
+                "arbor_api_errors_total",
+                "Twirp server API requests answered with an error.",
+                self.api_errors.load(Relaxed),
+            ),
+            (
+                "arbor_webhook_events_queued_total",
+                "Webhook events accepted into a destination queue.",
+                self.webhook_queued.load(Relaxed),
+            ),
+            (
+                "arbor_webhook_events_delivered_total",
+                "Webhook events delivered (2xx answer).",
+                self.webhook_delivered.load(Relaxed),
+            ),
+            (
+                "arbor_webhook_events_dropped_total",
+                "Webhook events dropped (queue full or retries exhausted).",
+                self.webhook_dropped.load(Relaxed),
+            ),
+            (
+                "arbor_webhook_failed_attempts_total",
+                "Webhook delivery attempts that failed (each retry counts).",
+                self.webhook_failed_attempts.load(Relaxed),
+            ),
         ];
         for (name, help, v) in counters {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tally_turns_totals_into_deltas() {
+        let mut t = Tally::default();
+        assert_eq!(t.delta(("a", true), 3), 3);
+        assert_eq!(t.delta(("a", true), 5), 2);
+        assert_eq!(t.delta(("b", true), 1), 1);
+        assert_eq!(t.delta(("a", true), 5), 0);
+        // A stream that restarts from zero never makes the counter go back.
+        assert_eq!(t.delta(("a", true), 1), 0);
+    }
+
+    #[test]
+    fn render_is_prometheus_text() {
+        let text = METRICS.render();
+        for name in [
+            "arbor_rooms",
+            "arbor_nacks_sent_total",
+            "arbor_webhook_queue_length",
+            "arbor_webhook_events_dropped_total",
+            "arbor_signal_rate_limited_total",
+        ] {
+            assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
+            assert!(text.lines().any(|l| l.starts_with(&format!("{name} "))));
+        }
     }
 }

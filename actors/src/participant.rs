@@ -840,3 +840,59 @@ impl Handler<SocketClosed> for Participant {
         self.leave(reason, ctx);
     }
 }
+
+/// The server changed this participant's permission (`UpdateParticipant`). It applies at once:
+/// tracks whose source is no longer allowed are unpublished (the client is told with
+/// `track_unpublished`), and later requests are checked against the new grants.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetPermission(pub lk::ParticipantPermission);
+
+impl Handler<SetPermission> for Participant {
+    type Result = ();
+    fn handle(&mut self, SetPermission(perm): SetPermission, ctx: &mut Self::Context) {
+        tracing::info!(parent: &self.span, ?perm, "permission changed by the server");
+        self.init.permission = perm.clone();
+        self.info.permission = Some(perm);
+        let revoked: Vec<String> = self
+            .published
+            .iter()
+            .filter(|(_, p)| {
+                let source = self
+                    .info
+                    .tracks
+                    .iter()
+                    .find(|t| t.sid == p.track_sid)
+                    .map(|t| t.source)
+                    .unwrap_or_default();
+                !self.can_publish_source(source)
+            })
+            .map(|(mid, _)| mid.clone())
+            .collect();
+        for mid in revoked {
+            let Some(p) = self.published.remove(&mid) else {
+                continue;
+            };
+            self.info.tracks.retain(|t| t.sid != p.track_sid);
+            self.init.room.do_send(room::UnpublishTrack {
+                sid: self.sid.clone(),
+                track_sid: p.track_sid.clone(),
+            });
+            self.send(
+                Resp::TrackUnpublished(lk::TrackUnpublishedResponse {
+                    track_sid: p.track_sid,
+                }),
+                ctx,
+            );
+        }
+        let pending: Vec<String> = self
+            .pending
+            .iter()
+            .filter(|(_, t)| !self.can_publish_source(t.source))
+            .map(|(cid, _)| cid.clone())
+            .collect();
+        for cid in pending {
+            self.pending.remove(&cid);
+        }
+    }
+}

@@ -4,7 +4,7 @@
 //! Every change to a participant goes through the room, which bumps the version and broadcasts
 //! a `ParticipantUpdate`. Subscriptions are decided here and carried out by [`Track`] actors.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -14,11 +14,12 @@ use lk::signal_response::Message as Resp;
 
 use crate::config::RoomSettings;
 use crate::error::RoomError;
+use crate::events::names as ev;
 use crate::ids::new_sid;
 use crate::manager::{RoomManager, RoomStopped};
 use crate::media::{Command, MediaHandle, PeerId, TrackKey};
 use crate::metrics::METRICS;
-use crate::participant::{Kick, Participant, SendSignal};
+use crate::participant::{Kick, Participant, SendSignal, SetPermission};
 use crate::track::{
     AddSubscriber, CloseTrack, PolicyCap, RemoveSubscriber, SetMuted, SubscriberSettings, Track,
 };
@@ -71,6 +72,14 @@ pub struct Room {
     recent_speakers: Vec<String>,
     next_join_seq: u64,
     span: tracing::Span,
+    /// Server-initiated RPCs waiting for the destination's ack/response, by request id.
+    rpc: HashMap<String, PendingRpc>,
+    /// Why members are disconnected when the room stops.
+    close_reason: lk::DisconnectReason,
+    /// Members announced by a `participant_joined` event (sent, as LiveKit does, when a member
+    /// first becomes ACTIVE). Their track events follow; the others' leaving is
+    /// `participant_connection_aborted`.
+    announced: BTreeSet<String>,
 }
 
 /// A room's public summary.
@@ -121,6 +130,9 @@ impl Room {
             recent_speakers: Vec::new(),
             next_join_seq: 0,
             span,
+            rpc: HashMap::new(),
+            close_reason: lk::DisconnectReason::RoomClosed,
+            announced: BTreeSet::new(),
         }
     }
 
@@ -343,6 +355,9 @@ impl Actor for Room {
             .rooms
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(parent: &self.span, "room started");
+        self.settings
+            .events
+            .emit(ev::ROOM_STARTED, &self.room_info(), None, None);
         self.schedule_close(ctx, self.settings.empty_timeout);
         ctx.run_interval(SPEAKER_INTERVAL, |room, _| {
             room.send_speakers();
@@ -355,12 +370,13 @@ impl Actor for Room {
         METRICS
             .rooms
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.emit_room_closing();
         for (_, t) in std::mem::take(&mut self.tracks) {
             t.addr.do_send(CloseTrack);
         }
         for m in self.members.values() {
             m.addr.do_send(Kick {
-                reason: lk::DisconnectReason::RoomClosed,
+                reason: self.close_reason,
             });
         }
         self.manager.do_send(RoomStopped {
@@ -494,7 +510,7 @@ impl Handler<Join> for Room {
                 ctx,
             );
         }
-        let max = self.settings.max_participants;
+        let max = self.info.max_participants;
         if max > 0 && self.members.len() as u32 >= max {
             return Err(RoomError::RoomFull(max));
         }
@@ -575,12 +591,31 @@ impl Handler<Leave> for Room {
             .filter(|(_, t)| t.publisher_sid == msg.sid)
             .map(|(sid, _)| sid.clone())
             .collect();
+        let announced = self.announced.remove(&msg.sid);
         for t in published {
+            if announced {
+                if let Some(info) = m.info.tracks.iter().find(|i| i.sid == t) {
+                    self.settings.events.emit(
+                        ev::TRACK_UNPUBLISHED,
+                        &self.room_info(),
+                        Some(&m.info),
+                        Some(info),
+                    );
+                }
+            }
             self.remove_track(&t);
         }
         if !m.hidden {
             m.info.state = lk::participant_info::State::Disconnected as i32;
             m.info.disconnect_reason = msg.reason as i32;
+            let event = if announced {
+                ev::PARTICIPANT_LEFT
+            } else {
+                ev::PARTICIPANT_CONNECTION_ABORTED
+            };
+            self.settings
+                .events
+                .emit(event, &self.room_info(), Some(&m.info), None);
             m.info.version += 1;
             m.info.tracks.clear();
             let update = Resp::Update(lk::ParticipantUpdate {
@@ -591,7 +626,7 @@ impl Handler<Leave> for Room {
             }
         }
         if self.members.is_empty() {
-            let after = self.settings.departure_timeout;
+            let after = std::time::Duration::from_secs(self.info.departure_timeout.into());
             self.schedule_close(ctx, after);
         }
     }
@@ -629,6 +664,17 @@ impl Handler<PublishTrack> for Room {
                 last_n_cap: 3,
             },
         );
+        let announced = self.announced.contains(&msg.sid);
+        if let Some(m) = self.members.get(&msg.sid).filter(|_| announced) {
+            if let Some(t) = m.info.tracks.iter().find(|t| t.sid == track_sid) {
+                self.settings.events.emit(
+                    ev::TRACK_PUBLISHED,
+                    &self.room_info(),
+                    Some(&m.info),
+                    Some(t),
+                );
+            }
+        }
         self.apply_last_n();
         // The update carrying the TrackInfo goes out before any subscriber offer.
         self.broadcast_info(&msg.sid);
@@ -653,6 +699,17 @@ impl Handler<UnpublishTrack> for Room {
             .is_some_and(|t| t.publisher_sid == msg.sid);
         if !owned {
             return;
+        }
+        let announced = self.announced.contains(&msg.sid);
+        if let Some(m) = self.members.get(&msg.sid).filter(|_| announced) {
+            if let Some(t) = m.info.tracks.iter().find(|t| t.sid == msg.track_sid) {
+                self.settings.events.emit(
+                    ev::TRACK_UNPUBLISHED,
+                    &self.room_info(),
+                    Some(&m.info),
+                    Some(t),
+                );
+            }
         }
         self.remove_track(&msg.track_sid);
         if let Some(l) = self.levels.get_mut(&msg.sid) {
@@ -699,6 +756,9 @@ impl Handler<SetState> for Room {
         m.info.state = msg.state as i32;
         self.bump(&msg.sid);
         self.broadcast_info(&msg.sid);
+        if msg.state == lk::participant_info::State::Active {
+            self.announce(&msg.sid);
+        }
     }
 }
 
@@ -743,6 +803,14 @@ impl Handler<UpdateSubscription> for Room {
 impl Handler<RouteData> for Room {
     type Result = ();
     fn handle(&mut self, msg: RouteData, _ctx: &mut Self::Context) {
+        // Answers to server-initiated RPCs are addressed to the request id, not to a member.
+        if let [dest] = msg.destinations.as_slice() {
+            if self.rpc.contains_key(dest) {
+                let dest = dest.clone();
+                self.rpc_answer(&dest, &msg.from_sid, &msg.data);
+                return;
+            }
+        }
         for (sid, m) in &self.members {
             if *sid == msg.from_sid {
                 continue;
@@ -774,6 +842,506 @@ impl Handler<Summarize> for Room {
                 .map(|m| m.info.clone())
                 .collect(),
         })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server API (Twirp RoomService) and lifecycle events
+// ---------------------------------------------------------------------------------------------
+
+/// How long the destination of a server-initiated RPC has to acknowledge it (LiveKit clients
+/// ack on receipt, before running the handler).
+pub const RPC_ACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Response timeout when the request names none (`PerformRpcRequest.response_timeout_ms` = 0).
+pub const RPC_DEFAULT_RESPONSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Upper bound of any RPC response timeout.
+pub const RPC_MAX_RESPONSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// Largest RPC payload, as LiveKit clients enforce (15 KiB).
+pub const RPC_MAX_PAYLOAD_BYTES: usize = 15 * 1024;
+/// Server-initiated RPCs one room keeps in flight; more are refused.
+pub const RPC_MAX_PENDING: usize = 1024;
+
+/// Why a server-initiated RPC failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RpcFailure {
+    /// The destination answered with an error (`RpcError{code, message, data}`).
+    Error {
+        code: u32,
+        message: String,
+        data: String,
+    },
+    /// No ack within [`RPC_ACK_TIMEOUT`]: the destination is unreachable.
+    ConnectionTimeout,
+    /// Acked, but no response within the response timeout.
+    ResponseTimeout,
+}
+
+struct PendingRpc {
+    destination: String,
+    acked: bool,
+    reply: tokio::sync::oneshot::Sender<Result<String, RpcFailure>>,
+}
+
+impl Room {
+    /// Events for a room that stops: its tracks, then its members, then the room.
+    fn emit_room_closing(&self) {
+        let events = &self.settings.events;
+        if !events.enabled() {
+            return;
+        }
+        let room = self.room_info();
+        for (sid, m) in self.members.iter().filter(|(_, m)| !m.hidden) {
+            let announced = self.announced.contains(sid);
+            if announced {
+                for t in &m.info.tracks {
+                    events.emit(ev::TRACK_UNPUBLISHED, &room, Some(&m.info), Some(t));
+                }
+            }
+            let mut info = m.info.clone();
+            info.state = lk::participant_info::State::Disconnected as i32;
+            info.disconnect_reason = self.close_reason as i32;
+            let event = if announced {
+                ev::PARTICIPANT_LEFT
+            } else {
+                ev::PARTICIPANT_CONNECTION_ABORTED
+            };
+            events.emit(event, &room, Some(&info), None);
+        }
+        events.emit(ev::ROOM_FINISHED, &room, None, None);
+    }
+
+    /// Send `participant_joined` for a member that became active (once), then
+    /// `track_published` for the tracks it already has, so receivers always see a participant
+    /// before its tracks.
+    fn announce(&mut self, sid: &str) {
+        let Some(m) = self.members.get(sid) else {
+            return;
+        };
+        if m.hidden || !self.announced.insert(sid.to_string()) {
+            return;
+        }
+        let room = self.room_info();
+        self.settings
+            .events
+            .emit(ev::PARTICIPANT_JOINED, &room, Some(&m.info), None);
+        for t in &m.info.tracks {
+            self.settings
+                .events
+                .emit(ev::TRACK_PUBLISHED, &room, Some(&m.info), Some(t));
+        }
+    }
+
+    fn sid_of(&self, identity: &str) -> Result<String, RoomError> {
+        self.members
+            .iter()
+            .find(|(_, m)| m.info.identity == identity)
+            .map(|(sid, _)| sid.clone())
+            .ok_or_else(|| RoomError::ParticipantNotFound(identity.to_string()))
+    }
+
+    fn broadcast_room(&self) {
+        let update = Resp::RoomUpdate(lk::RoomUpdate {
+            room: Some(self.room_info()),
+        });
+        for m in self.members.values() {
+            m.addr.do_send(SendSignal(update.clone()));
+        }
+    }
+
+    /// An ack or response to a server-initiated RPC, sent by member `from_sid`.
+    fn rpc_answer(&mut self, request_id: &str, from_sid: &str, data: &[u8]) {
+        use prost::Message as _;
+        let from_identity = self.members.get(from_sid).map(|m| m.info.identity.as_str());
+        let Some(p) = self.rpc.get_mut(request_id) else {
+            return;
+        };
+        if from_identity != Some(p.destination.as_str()) {
+            METRICS.inc_dropped_data();
+            return;
+        }
+        let Ok(pkt) = lk::DataPacket::decode(data) else {
+            METRICS.inc_dropped_data();
+            return;
+        };
+        match pkt.value {
+            Some(lk::data_packet::Value::RpcAck(a)) if a.request_id == request_id => {
+                p.acked = true;
+            }
+            Some(lk::data_packet::Value::RpcResponse(r)) if r.request_id == request_id => {
+                let Some(p) = self.rpc.remove(request_id) else {
+                    return;
+                };
+                let result = match r.value {
+                    Some(lk::rpc_response::Value::Payload(s)) => Ok(s),
+                    Some(lk::rpc_response::Value::Error(e)) => Err(RpcFailure::Error {
+                        code: e.code,
+                        message: e.message,
+                        data: e.data,
+                    }),
+                    // Only sent to requests of version >= 2; ours are version 1.
+                    Some(lk::rpc_response::Value::CompressedPayload(_)) => Err(RpcFailure::Error {
+                        code: 1400,
+                        message: "compressed RPC payloads are not supported".into(),
+                        data: String::new(),
+                    }),
+                    None => Ok(String::new()),
+                };
+                let _ = p.reply.send(result);
+            }
+            _ => METRICS.inc_dropped_data(),
+        }
+    }
+}
+
+/// Apply `CreateRoom` options (non-zero fields). Replies with the room.
+#[derive(Message)]
+#[rtype(result = "lk::Room")]
+pub struct Configure {
+    pub empty_timeout: u32,
+    pub departure_timeout: u32,
+    pub max_participants: u32,
+    pub metadata: String,
+}
+
+impl Handler<Configure> for Room {
+    type Result = MessageResult<Configure>;
+    fn handle(&mut self, msg: Configure, ctx: &mut Self::Context) -> Self::Result {
+        if msg.empty_timeout > 0 {
+            self.info.empty_timeout = msg.empty_timeout;
+            if self.members.is_empty() {
+                let after = std::time::Duration::from_secs(msg.empty_timeout.into());
+                self.schedule_close(ctx, after);
+            }
+        }
+        if msg.departure_timeout > 0 {
+            self.info.departure_timeout = msg.departure_timeout;
+        }
+        if msg.max_participants > 0 {
+            self.info.max_participants = msg.max_participants;
+        }
+        if !msg.metadata.is_empty() && msg.metadata != self.info.metadata {
+            self.info.metadata = msg.metadata;
+            self.broadcast_room();
+        }
+        MessageResult(self.room_info())
+    }
+}
+
+/// Close the room now (`DeleteRoom`): everyone is disconnected with `ROOM_DELETED`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CloseRoom;
+
+impl Handler<CloseRoom> for Room {
+    type Result = ();
+    fn handle(&mut self, _msg: CloseRoom, ctx: &mut Self::Context) {
+        tracing::info!(parent: &self.span, "room deleted by the server API");
+        self.close_reason = lk::DisconnectReason::RoomDeleted;
+        ctx.stop();
+    }
+}
+
+/// Disconnect one participant (`RemoveParticipant`).
+#[derive(Message)]
+#[rtype(result = "Result<(), RoomError>")]
+pub struct RemoveParticipant {
+    pub identity: String,
+}
+
+impl Handler<RemoveParticipant> for Room {
+    type Result = Result<(), RoomError>;
+    fn handle(&mut self, msg: RemoveParticipant, ctx: &mut Self::Context) -> Self::Result {
+        let sid = self.sid_of(&msg.identity)?;
+        let reason = lk::DisconnectReason::ParticipantRemoved;
+        if let Some(m) = self.members.get(&sid) {
+            m.addr.do_send(Kick { reason });
+        }
+        self.handle(Leave { sid, reason }, ctx);
+        Ok(())
+    }
+}
+
+/// Mute or unmute a participant's published track (`MutePublishedTrack`). The publisher is told
+/// with a `mute` signal message; everyone sees the new `TrackInfo.muted`.
+#[derive(Message)]
+#[rtype(result = "Result<lk::TrackInfo, RoomError>")]
+pub struct AdminMuteTrack {
+    pub identity: String,
+    pub track_sid: String,
+    pub muted: bool,
+}
+
+impl Handler<AdminMuteTrack> for Room {
+    type Result = Result<lk::TrackInfo, RoomError>;
+    fn handle(&mut self, msg: AdminMuteTrack, ctx: &mut Self::Context) -> Self::Result {
+        if !msg.muted && !self.settings.enable_remote_unmute {
+            return Err(RoomError::NotAllowed(
+                "remote unmute is disabled (room.enable_remote_unmute)".into(),
+            ));
+        }
+        let sid = self.sid_of(&msg.identity)?;
+        let addr = {
+            let m = &self.members[&sid];
+            if !m.info.tracks.iter().any(|t| t.sid == msg.track_sid) {
+                return Err(RoomError::TrackNotFound(msg.track_sid));
+            }
+            m.addr.clone()
+        };
+        addr.do_send(SendSignal(Resp::Mute(lk::MuteTrackRequest {
+            sid: msg.track_sid.clone(),
+            muted: msg.muted,
+        })));
+        self.handle(
+            MuteTrack {
+                sid: sid.clone(),
+                track_sid: msg.track_sid.clone(),
+                muted: msg.muted,
+            },
+            ctx,
+        );
+        self.members[&sid]
+            .info
+            .tracks
+            .iter()
+            .find(|t| t.sid == msg.track_sid)
+            .cloned()
+            .ok_or(RoomError::TrackNotFound(msg.track_sid))
+    }
+}
+
+/// Change a participant's name, metadata, attributes and/or permission (`UpdateParticipant`).
+/// A permission change takes effect at once (revoking `canPublish` unpublishes its tracks,
+/// revoking `canSubscribe` ends its subscriptions).
+#[derive(Message)]
+#[rtype(result = "Result<lk::ParticipantInfo, RoomError>")]
+pub struct AdminUpdateParticipant {
+    pub identity: String,
+    pub name: String,
+    pub metadata: String,
+    /// Attributes to set; an empty value deletes the key.
+    pub attributes: HashMap<String, String>,
+    pub permission: Option<lk::ParticipantPermission>,
+}
+
+impl Handler<AdminUpdateParticipant> for Room {
+    type Result = Result<lk::ParticipantInfo, RoomError>;
+    fn handle(&mut self, msg: AdminUpdateParticipant, _ctx: &mut Self::Context) -> Self::Result {
+        let sid = self.sid_of(&msg.identity)?;
+        let size = msg.name.len()
+            + msg.metadata.len()
+            + msg
+                .attributes
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>();
+        if size > self.settings.max_metadata_bytes {
+            return Err(RoomError::LimitExceeded(format!(
+                "metadata too large ({size} bytes; limit.max_metadata_bytes = {})",
+                self.settings.max_metadata_bytes
+            )));
+        }
+        let m = self
+            .members
+            .get_mut(&sid)
+            .ok_or_else(|| RoomError::ParticipantNotFound(msg.identity.clone()))?;
+        if !msg.name.is_empty() {
+            m.info.name = msg.name;
+        }
+        if !msg.metadata.is_empty() {
+            m.info.metadata = msg.metadata;
+        }
+        for (k, v) in msg.attributes {
+            if v.is_empty() {
+                m.info.attributes.remove(&k);
+            } else {
+                m.info.attributes.insert(k, v);
+            }
+        }
+        let mut drop_subscriptions = false;
+        if let Some(p) = msg.permission {
+            drop_subscriptions = !p.can_subscribe;
+            m.info.permission = Some(p.clone());
+            m.addr.do_send(SetPermission(p));
+        }
+        if drop_subscriptions {
+            let subs: Vec<String> = m.subscriptions.iter().cloned().collect();
+            for t in subs {
+                self.unsubscribe(&sid, &t, false);
+            }
+        }
+        self.bump(&sid);
+        self.broadcast_info(&sid);
+        Ok(self.members[&sid].info.clone())
+    }
+}
+
+/// Subscribe or unsubscribe a participant to tracks (`UpdateSubscriptions`).
+#[derive(Message)]
+#[rtype(result = "Result<(), RoomError>")]
+pub struct AdminUpdateSubscriptions {
+    pub identity: String,
+    pub track_sids: Vec<String>,
+    pub subscribe: bool,
+}
+
+impl Handler<AdminUpdateSubscriptions> for Room {
+    type Result = Result<(), RoomError>;
+    fn handle(&mut self, msg: AdminUpdateSubscriptions, ctx: &mut Self::Context) -> Self::Result {
+        let sid = self.sid_of(&msg.identity)?;
+        self.handle(
+            UpdateSubscription {
+                sid,
+                track_sids: msg.track_sids,
+                subscribe: msg.subscribe,
+            },
+            ctx,
+        );
+        Ok(())
+    }
+}
+
+/// Send a data packet from the server (`SendData`) to the named identities (or everyone).
+#[derive(Message)]
+#[rtype(result = "Result<(), RoomError>")]
+pub struct ServerData {
+    pub reliable: bool,
+    pub destinations: Vec<String>,
+    /// The encoded `DataPacket` (no sender identity: it comes from the server).
+    pub data: Vec<u8>,
+}
+
+impl Handler<ServerData> for Room {
+    type Result = Result<(), RoomError>;
+    fn handle(&mut self, msg: ServerData, _ctx: &mut Self::Context) -> Self::Result {
+        if msg.data.len() > self.settings.max_data_packet_bytes {
+            return Err(RoomError::LimitExceeded(format!(
+                "data packet too large ({} bytes; limit.max_data_packet_bytes = {})",
+                msg.data.len(),
+                self.settings.max_data_packet_bytes
+            )));
+        }
+        for m in self.members.values() {
+            if !msg.destinations.is_empty() && !msg.destinations.contains(&m.info.identity) {
+                continue;
+            }
+            let cmd = Command::SendData {
+                peer: m.sub_peer,
+                reliable: msg.reliable,
+                data: msg.data.clone(),
+            };
+            if self.media.send(cmd).is_err() {
+                METRICS.inc_dropped_data();
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Replace the room's metadata (`UpdateRoomMetadata`); every participant gets a `room_update`.
+#[derive(Message)]
+#[rtype(result = "Result<lk::Room, RoomError>")]
+pub struct SetRoomMetadata(pub String);
+
+impl Handler<SetRoomMetadata> for Room {
+    type Result = Result<lk::Room, RoomError>;
+    fn handle(&mut self, msg: SetRoomMetadata, _ctx: &mut Self::Context) -> Self::Result {
+        if msg.0.len() > self.settings.max_metadata_bytes {
+            return Err(RoomError::LimitExceeded(format!(
+                "metadata too large ({} bytes; limit.max_metadata_bytes = {})",
+                msg.0.len(),
+                self.settings.max_metadata_bytes
+            )));
+        }
+        self.info.metadata = msg.0;
+        self.broadcast_room();
+        Ok(self.room_info())
+    }
+}
+
+/// Call an RPC method on a participant (`PerformRpc`). The room sends it an `RpcRequest` data
+/// packet whose sender identity is the request id; the client's `RpcAck` and `RpcResponse` come
+/// back addressed to that id and are matched in [`RouteData`]. The reply resolves exactly once:
+/// with the response, or a timeout (both bounded).
+#[derive(Message)]
+#[rtype(result = "Result<tokio::sync::oneshot::Receiver<Result<String, RpcFailure>>, RoomError>")]
+pub struct PerformRpc {
+    pub identity: String,
+    pub method: String,
+    pub payload: String,
+    pub response_timeout: std::time::Duration,
+}
+
+impl Handler<PerformRpc> for Room {
+    type Result = Result<tokio::sync::oneshot::Receiver<Result<String, RpcFailure>>, RoomError>;
+    fn handle(&mut self, msg: PerformRpc, ctx: &mut Self::Context) -> Self::Result {
+        use prost::Message as _;
+        if msg.payload.len() > RPC_MAX_PAYLOAD_BYTES {
+            return Err(RoomError::LimitExceeded(format!(
+                "RPC payload too large ({} bytes; at most {RPC_MAX_PAYLOAD_BYTES})",
+                msg.payload.len()
+            )));
+        }
+        if msg.method.is_empty() {
+            return Err(RoomError::InvalidArgument("RPC method is empty".into()));
+        }
+        if self.rpc.len() >= RPC_MAX_PENDING {
+            return Err(RoomError::LimitExceeded(format!(
+                "too many RPCs in flight in this room (at most {RPC_MAX_PENDING})"
+            )));
+        }
+        let sid = self.sid_of(&msg.identity)?;
+        let peer = self.members[&sid].sub_peer;
+        let timeout = if msg.response_timeout.is_zero() {
+            RPC_DEFAULT_RESPONSE_TIMEOUT
+        } else {
+            msg.response_timeout.min(RPC_MAX_RESPONSE_TIMEOUT)
+        };
+        let id = new_sid("RPC_");
+        #[allow(deprecated)]
+        let pkt = lk::DataPacket {
+            kind: lk::data_packet::Kind::Reliable as i32,
+            participant_identity: id.clone(),
+            destination_identities: vec![msg.identity.clone()],
+            value: Some(lk::data_packet::Value::RpcRequest(lk::RpcRequest {
+                id: id.clone(),
+                method: msg.method,
+                payload: msg.payload,
+                response_timeout_ms: timeout.as_millis() as u32,
+                version: 1,
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        self.media
+            .send(Command::SendData {
+                peer,
+                reliable: true,
+                data: pkt.encode_to_vec(),
+            })
+            .map_err(RoomError::Media)?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.rpc.insert(
+            id.clone(),
+            PendingRpc {
+                destination: msg.identity,
+                acked: false,
+                reply: tx,
+            },
+        );
+        let ack_id = id.clone();
+        ctx.run_later(RPC_ACK_TIMEOUT, move |room, _| {
+            if room.rpc.get(&ack_id).is_some_and(|p| !p.acked) {
+                if let Some(p) = room.rpc.remove(&ack_id) {
+                    let _ = p.reply.send(Err(RpcFailure::ConnectionTimeout));
+                }
+            }
+        });
+        ctx.run_later(timeout, move |room, _| {
+            if let Some(p) = room.rpc.remove(&id) {
+                let _ = p.reply.send(Err(RpcFailure::ResponseTimeout));
+            }
+        });
+        Ok(rx)
     }
 }
 

@@ -182,6 +182,8 @@ struct Peer {
     channels: HashMap<ChannelId, ChanKind>,
     connected: bool,
     remote_addrs: Vec<SocketAddr>,
+    /// Running NACK totals per (mid, rid, incoming?) from str0m's stats, for the counters.
+    nacks: crate::metrics::Tally<(Mid, Option<Rid>, bool)>,
     /// Subscriber: the latest bandwidth estimate (bits/s).
     bwe_bps: Option<u64>,
     /// Last time any datagram arrived from this peer.
@@ -487,6 +489,7 @@ impl Engine {
             channels: HashMap::new(),
             connected: false,
             remote_addrs: Vec::new(),
+            nacks: Default::default(),
             bwe_bps: None,
             last_rx: now,
             link: LinkStats::default(),
@@ -896,9 +899,17 @@ impl Engine {
                     }
                     Event::MediaEgressStats(st) => {
                         Self::count_nacks(peer, (st.mid, st.rid), st.packets, st.nacks);
+                        let n = peer.nacks.delta((st.mid, st.rid, false), st.nacks);
+                        METRICS
+                            .nacks_received
+                            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
                     }
                     Event::MediaIngressStats(st) => {
                         Self::count_nacks(peer, (st.mid, st.rid), st.packets, st.nacks);
+                        let n = peer.nacks.delta((st.mid, st.rid, true), st.nacks);
+                        METRICS
+                            .nacks_sent
+                            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
                     }
                     Event::PeerStats(st) => {
                         // Loss before repair: NACKed packets per packet over the last second.
