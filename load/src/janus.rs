@@ -263,6 +263,9 @@ pub async fn run(
                          Some(json!({"type": "offer", "sdp": sdp})))
                 .await?;
             let answer = r["jsep"]["sdp"].as_str().ok_or_else(|| err("publish answer", &r))?;
+            if lk::debug_enabled() {
+                eprintln!("janus answer:\n{answer}");
+            }
             p.pc
                 .set_remote_description(
                     RTCSessionDescription::answer(answer.to_string()).map_err(|e| LoadError::WebRtc(e.to_string()))?,
