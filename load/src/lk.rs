@@ -142,7 +142,6 @@ fn vp8() -> RTCRtpCodecParameters {
             rtcp_feedback: vec![],
         },
         payload_type: 96,
-        ..Default::default()
     }
 }
 
@@ -156,7 +155,6 @@ fn opus() -> RTCRtpCodecParameters {
             rtcp_feedback: vec![],
         },
         payload_type: 111,
-        ..Default::default()
     }
 }
 

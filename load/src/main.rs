@@ -91,7 +91,7 @@ enum TargetKind {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Run a scenario against a server and report per step.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Serve the plain SRTP relay baseline until killed.
     Relay {
         #[arg(long, default_value = "10.200.0.1:9100")]
@@ -206,7 +206,7 @@ fn main() -> anyhow::Result<()> {
                 .worker_threads(args.threads.max(1))
                 .enable_all()
                 .build()?;
-            let rows = rt.block_on(run(args.clone()))?;
+            let rows = rt.block_on(run((*args).clone()))?;
             if let Some(limit) = args.require_loss_below {
                 let bad: Vec<_> = rows
                     .iter()
