@@ -127,6 +127,13 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
     Ok(cfg)
 }
 
+/// Whether `ip` is assigned to one of this machine's interfaces.
+fn is_local_address(ip: IpAddr) -> bool {
+    if_addrs::get_if_addrs()
+        .map(|ifs| ifs.iter().any(|i| i.ip() == ip))
+        .unwrap_or(false)
+}
+
 /// The first non-loopback IPv4 address of an interface that is up, else 127.0.0.1.
 fn default_node_ip() -> IpAddr {
     if let Ok(ifs) = if_addrs::get_if_addrs() {
@@ -168,7 +175,17 @@ fn run() -> anyhow::Result<()> {
     arbor_actors::media::init_crypto();
 
     let node_ip = cfg.rtc.node_ip.unwrap_or_else(default_node_ip);
-    let media_bind = cfg.rtc.bind.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    // Bind the media sockets to the advertised address when it is one of ours: replies then
+    // always leave from the address the peer's ICE checks went to (with 0.0.0.0 the kernel may
+    // pick another source address, which strict ICE stacks drop). Behind NAT (the advertised
+    // address is not local) bind everything.
+    let media_bind = cfg.rtc.bind.unwrap_or_else(|| {
+        if is_local_address(node_ip) {
+            node_ip
+        } else {
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+        }
+    });
     let media = MediaHandle::start(MediaSettings {
         udp_bind: SocketAddr::new(media_bind, cfg.rtc.udp_port),
         tcp_bind: (cfg.rtc.tcp_port != 0).then(|| SocketAddr::new(media_bind, cfg.rtc.tcp_port)),
