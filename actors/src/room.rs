@@ -89,6 +89,29 @@ pub struct RoomSummary {
     pub participants: Vec<lk::ParticipantInfo>,
 }
 
+/// Apply a name / metadata / attributes update as LiveKit does: empty strings leave the field
+/// alone, an attribute set to "" is deleted.
+fn apply_metadata(
+    info: &mut lk::ParticipantInfo,
+    name: String,
+    metadata: String,
+    attributes: impl IntoIterator<Item = (String, String)>,
+) {
+    if !name.is_empty() {
+        info.name = name;
+    }
+    if !metadata.is_empty() {
+        info.metadata = metadata;
+    }
+    for (k, v) in attributes {
+        if v.is_empty() {
+            info.attributes.remove(&k);
+        } else {
+            info.attributes.insert(k, v);
+        }
+    }
+}
+
 fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -769,19 +792,7 @@ impl Handler<UpdateMetadata> for Room {
             return;
         };
         let u = msg.update;
-        if !u.name.is_empty() {
-            m.info.name = u.name;
-        }
-        if !u.metadata.is_empty() {
-            m.info.metadata = u.metadata;
-        }
-        for (k, v) in u.attributes {
-            if v.is_empty() {
-                m.info.attributes.remove(&k);
-            } else {
-                m.info.attributes.insert(k, v);
-            }
-        }
+        apply_metadata(&mut m.info, u.name, u.metadata, u.attributes);
         self.bump(&msg.sid);
         self.broadcast_info(&msg.sid);
     }
@@ -1144,19 +1155,7 @@ impl Handler<AdminUpdateParticipant> for Room {
             .members
             .get_mut(&sid)
             .ok_or_else(|| RoomError::ParticipantNotFound(msg.identity.clone()))?;
-        if !msg.name.is_empty() {
-            m.info.name = msg.name;
-        }
-        if !msg.metadata.is_empty() {
-            m.info.metadata = msg.metadata;
-        }
-        for (k, v) in msg.attributes {
-            if v.is_empty() {
-                m.info.attributes.remove(&k);
-            } else {
-                m.info.attributes.insert(k, v);
-            }
-        }
+        apply_metadata(&mut m.info, msg.name, msg.metadata, msg.attributes);
         let mut drop_subscriptions = false;
         if let Some(p) = msg.permission {
             drop_subscriptions = !p.can_subscribe;

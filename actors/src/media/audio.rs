@@ -35,7 +35,6 @@ pub struct LevelMeter {
     loud_linear_sum: f32,
     /// The last windows' levels (a moving average over `smooth_windows`, at most 8).
     history: [f32; 8],
-    filled: usize,
     next: usize,
 }
 
@@ -70,7 +69,6 @@ impl LevelMeter {
         let n = (cfg.smooth_windows as usize).clamp(1, self.history.len());
         self.history[self.next % n] = window;
         self.next = (self.next + 1) % n;
-        self.filled = (self.filled + 1).min(n);
         let smoothed = self.history[..n].iter().sum::<f32>() / n as f32;
         self.packets = 0;
         self.loud = 0;

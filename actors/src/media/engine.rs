@@ -113,8 +113,6 @@ struct OutTrack {
     state: OutState,
     /// The simulcast layer currently forwarded to this subscriber (None: non-simulcast).
     rid: Option<Rid>,
-    /// A layer we want to switch to at its next keyframe.
-    want_rid: Option<Rid>,
     /// Waiting for a keyframe before forwarding anything (new subscription or layer switch).
     need_keyframe: bool,
     /// The best layer rank the subscriber asked for (`UpdateTrackSettings`); 0 = disabled.
@@ -376,7 +374,6 @@ impl Engine {
             Self::drain(id, peer, &mut self.queue, out);
         }
         self.process_queue(now, out);
-        self.reap_dead(out);
     }
 
     /// Apply one control command.
@@ -448,7 +445,6 @@ impl Engine {
             }
         }
         self.process_queue(now, out);
-        self.reap_dead(out);
     }
 
     fn add_peer(
@@ -657,7 +653,6 @@ impl Engine {
             track_id,
             state: OutState::ToOpen,
             rid: None,
-            want_rid: None,
             need_keyframe: kind == MediaKind::Video,
             max_rank: 3,
             alloc: Decision::Layer(u8::MAX),
@@ -1048,10 +1043,9 @@ impl Engine {
                     }
                 }
                 let best = best_fit.or(lowest).map(|(_, r)| r);
-                o.want_rid = best;
-                if o.rid != o.want_rid && data.rid == o.want_rid {
+                if o.rid != best && data.rid == best {
                     if is_keyframe {
-                        o.rid = o.want_rid;
+                        o.rid = best;
                         o.need_keyframe = false;
                         // Continue the outgoing timeline from the last frame written.
                         if let Some((last_ts, last_at)) = o.last_out {
@@ -1066,7 +1060,7 @@ impl Engine {
                             o.ts_offset = (last_ts + gap) as i64 - data.time.numer() as i64;
                         }
                     } else {
-                        want_keyframe = Some(o.want_rid);
+                        want_keyframe = Some(best);
                     }
                 }
                 if data.rid != o.rid {
