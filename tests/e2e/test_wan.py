@@ -20,6 +20,7 @@ import json
 import os
 import re
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -290,6 +291,37 @@ def test_tcp_and_udp_work_across_delay_and_loss(results):
     assert min(udp["rtts"]) >= 20.0
 
 
+def test_the_callers_own_namespace_can_join_as_a_site(results):
+    """`local=`: in-process code (like the LiveKit SDK clients of other tests) reaches the sites
+    through the emulator."""
+    with Wan(["a", "b"], local="here") as wan:
+        assert wan.ip("here") == "10.210.0.2" and wan.argv("here", "true") == ["true"]
+        wan.set_link("here", "a", delay_ms=15)
+        here_a, here_b = _ping(wan, "here", "a"), _ping(wan, "here", "b")
+        echo = _server(wan, "a", ECHO, "7004", "3")
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.settimeout(5)
+            t0 = time.monotonic()
+            sock.sendto(b"hello", (wan.ip("a"), 7004))
+            data, peer = sock.recvfrom(100)
+            rtt_ms = (time.monotonic() - t0) * 1e3
+            sock.close()
+        finally:
+            echo.kill()
+            echo.wait()
+        stats = wan.stats()
+    results(f"wan local site: ping 15 ms each way -> {here_a['avg']:.2f} ms, no delay -> {here_b['avg']:.3f} ms; "
+            f"in-process UDP echo {rtt_ms:.2f} ms")
+    assert here_a["received"] == 10 and here_a["min"] >= 30 and here_a["avg"] < 30 + 15, here_a
+    assert here_b["received"] == 10 and here_b["avg"] < 10, here_b
+    assert data == b"hello" and peer == ("10.210.1.2", 7004) and rtt_ms >= 30
+    assert stats[("here", "a")]["forwarded"] >= 11 and stats[("a", "here")]["forwarded"] >= 11, stats
+    # Gone with the Wan: nothing left in the suite's namespace.
+    assert subprocess.run(["ip", "link", "show", "wanl"], capture_output=True).returncode != 0
+    assert "10.210." not in subprocess.run(["ip", "route"], capture_output=True, text=True).stdout
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError):
         Wan([])
@@ -297,6 +329,8 @@ def test_bad_arguments_are_refused():
         Wan(["a", "a"])
     with pytest.raises(ValueError):
         Wan(["bad name"])
+    with pytest.raises(ValueError):
+        Wan(["a"], local="a")
     with Wan(["a", "b"]) as wan:
         with pytest.raises(KeyError):
             wan.ip("zz")
