@@ -322,6 +322,31 @@ def test_the_callers_own_namespace_can_join_as_a_site(results):
     assert "10.210." not in subprocess.run(["ip", "route"], capture_output=True, text=True).stdout
 
 
+def test_idle_emulator_sleeps(results):
+    """No busy loop: with nothing to forward (and while packets wait for a long delay) the
+    emulator uses next to no CPU."""
+    with Wan(["a", "b"]) as wan:
+        wan.set_link("a", "b", delay_ms=1500)
+        pid = wan.emulator.pid
+        ping = subprocess.Popen(wan.argv("a", "ping", "-n", "-c", "1", "-W", "5", wan.ip("b")),
+                                stdout=subprocess.PIPE, text=True)
+        t0, cpu0 = time.monotonic(), _cpu_ticks(pid)
+        time.sleep(2.0)
+        cpu = _cpu_ticks(pid) - cpu0
+        elapsed = time.monotonic() - t0
+        out = ping.communicate(timeout=10)[0]
+    ticks = os.sysconf("SC_CLK_TCK")
+    results(f"wan idle emulator: {cpu / ticks * 1e3:.0f} ms CPU in {elapsed:.1f} s")
+    assert cpu / ticks < 0.1 * elapsed, f"{cpu} ticks of CPU in {elapsed:.1f} s idle: a busy loop?"
+    assert "1 received" in out and "time=3" in out, f"a 3 s round trip expected: {out}"
+
+
+def _cpu_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime (fields 14 and 15 of stat)
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError):
         Wan([])

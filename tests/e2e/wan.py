@@ -37,7 +37,9 @@ across a 25 ms link reads 50.3 ms (0.2 ms without delay); at 10 000 packets/s th
 emulator, packets leave on average 16 us and at worst 0.3 ms after their due time. That needs
 the `SCHED_FIFO` priority the fixture asks for (`--rt-priority 10`; it never busy-waits, so it
 costs nothing while idle); with `ARBOR_E2E_WAN_RT=0` it runs at normal priority: 0.3 ms mean,
-5 ms worst on the same busy machine.
+5 ms worst on the same busy machine. Throughput: 40 000 packets in 2 s one way plus their echoes
+(35 000 packets/s through the emulator) all forwarded, none overflowing; at that rate the Python
+echo server, not the emulator, is what drops.
 
 `local="name"` adds the calling process's own namespace (the suite's) as one more site, at
 `10.210.0.2` with a route to `10.210.0.0/16` through the router: in-process clients (the LiveKit
