@@ -495,18 +495,34 @@ impl Config {
         dev: bool,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
-        let mut file_text = None;
-        let (mut tree, source) = match file {
+        let file = match file {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                     path: path.to_path_buf(),
                     source,
                 })?;
-                file_text = Some(text.clone());
+                Some((text, path))
+            }
+            None => None,
+        };
+        Self::from_sources(file.as_ref().map(|(t, p)| (t.as_str(), *p)), dev, env)
+    }
+
+    /// [`Config::load`] without the file system: `file` is the YAML text and the path to name
+    /// in errors. Pure, so the fuzzer (`fuzz/fuzz_targets/config.rs`) can drive it.
+    pub fn from_sources(
+        file: Option<(&str, &Path)>,
+        dev: bool,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut file_text = None;
+        let (mut tree, source) = match file {
+            Some((text, path)) => {
+                file_text = Some(text.to_string());
                 let v = if text.trim().is_empty() {
                     serde_yaml::Value::Mapping(Default::default())
                 } else {
-                    serde_yaml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
                         path: path.to_path_buf(),
                         msg: e.to_string(),
                     })?
