@@ -38,7 +38,14 @@ use str0m::{Candidate, Event, IceConnectionState, Input, Output as RtcOutput, Rt
 
 use crate::media::alloc::{allocate, AllocTrack, Decision};
 use crate::media::audio::{LevelConfig, LevelMeter};
+use crate::media::relay::{
+    self, RelayFrame, RelayLimits, RelayReceiver, RelaySender, RELAY_METRICS,
+};
 use crate::quality::LinkStats;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use str0m::format::{CodecExtra, PayloadParams};
+use str0m::media::{ExtensionValues, Frequency};
 
 use crate::error::MediaError;
 use crate::media::{Command, PeerEvent, PeerId, PeerRole, TrackKey};
@@ -56,6 +63,10 @@ pub trait Output {
     );
     /// Deliver an event to the control plane owner of `peer`.
     fn event(&mut self, peer: PeerId, event: PeerEvent);
+    /// Send a relay datagram to cluster node `node` (dropped and counted if impossible).
+    fn relay(&mut self, node: u64, datagram: &[u8]);
+    /// The largest relay datagram that fits the connection to `node` (0: no connection).
+    fn relay_max(&self, node: u64) -> usize;
 }
 
 /// The minimum interval between two keyframe requests sent upstream for one track layer.
@@ -207,6 +218,33 @@ struct FwdTrack {
     rates: Vec<(Option<Rid>, u64, u64)>,
     /// Audio tracks: speech level meter.
     meter: LevelMeter,
+    /// Relayed track: fed by this (node, flow) instead of a local publisher.
+    relay_src: Option<(u64, u64)>,
+    /// Relayed track: reassembly and loss repair of the incoming flow.
+    receiver: Option<RelayReceiver>,
+    /// Codec parameters: serialised for relay links (publisher side), or as received.
+    params: Option<(PayloadParams, Arc<[u8]>)>,
+    /// Nodes this track is relayed to, each with its sending state.
+    relay_outs: Vec<(u64, RelaySender)>,
+}
+
+impl FwdTrack {
+    fn new(publisher: PeerId, mid: Mid, kind: MediaKind) -> Self {
+        FwdTrack {
+            publisher,
+            mid,
+            kind,
+            subscribers: Vec::new(),
+            layers: Vec::new(),
+            last_keyframe_request: HashMap::new(),
+            rates: Vec::new(),
+            meter: LevelMeter::default(),
+            relay_src: None,
+            receiver: None,
+            params: None,
+            relay_outs: Vec::new(),
+        }
+    }
 }
 
 impl FwdTrack {
@@ -257,6 +295,9 @@ pub struct Engine {
     /// Cache: remote address → peer, filled when a peer first accepts a datagram.
     by_addr: HashMap<SocketAddr, PeerId>,
     queue: VecDeque<Pending>,
+    /// Relayed tracks by (node, flow).
+    relay_in: HashMap<(u64, u64), TrackKey>,
+    relay_limits: RelayLimits,
     next_housekeeping: Option<Instant>,
     housekeeping_count: u32,
     level_config: LevelConfig,
@@ -271,6 +312,8 @@ impl Engine {
             tracks: HashMap::new(),
             by_addr: HashMap::new(),
             queue: VecDeque::with_capacity(256),
+            relay_in: HashMap::new(),
+            relay_limits: RelayLimits::default(),
             next_housekeeping: None,
             housekeeping_count: 0,
             level_config: LevelConfig::default(),
@@ -291,6 +334,13 @@ impl Engine {
         for p in self.peers.values() {
             if p.next_timeout < t {
                 t = p.next_timeout;
+            }
+        }
+        for k in self.relay_in.values() {
+            if let Some(r) = self.tracks.get(k).and_then(|f| f.receiver.as_ref()) {
+                if let Some(d) = r.poll_timeout() {
+                    t = t.min(d.max(now));
+                }
             }
         }
         t
@@ -314,6 +364,7 @@ impl Engine {
             }
         }
         self.process_queue(now, out);
+        self.poll_relays(now, out);
         self.reap_dead(out);
         match self.next_housekeeping {
             None => self.next_housekeeping = Some(now + HOUSEKEEPING),
@@ -443,8 +494,178 @@ impl Engine {
                 }
                 self.allocate_peer(now, sub, out);
             }
+            Command::RelayIn {
+                track,
+                node,
+                flow,
+                video,
+            } => {
+                let kind = if video {
+                    MediaKind::Video
+                } else {
+                    MediaKind::Audio
+                };
+                let mut ft = FwdTrack::new(PeerId(0), Mid::from("relay"), kind);
+                ft.relay_src = Some((node, flow));
+                ft.receiver = Some(RelayReceiver::new(flow, self.relay_limits));
+                self.tracks.insert(track, ft);
+                self.relay_in.insert((node, flow), track);
+            }
+            Command::RelayOut { track, node, on } => {
+                if let Some(ft) = self.tracks.get_mut(&track) {
+                    ft.relay_outs.retain(|(n, _)| *n != node);
+                    if on {
+                        ft.relay_outs
+                            .push((node, RelaySender::new(track.0, self.relay_limits)));
+                    }
+                }
+                if on {
+                    // A new downstream starts with a keyframe.
+                    self.request_keyframe(now, track, None, out);
+                }
+            }
+            Command::RelayConnection { .. } => {}
         }
         self.process_queue(now, out);
+    }
+
+    /// One datagram from the relay connection of cluster node `node`.
+    pub fn handle_relay_datagram(
+        &mut self,
+        now: Instant,
+        node: u64,
+        buf: &[u8],
+        out: &mut dyn Output,
+    ) {
+        RELAY_METRICS.datagrams_received.fetch_add(1, Relaxed);
+        let d = match relay::decode(buf) {
+            Ok(d) => d,
+            Err(e) => {
+                RELAY_METRICS.garbage.fetch_add(1, Relaxed);
+                tracing::debug!(node, error = %e, "bad relay datagram");
+                return;
+            }
+        };
+        match d {
+            relay::Datagram::Fragment(f) => {
+                let Some(track) = self.relay_in.get(&(node, f.flow)).copied() else {
+                    return;
+                };
+                if let Some(r) = self
+                    .tracks
+                    .get_mut(&track)
+                    .and_then(|t| t.receiver.as_mut())
+                {
+                    r.on_fragment(now, &f);
+                }
+                self.poll_relay(now, track, out);
+            }
+            relay::Datagram::Nack { flow, seqs } => {
+                let Some(ft) = self.tracks.get_mut(&TrackKey(flow)) else {
+                    return;
+                };
+                if let Some((_, s)) = ft.relay_outs.iter_mut().find(|(n, _)| *n == node) {
+                    for d in s.on_nack(&seqs) {
+                        RELAY_METRICS.datagrams_sent.fetch_add(1, Relaxed);
+                        out.relay(node, &d);
+                    }
+                }
+            }
+            relay::Datagram::Keyframe { flow, rank } => {
+                RELAY_METRICS
+                    .keyframe_requests_received
+                    .fetch_add(1, Relaxed);
+                let track = TrackKey(flow);
+                let relayed_to_them = self
+                    .tracks
+                    .get(&track)
+                    .is_some_and(|t| t.relay_outs.iter().any(|(n, _)| *n == node));
+                if relayed_to_them {
+                    let rid = match rank {
+                        0 => None,
+                        r => self.tracks.get(&track).and_then(|t| {
+                            t.layers
+                                .iter()
+                                .map(|(rid, _)| *rid)
+                                .find(|rid| rid_rank(rid) == r)
+                        }),
+                    };
+                    self.request_keyframe(now, track, rid, out);
+                }
+            }
+        }
+        self.process_queue(now, out);
+    }
+
+    /// Timers of every relayed track: NACK retries and hold expiry.
+    fn poll_relays(&mut self, now: Instant, out: &mut dyn Output) {
+        let keys: Vec<TrackKey> = self.relay_in.values().copied().collect();
+        for k in keys {
+            self.poll_relay(now, k, out);
+        }
+    }
+
+    /// Sends the NACKs a relayed track's receiver wants and forwards the frames it released.
+    fn poll_relay(&mut self, now: Instant, track: TrackKey, out: &mut dyn Output) {
+        let Some(ft) = self.tracks.get_mut(&track) else {
+            return;
+        };
+        let (Some((node, flow)), Some(r)) = (ft.relay_src, ft.receiver.as_mut()) else {
+            return;
+        };
+        let nacks = r.poll_nacks(now);
+        if !nacks.is_empty() {
+            out.relay(node, &relay::encode_nack(flow, &nacks));
+        }
+        let frames = r.poll_frames(now);
+        for f in frames {
+            let Some(ft) = self.tracks.get_mut(&track) else {
+                return;
+            };
+            if let Some(p) = &f.params {
+                let stale = ft.params.as_ref().is_none_or(|(_, b)| b != p);
+                if stale {
+                    match serde_json::from_slice::<PayloadParams>(p) {
+                        Ok(params) => ft.params = Some((params, p.clone())),
+                        Err(e) => {
+                            RELAY_METRICS.garbage.fetch_add(1, Relaxed);
+                            tracing::debug!(error = %e, "bad relayed codec parameters");
+                        }
+                    }
+                }
+            }
+            let Some((params, _)) = ft.params.as_ref() else {
+                // No codec parameters yet: they come with the next keyframe.
+                self.request_keyframe(now, track, None, out);
+                continue;
+            };
+            let params = *params;
+            let spec = params.spec();
+            let clock = Frequency::new(spec.clock_rate.get()).unwrap_or(Frequency::NINETY_KHZ);
+            let data = MediaData {
+                mid: ft.mid,
+                pt: params.pt(),
+                rid: f.rid.as_deref().map(Rid::from),
+                params,
+                time: MediaTime::new(f.time, clock),
+                network_time: now,
+                seq_range: str0m::rtp::SeqNo::from(0)..=str0m::rtp::SeqNo::from(0),
+                contiguous: f.contiguous,
+                data: f.payload,
+                ext_vals: {
+                    let mut e = ExtensionValues::default();
+                    e.audio_level = f.audio_level;
+                    e
+                },
+                codec_extra: CodecExtra::None,
+                last_sender_info: None,
+                audio_start_of_talk_spurt: false,
+            };
+            if !f.contiguous && ft.kind == MediaKind::Video {
+                self.request_keyframe(now, track, data.rid, out);
+            }
+            self.forward_track(now, track, data, f.keyframe, out);
+        }
     }
 
     fn add_peer(
@@ -563,19 +784,7 @@ impl Engine {
                 .map(|m| m.kind())
                 .unwrap_or(MediaKind::Video);
             peer.media_in.insert(mid, track);
-            self.tracks.insert(
-                track,
-                FwdTrack {
-                    publisher: id,
-                    mid,
-                    kind,
-                    subscribers: Vec::new(),
-                    layers: Vec::new(),
-                    last_keyframe_request: HashMap::new(),
-                    rates: Vec::new(),
-                    meter: LevelMeter::default(),
-                },
-            );
+            self.tracks.insert(track, FwdTrack::new(id, mid, kind));
         }
         for track in unbind {
             self.unbind_track(now, track, out);
@@ -697,6 +906,9 @@ impl Engine {
         let Some(ft) = self.tracks.remove(&track) else {
             return;
         };
+        if let Some(src) = ft.relay_src {
+            self.relay_in.remove(&src);
+        }
         if let Some(p) = self.peers.get_mut(&ft.publisher) {
             p.media_in.remove(&ft.mid);
         }
@@ -746,6 +958,23 @@ impl Engine {
         } else {
             ft.layers.iter().map(|(r, _)| Some(*r)).collect()
         };
+        if let Some((node, flow)) = ft.relay_src {
+            // Relayed: one request upstream per layer per interval (coalesced per hop).
+            for r in rids {
+                if let Some(last) = ft.last_keyframe_request.get(&r) {
+                    if now.saturating_duration_since(*last) < KEYFRAME_REQUEST_INTERVAL {
+                        continue;
+                    }
+                }
+                ft.last_keyframe_request.insert(r, now);
+                RELAY_METRICS.keyframe_requests_sent.fetch_add(1, Relaxed);
+                out.relay(
+                    node,
+                    &relay::encode_keyframe(flow, r.as_ref().map_or(0, rid_rank)),
+                );
+            }
+            return;
+        }
         let Some(peer) = self.peers.get_mut(&ft.publisher) else {
             return;
         };
@@ -977,10 +1206,52 @@ impl Engine {
             // A gap the receive buffer could not repair: ask for a fresh keyframe.
             self.request_keyframe(now, track, data.rid, out);
         }
+        let is_keyframe = data.is_keyframe();
+        self.forward_track(now, track, data, is_keyframe, out);
+    }
+
+    /// Forward one frame of `track` (from a local publisher or a relay link) to its local
+    /// subscribers and its relay links.
+    fn forward_track(
+        &mut self,
+        now: Instant,
+        track: TrackKey,
+        data: MediaData,
+        is_keyframe: bool,
+        out: &mut dyn Output,
+    ) {
         let Some(ft) = self.tracks.get_mut(&track) else {
             return;
         };
         METRICS.add_received(data.data.len());
+        if !ft.relay_outs.is_empty() {
+            let stale = ft
+                .params
+                .as_ref()
+                .is_none_or(|(p, _)| p.pt() != data.params.pt() || p.spec() != data.params.spec());
+            if stale {
+                if let Ok(json) = serde_json::to_vec(&data.params) {
+                    ft.params = Some((data.params, json.into()));
+                }
+            }
+            let frame = RelayFrame {
+                rid: data.rid.map(|r| r.to_string()),
+                time: data.time.numer(),
+                keyframe: is_keyframe,
+                audio_level: data.ext_vals.audio_level,
+                params: None,
+                payload: data.data.clone(),
+                contiguous: data.contiguous,
+            };
+            let params = ft.params.as_ref().map(|(_, j)| j.clone());
+            for (node, sender) in ft.relay_outs.iter_mut() {
+                let max = out.relay_max(*node);
+                for d in sender.push(&frame, params.as_deref(), max) {
+                    RELAY_METRICS.datagrams_sent.fetch_add(1, Relaxed);
+                    out.relay(*node, &d);
+                }
+            }
+        }
 
         // Per-layer byte counts (for the allocator) and layer liveness.
         match ft.rates.iter_mut().find(|(r, _, _)| *r == data.rid) {
@@ -1005,7 +1276,6 @@ impl Engine {
             ft.meter
                 .observe(data.ext_vals.audio_level, &self.level_config);
         }
-        let is_keyframe = data.is_keyframe();
         let mut want_keyframe: Option<Option<Rid>> = None;
         for sub in &ft.subscribers {
             let Some(peer) = self.peers.get_mut(sub) else {
