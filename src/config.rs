@@ -394,12 +394,27 @@ impl Config {
 }
 
 /// Environment variables starting with `ARBOR_` that are not configuration: the test and
-/// simulation tooling's own (`ARBOR_BIN`, `ARBOR_NODE_IP`, `ARBOR_E2E_*`, `ARBOR_SIM_*`).
+/// simulation tooling's own (`ARBOR_BIN`, `ARBOR_NODE_IP`, `ARBOR_CLIENT_IP`, `ARBOR_KEEP_TEST_DIR`,
+/// `ARBOR_FAILOVER_BUDGET_MS` and everything under [`TOOLING_PREFIXES`]).
 fn reserved_env(name: &str) -> bool {
-    matches!(name, "ARBOR_BIN" | "ARBOR_NODE_IP")
-        || name.starts_with("ARBOR_E2E_")
-        || name.starts_with("ARBOR_SIM_")
+    matches!(
+        name,
+        "ARBOR_BIN"
+            | "ARBOR_NODE_IP"
+            | "ARBOR_CLIENT_IP"
+            | "ARBOR_KEEP_TEST_DIR"
+            | "ARBOR_FAILOVER_BUDGET_MS"
+    ) || TOOLING_PREFIXES.iter().any(|p| name.starts_with(p))
 }
+
+/// Prefixes of the tooling's variables: e2e suite, simulators, load tool, WAN emulator, tests.
+const TOOLING_PREFIXES: [&str; 5] = [
+    "ARBOR_E2E_",
+    "ARBOR_SIM_",
+    "ARBOR_LOAD_",
+    "ARBOR_WAN_",
+    "ARBOR_TEST_",
+];
 
 /// Config keys whose value is a map (`keys`) rather than a section.
 const MAP_KEYS: [&str; 1] = ["keys"];
@@ -682,6 +697,8 @@ mod tests {
                 ("ARBOR_BIN", "/x"),
                 ("ARBOR_NODE_IP", "10.200.0.1"),
                 ("ARBOR_E2E_IN_NETNS", "1"),
+                ("ARBOR_LOAD_BIN", "/y"),
+                ("ARBOR_WAN_BIN", "/z"),
                 ("PATH", "/bin"),
             ]),
         )
