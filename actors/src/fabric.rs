@@ -56,7 +56,7 @@ pub(crate) struct LinkStream {
 
 /// An event of link `id`.
 pub(crate) enum LinkEvent {
-    Frame(u64, LinkMsg),
+    Frame(u64, Box<LinkMsg>),
     Closed(u64),
 }
 
@@ -72,7 +72,7 @@ impl futures_core::Stream for LinkStream {
         let id = self.id;
         match self.rx.poll_recv(cx) {
             std::task::Poll::Ready(Some(m)) => {
-                std::task::Poll::Ready(Some(LinkEvent::Frame(id, m)))
+                std::task::Poll::Ready(Some(LinkEvent::Frame(id, Box::new(m))))
             }
             std::task::Poll::Ready(None) => {
                 self.done = true;

@@ -1534,7 +1534,7 @@ impl Handler<AttachLink> for Room {
 impl StreamHandler<LinkEvent> for Room {
     fn handle(&mut self, ev: LinkEvent, ctx: &mut Self::Context) {
         match ev {
-            LinkEvent::Frame(id, m) => self.on_link_frame(id, m, ctx),
+            LinkEvent::Frame(id, m) => self.on_link_frame(id, *m, ctx),
             LinkEvent::Closed(id) => self.on_link_closed(id, ctx),
         }
     }

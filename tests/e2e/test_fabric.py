@@ -48,16 +48,17 @@ TONE_HZ = 440.0
 class Node:
     id: int
     proc: subprocess.Popen
+    host: str
     port: int
     log_path: Path
 
     @property
     def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
+        return f"ws://{self.host}:{self.port}"
 
     @property
     def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -80,57 +81,74 @@ class Node:
 
 
 class Cluster:
-    """N arbor nodes (SFU + cluster member) on this namespace's address, fresh ports."""
+    """N arbor nodes, each an SFU and a cluster member.
 
-    def __init__(self, name: str, n: int) -> None:
+    Without `wan`, all nodes share this namespace (HTTP and QUIC on 127.0.0.1, media on
+    ARBOR_NODE_IP). With `wan` (a started `wan.Wan`) node i runs inside site `sites[i]` and
+    advertises that site's address; clients reach it through the emulator.
+    """
+
+    def __init__(self, name: str, n: int, wan=None, sites: Optional[list[str]] = None) -> None:
         self.name = name
         self.n = n
+        self.wan = wan
+        self.sites = sites or []
         self.nodes: list[Node] = []
         self.dir = WORK / f"cluster-{name}-{os.getpid()}-{int(time.time() * 1000)}"
         self.node_ip = os.environ.get("ARBOR_NODE_IP", "10.200.0.1")
+
+    def host(self, i: int) -> str:
+        return self.wan.ip(self.sites[i]) if self.wan else "127.0.0.1"
 
     def start(self) -> "Cluster":
         binary = str(arbor_binary())
         ports = [(free_port(), free_port(), free_port(), free_port()) for _ in range(self.n)]
         specs = []
-        for i, (http, quic, _, _) in enumerate(ports, start=1):
-            specs += ["--node", f"{i}=127.0.0.1:{quic},127.0.0.1:{http}"]
+        for i, (http, quic, _, _) in enumerate(ports):
+            specs += ["--node", f"{i + 1}={self.host(i)}:{quic},{self.host(i)}:{http}"]
         subprocess.run(
             [binary, "cluster", "init", "--out", str(self.dir), "--cluster-id", "fabric-test", *specs],
             check=True,
             capture_output=True,
         )
-        for i, (http, quic, udp, tcp) in enumerate(ports, start=1):
-            log_path = LOGS / f"{self.name}-node{i}.log"
-            env = dict(os.environ)
-            env.setdefault("RUST_LOG", "info")
-            env.setdefault("NO_COLOR", "1")
-            env["ARBOR_CLUSTER_CONFIG"] = str(self.dir / f"node-{i}.toml")
-            args = [
-                binary, "--dev", "--bind", "127.0.0.1", "--port", str(http),
-                "--udp-port", str(udp), "--tcp-port", str(tcp), "--node-ip", self.node_ip,
-            ]
-            log = open(log_path, "wb")
-            log.write(f"$ ARBOR_CLUSTER_CONFIG={env['ARBOR_CLUSTER_CONFIG']} {' '.join(args)}\n".encode())
-            log.flush()
-            proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=WORK)
-            log.close()
-            self.nodes.append(Node(i, proc, http, log_path))
+        for i in range(self.n):
+            self.launch(i, ports[i])
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             for node in self.nodes:
                 if not node.alive():
                     raise RuntimeError(f"node {node.id} exited:\n{node.log_text()[-3000:]}")
             try:
-                st = json.loads(self.nodes[0].get("/cluster/status"))
-                if st.get("leader") and all(
-                    json.loads(n.get("/cluster/status")).get("leader") for n in self.nodes
-                ):
+                if all(json.loads(n.get("/cluster/status")).get("leader") for n in self.nodes):
                     return self
             except Exception:
                 pass
             time.sleep(0.2)
         raise RuntimeError("cluster did not elect a leader within 60 s")
+
+    def launch(self, i: int, ports: tuple[int, int, int, int]) -> None:
+        http, _quic, udp, tcp = ports
+        binary = str(arbor_binary())
+        log_path = LOGS / f"{self.name}-node{i + 1}.log"
+        env = dict(os.environ)
+        env.setdefault("RUST_LOG", "info")
+        env.setdefault("NO_COLOR", "1")
+        env["ARBOR_CLUSTER_CONFIG"] = str(self.dir / f"node-{i + 1}.toml")
+        host = self.host(i)
+        node_ip = host if self.wan else self.node_ip
+        args = [
+            binary, "--dev", "--bind", host, "--port", str(http),
+            "--udp-port", str(udp), "--tcp-port", str(tcp), "--node-ip", node_ip,
+        ]
+        log = open(log_path, "wb")
+        log.write(f"$ ARBOR_CLUSTER_CONFIG={env['ARBOR_CLUSTER_CONFIG']} {' '.join(args)}\n".encode())
+        log.flush()
+        if self.wan:
+            proc = self.wan.popen(self.sites[i], args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=WORK)
+        else:
+            proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=WORK)
+        log.close()
+        self.nodes.append(Node(i + 1, proc, host, http, log_path))
 
     def stop(self) -> None:
         for node in self.nodes:

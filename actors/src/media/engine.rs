@@ -652,10 +652,9 @@ impl Engine {
                 seq_range: str0m::rtp::SeqNo::from(0)..=str0m::rtp::SeqNo::from(0),
                 contiguous: f.contiguous,
                 data: f.payload,
-                ext_vals: {
-                    let mut e = ExtensionValues::default();
-                    e.audio_level = f.audio_level;
-                    e
+                ext_vals: ExtensionValues {
+                    audio_level: f.audio_level,
+                    ..Default::default()
                 },
                 codec_extra: CodecExtra::None,
                 last_sender_info: None,
