@@ -161,7 +161,7 @@ class Cluster:
                 node.proc.kill()
                 node.proc.wait(timeout=10)
 
-    def check_health(self) -> None:
+    def check_health(self, allow_dead: set[int] = frozenset()) -> None:
         for node in self.nodes:
             text = node.log_text()
             assert "panicked at" not in text, f"node {node.id} panicked:\n{text[-3000:]}"
@@ -295,3 +295,157 @@ async def test_three_nodes_publisher_on_a_viewers_on_b_and_c(cluster3, results):
             if pub is not None:
                 await pub.stop()
         await disconnect_all(alice, bob.room if bob else None, carol.room if carol else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Three regions over the emulated WAN: per-hop latency, then 2% loss on one link
+# ---------------------------------------------------------------------------------------------
+
+# One-way delays between the nodes' sites (round trips 40, 120 and 80 ms).
+WAN_DELAYS = {("a", "b"): 20.0, ("a", "c"): 60.0, ("b", "c"): 40.0}
+
+
+def hop_latency(local: VideoReceiver, remote: VideoReceiver) -> tuple[float, int]:
+    """Median of (decode time at the remote viewer - decode time at the origin's own viewer)
+    over the counters both decoded, in ms, and how many frames that median is over."""
+    at_local = {f.counter: f.t for f in local.frames if f.counter is not None}
+    diffs = sorted(
+        (f.t - at_local[f.counter]) * 1000.0
+        for f in remote.frames
+        if f.counter is not None and f.counter in at_local
+    )
+    if not diffs:
+        return float("nan"), 0
+    return diffs[len(diffs) // 2], len(diffs)
+
+
+@pytest.mark.timeout(400)
+async def test_three_regions_hop_latency_and_loss_repair(results):
+    from wan import Wan
+
+    sites = ["a", "b", "c"]
+    with Wan(sites, seed=8, local="clients") as wan:
+        for (x, y), d in WAN_DELAYS.items():
+            wan.set_link(x, y, delay_ms=d)
+        cl = Cluster("fabricwan", 3, wan, sites)
+        alice = dave = None
+        bob = carol = None
+        video = audio = None
+        try:
+            cl.start()
+            a_node, b_node, c_node = cl.nodes
+            room_name = "wan-room"
+            alice, _ = await connect(a_node.ws_url, make_token("alice", room_name), "A")
+            video = CounterVideoPublisher(640, 480, 30)
+            audio = TonePublisher(TONE_HZ)
+            await video.publish(alice)
+            await audio.publish(alice)
+            dave = Subscriber("D")  # a viewer on the origin itself: the latency reference
+            bob = Subscriber("B")
+            carol = Subscriber("C")
+            await dave.connect(a_node.ws_url, "dave", room_name)
+            await bob.connect(b_node.ws_url, "bob", room_name)
+            await carol.connect(c_node.ws_url, "carol", room_name)
+            for sub in (dave, bob, carol):
+                await wait_until(lambda: "video" in sub.receivers, 30, f"{sub.label} subscribed")
+                await wait_until(
+                    lambda: len(sub.receivers["video"].counters()) >= 150,
+                    90,
+                    f"150 readable frames at {sub.label}",
+                )
+                await wait_until(lambda: "audio" in sub.receivers, 30, f"{sub.label} audio")
+                await wait_until(
+                    lambda: sub.receivers["audio"].tone_seconds >= 2.0, 30, f"tone at {sub.label}"
+                )
+            # Data crosses the WAN too.
+            await alice.local_participant.publish_data(b"over-the-wan", reliable=True)
+            for sub in (bob, carol):
+                await wait_until(lambda: ("alice", b"over-the-wan") in sub.data, 20, f"data at {sub.label}")
+
+            # Per-hop latency, measured by the hops themselves: each frame carries the wall
+            # time it entered the fabric (all namespaces share this machine's clock) and each
+            # receiving node adds up transit until the frame is reassembled and released.
+            def transit(node):
+                return (
+                    node.metric("arbor_relay_transit_microseconds_total"),
+                    node.metric("arbor_relay_transit_frames_total"),
+                )
+
+            before = {n.id: transit(n) for n in (b_node, c_node)}
+            await asyncio.sleep(10)
+            lines = []
+            ref = dave.receivers["video"]
+            for node, sub, (x, y) in ((b_node, bob, ("a", "b")), (c_node, carol, ("a", "c"))):
+                us, n = transit(node)
+                us0, n0 = before[node.id]
+                assert n - n0 >= 300, f"node {node.id} released only {n - n0} relayed frames in 10 s"
+                hop = (us - us0) / (n - n0) / 1000.0
+                delay = WAN_DELAYS[(x, y)]
+                view, frames = hop_latency(ref, sub.receivers["video"])
+                lines.append(
+                    f"{x}->{y}: link {delay:.0f} ms, hop transit {hop:.1f} ms (+{hop - delay:.1f} ms over "
+                    f"{n - n0:.0f} frames); viewer decode time vs a viewer on the origin {view:+.1f} ms"
+                )
+                # The issue's target is link delay + under 10 ms; the assertion is a generous
+                # sanity bound (shared 2-core machine), the measured number goes to results.
+                assert hop < delay + 40, f"hop {x}->{y} took {hop:.1f} ms over a {delay} ms link"
+                assert hop >= delay * 0.9, f"hop {x}->{y} measured {hop:.1f} ms, below its {delay} ms link"
+            results("fabric WAN per-hop latency: " + "; ".join(lines))
+
+            # --- 2% loss on the a<->b link: per-hop NACK repairs it ---------------------------
+            rtx0 = a_node.metric("arbor_relay_retransmissions_total")
+            nack0 = b_node.metric("arbor_relay_nacks_sent_total")
+            skip0 = b_node.metric("arbor_relay_frames_skipped_total")
+            wan.set_link("a", "b", delay_ms=WAN_DELAYS[("a", "b")], loss=0.02)
+            bvid = bob.receivers["video"]
+            start = len(bvid.frames)
+            await asyncio.sleep(15)
+            wan.set_link("a", "b", delay_ms=WAN_DELAYS[("a", "b")], loss=0.0)
+            window = [f.counter for f in bvid.frames[start:] if f.counter is not None]
+            rtx = a_node.metric("arbor_relay_retransmissions_total") - rtx0
+            nacks = b_node.metric("arbor_relay_nacks_sent_total") - nack0
+            skipped = b_node.metric("arbor_relay_frames_skipped_total") - skip0
+            stats = wan.stats()
+            dropped = stats[("a", "b")]["dropped"] if ("a", "b") in stats else None
+            gaps = [y - x for x, y in zip(window, window[1:])]
+            big = [g for g in gaps if g > 3]
+            results(
+                f"fabric WAN 2% loss a<->b for 15 s: emulator dropped {dropped}, "
+                f"B NACKed {nacks:.0f}, A retransmitted {rtx:.0f}, frames given up {skipped:.0f}; "
+                f"B decoded {len(window)} frames, max counter step {max(gaps) if gaps else 0}, "
+                f"{len(big)} steps > 3"
+            )
+            assert rtx > 0 and nacks > 0, "no retransmission on the lossy link"
+            assert len(window) >= 15 * 30 * 0.8, f"B decoded only {len(window)} frames in 15 s"
+            assert all(g > 0 for g in gaps), "decoded counters went backwards"
+            assert len(big) <= 2, f"visible gaps at B under 2% loss: {big}"
+
+            # --- an edge dies (SIGKILL): nobody else notices but its participant's departure --
+            cvid = bob.receivers["video"]
+            start = len(cvid.frames)
+            c_node.proc.kill()
+            t_kill = time.monotonic()
+            await wait_until(
+                lambda: "carol" not in alice.remote_participants, 30, "alice sees carol gone"
+            )
+            gone_after = time.monotonic() - t_kill
+            await asyncio.sleep(max(0.0, 5 - gone_after))
+            window = [f.counter for f in cvid.frames[start:] if f.counter is not None]
+            gaps = [y - x for x, y in zip(window, window[1:])]
+            results(
+                f"fabric: edge C SIGKILLed; its participant left the others' view after {gone_after:.1f} s; "
+                f"B decoded {len(window)} frames meanwhile, max counter step {max(gaps) if gaps else 0}"
+            )
+            assert len(window) >= 5 * 30 * 0.7 and all(0 < g <= 3 for g in gaps), (
+                f"B's video was disturbed by C's death: {len(window)} frames, steps {sorted(set(gaps))}"
+            )
+        finally:
+            for pub in (video, audio):
+                if pub is not None:
+                    await pub.stop()
+            await disconnect_all(
+                alice,
+                *(s.room if s else None for s in (dave, bob, carol)),
+            )
+            cl.stop()
+            cl.check_health(allow_dead={3})

@@ -112,6 +112,9 @@ pub struct EngineConfig {
     pub udp_local: SocketAddr,
     /// Maximum number of peer connections this engine accepts.
     pub max_peers: usize,
+    /// Wall clock at one instant: `(instant, microseconds since the Unix epoch)`. Relay frames
+    /// carry wall-clock ingest times derived from it.
+    pub wall_anchor: (Instant, u64),
 }
 
 /// A subscriber-side outgoing track and the state of its m-line negotiation.
@@ -317,6 +320,16 @@ impl Engine {
             next_housekeeping: None,
             housekeeping_count: 0,
             level_config: LevelConfig::default(),
+        }
+    }
+
+    /// Wall-clock microseconds at `now` (from the configured anchor).
+    fn wall_us(&self, now: Instant) -> u64 {
+        let (at, us) = self.config.wall_anchor;
+        if now >= at {
+            us + now.duration_since(at).as_micros() as u64
+        } else {
+            us.saturating_sub(at.duration_since(now).as_micros() as u64)
         }
     }
 
@@ -663,7 +676,14 @@ impl Engine {
             if !f.contiguous && ft.kind == MediaKind::Video {
                 self.request_keyframe(now, track, data.rid, out);
             }
-            self.forward_track(now, track, data, f.keyframe, out);
+            let wall = self.wall_us(now);
+            if f.ingest_us > 0 && wall >= f.ingest_us && wall - f.ingest_us < 60_000_000 {
+                RELAY_METRICS.transit_count.fetch_add(1, Relaxed);
+                RELAY_METRICS
+                    .transit_us_sum
+                    .fetch_add(wall - f.ingest_us, Relaxed);
+            }
+            self.forward_track(now, track, data, f.keyframe, Some(f.ingest_us), out);
         }
     }
 
@@ -1206,7 +1226,7 @@ impl Engine {
             self.request_keyframe(now, track, data.rid, out);
         }
         let is_keyframe = data.is_keyframe();
-        self.forward_track(now, track, data, is_keyframe, out);
+        self.forward_track(now, track, data, is_keyframe, None, out);
     }
 
     /// Forward one frame of `track` (from a local publisher or a relay link) to its local
@@ -1217,8 +1237,10 @@ impl Engine {
         track: TrackKey,
         data: MediaData,
         is_keyframe: bool,
+        ingest_us: Option<u64>,
         out: &mut dyn Output,
     ) {
+        let ingest_us = ingest_us.unwrap_or_else(|| self.wall_us(now));
         let Some(ft) = self.tracks.get_mut(&track) else {
             return;
         };
@@ -1236,6 +1258,7 @@ impl Engine {
             let frame = RelayFrame {
                 rid: data.rid.map(|r| r.to_string()),
                 time: data.time.numer(),
+                ingest_us,
                 keyframe: is_keyframe,
                 audio_level: data.ext_vals.audio_level,
                 params: None,

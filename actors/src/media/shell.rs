@@ -80,10 +80,14 @@ impl MediaHandle {
                 candidates.push(c);
             }
         }
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
         let config = EngineConfig {
             candidates,
             udp_local,
             max_peers: settings.max_peers,
+            wall_anchor: (Instant::now(), wall),
         };
         let (tx, rx) = mpsc::channel(settings.command_queue.max(16));
         std::thread::Builder::new()
