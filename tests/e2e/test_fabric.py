@@ -14,6 +14,7 @@ in `/metrics` show frames going over the links.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import re
@@ -169,7 +170,7 @@ class Cluster:
 
 @pytest.fixture
 def cluster3(request):
-    c = Cluster("fabric3", 3)
+    c = Cluster(request.node.name[:40], 3)
     try:
         c.start()
         yield c
@@ -449,3 +450,60 @@ async def test_three_regions_hop_latency_and_loss_repair(results):
             )
             cl.stop()
             cl.check_health(allow_dead={3})
+
+
+@pytest.mark.timeout(300)
+async def test_origin_death_lease_moves_publisher_reconnects(cluster3, results):
+    """The origin is SIGKILLed: its lease expires and moves to a live node, the edges re-link to
+    the new origin, the publisher (whose node died) reconnects to another node and publishes
+    again, and the viewers on the surviving nodes decode its video again."""
+    a_node, b_node, c_node = cluster3.nodes
+    room_name = "failover-room"
+    alice = alice2 = None
+    bob = carol = None
+    video = video2 = None
+    try:
+        alice, _ = await connect(a_node.ws_url, make_token("alice", room_name), "A")
+        video = CounterVideoPublisher(320, 240, 30)
+        await video.publish(alice)
+        bob = Subscriber("B")
+        carol = Subscriber("C")
+        await bob.connect(b_node.ws_url, "bob", room_name)
+        await carol.connect(c_node.ws_url, "carol", room_name)
+        for sub in (bob, carol):
+            await wait_until(lambda: "video" in sub.receivers, 30, f"{sub.label} subscribed")
+            await wait_until(lambda: len(sub.receivers["video"].counters()) >= 30, 60, f"frames at {sub.label}")
+
+        a_node.proc.kill()
+        t_kill = time.monotonic()
+        await video.stop()
+        video = None
+        # The publisher's client reconnects to another node (LiveKit clients retry the URL
+        # they know; an application, or a load balancer, points them at a live node).
+        for sub in (bob, carol):
+            sub.receivers.clear()
+        alice2, _ = await connect(b_node.ws_url, make_token("alice", room_name), "A2")
+        video2 = CounterVideoPublisher(320, 240, 30, base=5000)
+        await video2.publish(alice2)
+        resumed = {}
+        for sub in (bob, carol):
+            await wait_until(lambda: "video" in sub.receivers, 60, f"{sub.label} re-subscribed")
+            v = sub.receivers["video"]
+            await wait_until(
+                lambda: any(c >= 5000 for c in v.counters()), 60, f"{sub.label} decodes the new publication"
+            )
+            resumed[sub.label] = next(f.t for f in v.frames if f.counter is not None and f.counter >= 5000) - t_kill
+        origins = json.loads(b_node.get("/cluster/rooms"))
+        origin = next(r["origin_node"] for r in origins if r["name"] == room_name)
+        results(
+            f"fabric: origin SIGKILLed; room origin moved to node {origin}; viewers decoded the "
+            f"re-published video {resumed['B']:.1f} s (B) and {resumed['C']:.1f} s (C) after the kill"
+        )
+        assert origin in (2, 3)
+    finally:
+        for pub in (video, video2):
+            if pub is not None:
+                await pub.stop()
+        await disconnect_all(alice2, bob.room if bob else None, carol.room if carol else None)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(alice.disconnect(), 3) if alice else None
