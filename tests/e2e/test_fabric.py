@@ -30,6 +30,7 @@ import pytest
 from livekit import rtc
 
 from conftest import LOGS, WORK, arbor_binary, free_port
+from test_browser import JS, page_server  # noqa: F401 - the fixture is used by name
 from helpers import (
     CounterVideoPublisher,
     EventLog,
@@ -507,3 +508,83 @@ async def test_origin_death_lease_moves_publisher_reconnects(cluster3, results):
         await disconnect_all(alice2, bob.room if bob else None, carol.room if carol else None)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(alice.disconnect(), 3) if alice else None
+
+
+@pytest.mark.timeout(300)
+async def test_browser_publisher_on_a_rendered_on_c(cluster3, page_server, results):
+    """Chromium (livekit-client, simulcast) publishes on node A; a Chromium page on node C
+    renders it and a Python SDK viewer on node B decodes it: every simulcast layer crosses the
+    links once, the edges pick layers per viewer."""
+    a_node, b_node, c_node = cluster3.nodes
+    room_name = "browser-fabric"
+    py_room = None
+    py_video = None
+    proc = None
+    try:
+        py_room, py_events = await connect(b_node.ws_url, make_token("py-sub", room_name), "py-sub")
+        cfg = {
+            "pageBase": page_server,
+            "wsUrl": a_node.ws_url,
+            "subWsUrl": c_node.ws_url,
+            "pubToken": make_token("browser-pub", room_name),
+            "subToken": make_token("browser-sub", room_name),
+            "watchSeconds": 10,
+            "hardLimitSeconds": 240,
+            "holdSeconds": 120,
+        }
+        proc = await asyncio.create_subprocess_exec(
+            "node", str(JS / "drive.mjs"), json.dumps(cfg), cwd=str(JS),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env=dict(os.environ),
+        )
+
+        async def pump_stderr():
+            async for raw in proc.stderr:
+                print(raw.decode(errors="replace").rstrip())
+
+        stderr_task = asyncio.create_task(pump_stderr())
+
+        async def read_result():
+            while True:
+                raw = await proc.stdout.readline()
+                if not raw:
+                    return None
+                line = raw.decode(errors="replace")
+                if line.startswith("RESULT "):
+                    return json.loads(line[len("RESULT "):])
+
+        result_task = asyncio.create_task(read_result())
+
+        def browser_video():
+            found = py_events.find(
+                "track_subscribed",
+                lambda t, pub, p: p.identity == "browser-pub" and t.kind == rtc.TrackKind.KIND_VIDEO,
+            )
+            return found[0].args[0] if found else None
+
+        track = await wait_until(browser_video, 90, "py-sub on B subscribed to the browser's video")
+        py_video = VideoReceiver(track, decode_every=1_000_000)
+        await wait_until(lambda: len(py_video.frames) >= 60, 90, "60 browser frames decoded on B")
+        result = await asyncio.wait_for(result_task, 200)
+        assert result is not None, "drive.mjs exited without a RESULT line"
+        proc.stdin.close()
+        await asyncio.wait_for(proc.wait(), 30)
+        await asyncio.wait_for(stderr_task, 10)
+        assert not result.get("error"), f"browser driver failed: {result['error']}"
+        samples = result["samples"]
+        decoded = [s["framesDecoded"] for s in samples]
+        seconds = (samples[-1]["t"] - samples[0]["t"]) / 1000
+        grown = decoded[-1] - decoded[0]
+        assert grown >= 2 * seconds, f"page on C decoded only {grown} frames in {seconds:.1f} s: {decoded}"
+        results(
+            f"fabric browser: Chromium publisher on A, page on C decoded {grown} frames in {seconds:.1f} s "
+            f"at {samples[-1]['videoWidth']}x{samples[-1]['videoHeight']}; py-sub on B decoded "
+            f"{len(py_video.frames)} frames"
+        )
+    finally:
+        if py_video is not None:
+            await py_video.close()
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await disconnect_all(py_room)
