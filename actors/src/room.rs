@@ -24,7 +24,8 @@ use crate::media::{Command, MediaHandle, PeerId, TrackKey};
 use crate::metrics::METRICS;
 use crate::participant::{Kick, Participant, SendSignal, SetPermission};
 use crate::track::{
-    AddSubscriber, CloseTrack, PolicyCap, RemoveSubscriber, SetMuted, SubscriberSettings, Track,
+    AddSubscriber, CloseTrack, PolicyCap, RelayNeed, RemoteNeed, RemoveSubscriber, SetMuted,
+    SubscriberSettings, Track,
 };
 
 /// Cadence of `SpeakersChanged` updates.
@@ -58,8 +59,10 @@ struct TrackEntry {
     key: TrackKey,
     /// Relayed tracks: the link the media comes from.
     source_link: Option<u64>,
-    /// Relayed tracks: whether we asked the source link for it.
-    upstream_wanted: bool,
+    /// Relayed tracks: what we last asked the source link for (`None`: nothing).
+    upstream_wanted: Option<u8>,
+    /// Relayed tracks: the best layer this node's own viewers need (from the track actor).
+    local_rank: u8,
 }
 
 /// A participant served by another node, learned over link `link`.
@@ -74,8 +77,8 @@ struct Link {
     tx: tokio::sync::mpsc::Sender<LinkMsg>,
     /// Towards the origin.
     upstream: bool,
-    /// Tracks the other side wants from us.
-    wants: BTreeSet<String>,
+    /// Tracks the other side wants from us, with the best layer rank it needs.
+    wants: BTreeMap<String, u8>,
 }
 
 /// A room's place in the fabric.
@@ -767,7 +770,8 @@ impl Handler<PublishTrack> for Room {
                 last_n_cap: 3,
                 key: msg.key,
                 source_link: None,
-                upstream_wanted: false,
+                upstream_wanted: None,
+                local_rank: 3,
             },
         );
         let announced = self.announced.contains(&msg.sid);
@@ -1625,28 +1629,42 @@ impl Room {
     /// Relayed track: ask (or stop asking) the source link for it when this node's demand —
     /// local subscribers or downstream links — starts or ends.
     fn update_demand(&mut self, track_sid: &str) {
-        let want = self
+        let local = self
             .members
             .values()
-            .any(|m| m.subscriptions.contains(track_sid))
-            || self.links.values().any(|l| l.wants.contains(track_sid));
+            .any(|m| m.subscriptions.contains(track_sid));
+        let downstream = self
+            .links
+            .values()
+            .filter_map(|l| l.wants.get(track_sid).copied())
+            .max();
         let Some(t) = self.tracks.get_mut(track_sid) else {
             return;
         };
         let Some(src) = t.source_link else {
             return;
         };
+        // The layers to ask for: what our viewers and the links below us need (dynacast
+        // across the tree); at least the lowest layer while anyone wants the track at all.
+        let want = match (local, downstream) {
+            (false, None) => None,
+            (l, d) => Some(
+                (if l { t.local_rank } else { 0 })
+                    .max(d.unwrap_or(0))
+                    .clamp(1, 3),
+            ),
+        };
         if t.upstream_wanted == want {
             return;
         }
         t.upstream_wanted = want;
-        tracing::debug!(parent: &self.span, track = %track_sid, want, "relay demand changed");
+        tracing::debug!(parent: &self.span, track = %track_sid, ?want, "relay demand changed");
         self.send_to(
             src,
             LinkMsg::Want(wire::Want {
                 track_sid: track_sid.to_string(),
-                on: want,
-                max_rank: 3,
+                on: want.is_some(),
+                max_rank: want.unwrap_or(0) as u32,
             }),
         );
     }
@@ -1743,7 +1761,7 @@ impl Room {
                 peer,
                 tx: io.tx,
                 upstream,
-                wants: BTreeSet::new(),
+                wants: BTreeMap::new(),
             },
         );
         ctx.add_stream(LinkStream {
@@ -1773,13 +1791,15 @@ impl Room {
             return;
         };
         tracing::info!(parent: &self.span, link = id, peer = link.peer, "room link down");
-        for t in &link.wants {
+        for t in link.wants.keys() {
             if let Some(te) = self.tracks.get(t) {
                 let _ = self.media.send(Command::RelayOut {
                     track: te.key,
                     node: link.peer,
                     on: false,
+                    max_rank: 0,
                 });
+                te.addr.do_send(RemoteNeed { link: id, rank: 0 });
             }
         }
         let gone: Vec<String> = self
@@ -1797,8 +1817,8 @@ impl Room {
                 self.remove_remote(id, info);
             }
         }
-        for t in link.wants {
-            self.update_demand(&t);
+        for t in link.wants.keys() {
+            self.update_demand(t);
         }
         if link.upstream {
             ctx.run_later(LINK_RETRY, |room, ctx| room.connect_upstream(ctx));
@@ -1808,10 +1828,10 @@ impl Room {
         }
     }
 
-    fn on_link_frame(&mut self, id: u64, msg: LinkMsg, _ctx: &mut Context<Self>) {
+    fn on_link_frame(&mut self, id: u64, msg: LinkMsg, ctx: &mut Context<Self>) {
         match msg {
             LinkMsg::Hello(_) => {}
-            LinkMsg::Participant(st) => self.on_remote_state(id, st),
+            LinkMsg::Participant(st) => self.on_remote_state(id, st, ctx),
             LinkMsg::Gone(g) => {
                 if let Some(info) = g.info {
                     if self.remotes.get(&info.sid).is_some_and(|r| r.link == id) {
@@ -1831,20 +1851,28 @@ impl Room {
                 let Some(link) = self.links.get_mut(&id) else {
                     return;
                 };
+                // Unknown tracks are ignored (a stale want from before a re-link).
+                let Some(te) = self.tracks.get(&w.track_sid) else {
+                    return;
+                };
+                let rank = w.max_rank.clamp(1, 3) as u8;
                 let changed = if w.on {
-                    link.wants.insert(w.track_sid.clone())
+                    link.wants.insert(w.track_sid.clone(), rank) != Some(rank)
                 } else {
-                    link.wants.remove(&w.track_sid)
+                    link.wants.remove(&w.track_sid).is_some()
                 };
                 let peer = link.peer;
                 if changed {
-                    if let Some(te) = self.tracks.get(&w.track_sid) {
-                        let _ = self.media.send(Command::RelayOut {
-                            track: te.key,
-                            node: peer,
-                            on: w.on,
-                        });
-                    }
+                    let _ = self.media.send(Command::RelayOut {
+                        track: te.key,
+                        node: peer,
+                        on: w.on,
+                        max_rank: rank,
+                    });
+                    te.addr.do_send(RemoteNeed {
+                        link: id,
+                        rank: if w.on { rank } else { 0 },
+                    });
                 }
                 self.update_demand(&w.track_sid);
             }
@@ -1870,7 +1898,7 @@ impl Room {
     }
 
     /// A remote participant appeared or changed.
-    fn on_remote_state(&mut self, link: u64, st: wire::ParticipantState) {
+    fn on_remote_state(&mut self, link: u64, st: wire::ParticipantState, ctx: &mut Context<Self>) {
         let Some(info) = st.info else { return };
         let sid = info.sid.clone();
         if sid.is_empty() || self.members.contains_key(&sid) {
@@ -1938,8 +1966,9 @@ impl Room {
                 tracing::warn!(parent: &self.span, track = %t.sid, "media engine busy; relayed track skipped");
                 continue;
             }
-            let addr =
-                Track::new(t.clone(), sid.clone(), key, self.media.clone(), &self.span).start();
+            let addr = Track::new(t.clone(), sid.clone(), key, self.media.clone(), &self.span)
+                .with_need_sink(ctx.address().recipient())
+                .start();
             self.tracks.insert(
                 t.sid.clone(),
                 TrackEntry {
@@ -1949,7 +1978,8 @@ impl Room {
                     last_n_cap: 3,
                     key,
                     source_link: Some(link),
-                    upstream_wanted: false,
+                    upstream_wanted: None,
+                    local_rank: 3,
                 },
             );
             added.push(t.sid.clone());
@@ -1993,7 +2023,21 @@ impl Room {
             l.wants.remove(track_sid);
         }
     }
+}
 
+impl Handler<RelayNeed> for Room {
+    type Result = ();
+    fn handle(&mut self, msg: RelayNeed, _ctx: &mut Self::Context) {
+        if let Some(t) = self.tracks.get_mut(&msg.track_sid) {
+            if t.source_link.is_some() && t.local_rank != msg.rank {
+                t.local_rank = msg.rank;
+                self.update_demand(&msg.track_sid);
+            }
+        }
+    }
+}
+
+impl Room {
     /// A remote participant left (or its link went down): `info` is its final state.
     fn remove_remote(&mut self, link: u64, info: lk::ParticipantInfo) {
         let sid = info.sid.clone();

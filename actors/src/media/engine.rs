@@ -227,8 +227,9 @@ struct FwdTrack {
     receiver: Option<RelayReceiver>,
     /// Codec parameters: serialised for relay links (publisher side), or as received.
     params: Option<(PayloadParams, Arc<[u8]>)>,
-    /// Nodes this track is relayed to, each with its sending state.
-    relay_outs: Vec<(u64, RelaySender)>,
+    /// Nodes this track is relayed to, each with its sending state and the best layer rank it
+    /// needs (higher simulcast layers are not sent).
+    relay_outs: Vec<(u64, RelaySender, u8)>,
 }
 
 impl FwdTrack {
@@ -524,16 +525,34 @@ impl Engine {
                 self.tracks.insert(track, ft);
                 self.relay_in.insert((node, flow), track);
             }
-            Command::RelayOut { track, node, on } => {
+            Command::RelayOut {
+                track,
+                node,
+                on,
+                max_rank,
+            } => {
+                let mut fresh = false;
                 if let Some(ft) = self.tracks.get_mut(&track) {
-                    ft.relay_outs.retain(|(n, _)| *n != node);
-                    if on {
-                        ft.relay_outs
-                            .push((node, RelaySender::new(track.0, self.relay_limits)));
+                    match ft.relay_outs.iter_mut().find(|(n, _, _)| *n == node) {
+                        // An existing flow keeps its sequence numbers; only the layers change.
+                        Some(o) if on => {
+                            fresh = max_rank > o.2;
+                            o.2 = max_rank.clamp(1, 3);
+                        }
+                        Some(_) => ft.relay_outs.retain(|(n, _, _)| *n != node),
+                        None if on => {
+                            fresh = true;
+                            ft.relay_outs.push((
+                                node,
+                                RelaySender::new(track.0, self.relay_limits),
+                                max_rank.clamp(1, 3),
+                            ));
+                        }
+                        None => {}
                     }
                 }
-                if on {
-                    // A new downstream starts with a keyframe.
+                if fresh {
+                    // A new downstream, or a newly needed layer, starts with a keyframe.
                     self.request_keyframe(now, track, None, out);
                 }
             }
@@ -577,7 +596,7 @@ impl Engine {
                 let Some(ft) = self.tracks.get_mut(&TrackKey(flow)) else {
                     return;
                 };
-                if let Some((_, s)) = ft.relay_outs.iter_mut().find(|(n, _)| *n == node) {
+                if let Some((_, s, _)) = ft.relay_outs.iter_mut().find(|(n, _, _)| *n == node) {
                     for d in s.on_nack(&seqs) {
                         RELAY_METRICS.datagrams_sent.fetch_add(1, Relaxed);
                         out.relay(node, &d);
@@ -592,7 +611,7 @@ impl Engine {
                 let relayed_to_them = self
                     .tracks
                     .get(&track)
-                    .is_some_and(|t| t.relay_outs.iter().any(|(n, _)| *n == node));
+                    .is_some_and(|t| t.relay_outs.iter().any(|(n, _, _)| *n == node));
                 if relayed_to_them {
                     let rid = match rank {
                         0 => None,
@@ -1266,7 +1285,11 @@ impl Engine {
                 contiguous: data.contiguous,
             };
             let params = ft.params.as_ref().map(|(_, j)| j.clone());
-            for (node, sender) in ft.relay_outs.iter_mut() {
+            let rank = data.rid.as_ref().map_or(1, rid_rank);
+            for (node, sender, max_rank) in ft.relay_outs.iter_mut() {
+                if rank > *max_rank {
+                    continue;
+                }
                 let max = out.relay_max(*node);
                 for d in sender.push(&frame, params.as_deref(), max) {
                     RELAY_METRICS.datagrams_sent.fetch_add(1, Relaxed);

@@ -110,11 +110,13 @@ pub enum Command {
         flow: u64,
         video: bool,
     },
-    /// Relay fabric: start (`on`) or stop sending `track` (all its layers) to node `node`.
+    /// Relay fabric: start (`on`) or stop sending `track` to node `node`: every simulcast
+    /// layer up to `max_rank` (what the far side's viewers need; higher layers are shed).
     RelayOut {
         track: TrackKey,
         node: u64,
         on: bool,
+        max_rank: u8,
     },
     /// Relay fabric: the QUIC connection to `node` (new or replaced). Handled by the shell,
     /// which reads its datagrams and sends on it.

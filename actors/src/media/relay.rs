@@ -921,13 +921,25 @@ mod tests {
             // Up to moderate loss every frame is repaired; at 10% (each packet and each NACK
             // lost one time in ten, three NACK rounds) a rare frame is given up: the ones
             // that arrive stay in order, intact, and the one after a gap says so.
-            let min = if loss <= 0.02 { frames } else { frames * 98 / 100 };
-            assert!(got.len() as u64 >= min, "loss {loss}: {} of {frames} frames", got.len());
+            let min = if loss <= 0.02 {
+                frames
+            } else {
+                frames * 98 / 100
+            };
+            assert!(
+                got.len() as u64 >= min,
+                "loss {loss}: {} of {frames} frames",
+                got.len()
+            );
             let mut expected = 0u64;
             for f in &got {
                 let i = f.time / 3000;
                 assert!(i >= expected, "loss {loss}: out of order");
-                assert_eq!(f.contiguous, i == expected, "loss {loss}: contiguity of frame {i}");
+                assert_eq!(
+                    f.contiguous,
+                    i == expected,
+                    "loss {loss}: contiguity of frame {i}"
+                );
                 assert_eq!(
                     *f,
                     RelayFrame {
