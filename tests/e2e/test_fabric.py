@@ -46,6 +46,22 @@ from helpers import (
 TONE_HZ = 440.0
 
 
+def metadata_token(identity: str, room: str) -> str:
+    """Like `make_token`, with `canUpdateOwnMetadata`."""
+    from livekit import api
+
+    from helpers import API_KEY, API_SECRET
+
+    grants = api.VideoGrants(
+        room_join=True, room=room, can_publish=True, can_subscribe=True,
+        can_publish_data=True, can_update_own_metadata=True,
+    )
+    return (
+        api.AccessToken(API_KEY, API_SECRET).with_identity(identity).with_name(identity)
+        .with_grants(grants).to_jwt()
+    )
+
+
 @dataclasses.dataclass
 class Node:
     id: int
@@ -197,8 +213,17 @@ class Subscriber:
         self.events = EventLog(self.room, label)
         self.receivers: dict[str, object] = {}
         self.data: list[tuple[str, bytes]] = []
+        self.speakers: list[list[str]] = []
+        self.metadata: dict[str, str] = {}
         self.room.on("track_subscribed", self._on_track)
         self.room.on("data_received", self._on_data)
+        self.room.on(
+            "active_speakers_changed", lambda sp: self.speakers.append([p.identity for p in sp])
+        )
+        self.room.on(
+            "participant_metadata_changed",
+            lambda p, old, new: self.metadata.__setitem__(p.identity, new),
+        )
 
     def _on_track(self, track, pub, participant) -> None:
         if participant.identity != "alice":
@@ -221,19 +246,21 @@ async def test_three_nodes_publisher_on_a_viewers_on_b_and_c(cluster3, results):
     a_node, b_node, c_node = cluster3.nodes
     room_name = "fabric-room"
     alice = None
-    bob = carol = None
+    bob = bob2 = carol = None
     video = audio = None
     try:
-        alice, alice_events = await connect(a_node.ws_url, make_token("alice", room_name), "A")
+        alice, alice_events = await connect(a_node.ws_url, metadata_token("alice", room_name), "A")
         video = CounterVideoPublisher(640, 480, 30)
         audio = TonePublisher(TONE_HZ)
         await video.publish(alice)
         await audio.publish(alice)
 
         bob = Subscriber("B")
+        bob2 = Subscriber("B2")  # a second viewer on B: the A->B link still carries one copy
         carol = Subscriber("C")
         t0 = time.monotonic()
         await bob.connect(b_node.ws_url, "bob", room_name)
+        await bob2.connect(b_node.ws_url, "bob2", room_name)
         await carol.connect(c_node.ws_url, "carol", room_name)
 
         # Everyone sees everyone, whichever node they are on.
@@ -258,6 +285,30 @@ async def test_three_nodes_publisher_on_a_viewers_on_b_and_c(cluster3, results):
             await wait_until(lambda: arecv.tone_seconds >= 2.0, 30, f"2 s of tone at {sub.label}")
         first = min(bob.receivers["video"].frames[0].t, carol.receivers["video"].frames[0].t)
         results(f"fabric3: first relayed frame {first - t0:.2f} s after B's connect")
+
+        await wait_until(lambda: "video" in bob2.receivers, 30, "B2 subscribed to alice's video")
+        await wait_until(lambda: len(bob2.receivers["video"].counters()) >= 30, 60, "frames at B2")
+
+        # Each link carries each track once, however many viewers are behind it: what A sent
+        # on its links is what B and C received (not more, with two viewers on B).
+        sent = a_node.metric("arbor_relay_frames_sent_total")
+        got = b_node.metric("arbor_relay_frames_received_total") + c_node.metric(
+            "arbor_relay_frames_received_total"
+        )
+        results(f"fabric3: A sent {sent:.0f} relayed frames, B and C released {got:.0f} (2 viewers on B)")
+        assert got * 0.95 - 50 <= sent <= got * 1.05 + 50, f"A sent {sent} frames for {got} received"
+
+        # Speakers: alice's tone makes her the active speaker for viewers on other nodes.
+        for sub in (bob, carol):
+            await wait_until(
+                lambda: any("alice" in ids for ids in sub.speakers), 20, f"{sub.label} sees alice speaking"
+            )
+        # Metadata set on A reaches B and C.
+        await alice.local_participant.set_metadata("on-stage")
+        for sub in (bob, carol):
+            await wait_until(
+                lambda: sub.metadata.get("alice") == "on-stage", 20, f"{sub.label} sees alice's metadata"
+            )
 
         # Data packets cross nodes, in order per sender, both directions.
         for i in range(20):
@@ -296,7 +347,7 @@ async def test_three_nodes_publisher_on_a_viewers_on_b_and_c(cluster3, results):
         for pub in (video, audio):
             if pub is not None:
                 await pub.stop()
-        await disconnect_all(alice, bob.room if bob else None, carol.room if carol else None)
+        await disconnect_all(alice, *(s.room if s else None for s in (bob, bob2, carol)))
 
 
 # ---------------------------------------------------------------------------------------------
