@@ -16,8 +16,9 @@ use tokio::sync::mpsc;
 
 use crate::cluster::ClusterHandle;
 
-/// How long opening a room link waits for the QUIC connection to the peer.
-const LINK_CONNECT_WAIT: Duration = Duration::from_secs(3);
+/// How long opening a room link waits for the QUIC connection to the peer (the room retries,
+/// re-resolving the origin, so a dead origin costs little).
+const LINK_CONNECT_WAIT: Duration = Duration::from_secs(1);
 /// Room links peers opened and not yet handed to a room.
 const ACCEPT_QUEUE: usize = 256;
 /// How often the media thread is told about new or replaced node connections.
