@@ -343,6 +343,22 @@ async def test_three_nodes_publisher_on_a_viewers_on_b_and_c(cluster3, results):
         bob = None
         await alice_events.wait("participant_disconnected", lambda p: p.identity == "bob", timeout=20)
         await carol.events.wait("participant_disconnected", lambda p: p.identity == "bob", timeout=20)
+
+        # The last viewer on B leaves: B stops wanting alice's tracks and A stops sending them
+        # to B (subscriptions are torn down upstream); C still gets everything.
+        await bob2.room.disconnect()
+        bob2 = None
+        await asyncio.sleep(2)
+        sent0 = a_node.metric("arbor_relay_frames_sent_total")
+        c0 = c_node.metric("arbor_relay_frames_received_total")
+        b0 = b_node.metric("arbor_relay_frames_received_total")
+        await asyncio.sleep(3)
+        sent = a_node.metric("arbor_relay_frames_sent_total") - sent0
+        c_got = c_node.metric("arbor_relay_frames_received_total") - c0
+        b_got = b_node.metric("arbor_relay_frames_received_total") - b0
+        results(f"fabric3: after B's last viewer left, in 3 s A sent {sent:.0f} frames, C got {c_got:.0f}, B {b_got:.0f}")
+        assert b_got == 0, f"B still receives alice's media with no viewer ({b_got} frames in 3 s)"
+        assert c_got > 100 and sent <= c_got * 1.05 + 30, (sent, c_got)
     finally:
         for pub in (video, audio):
             if pub is not None:
