@@ -136,7 +136,6 @@ def server_metrics(server) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(reason="issue 4 open: the Python SDK decoder sometimes shows one corrupt frame right after an up-switch to the high layer (B1)", strict=False)
 @pytest.mark.timeout(240)
 async def test_subscriber_chooses_simulcast_layer(arbor_open, page_base, camera_clip, results):
     """A Python subscriber picks layers by quality (`set_video_quality`), a browser subscriber by
@@ -212,7 +211,6 @@ async def test_subscriber_chooses_simulcast_layer(arbor_open, page_base, camera_
 RATE_LIMIT = "300kbit"
 
 
-@pytest.mark.xfail(reason="issue 4 open: the drop to low takes 6-10 s (issue: 5 s) and B1 corrupt frames may appear after up-switches", strict=False)
 @pytest.mark.timeout(200)
 async def test_bandwidth_limit_drops_one_subscriber_to_low(arbor_open, page_base, camera_clip, results):
     room = "q-bwe"
@@ -297,7 +295,6 @@ def _enabled(update: dict, quality: int) -> Optional[bool]:
     return None
 
 
-@pytest.mark.xfail(reason="issue 4 open: B1 corrupt frames may appear after up-switches", strict=False)
 @pytest.mark.timeout(150)
 async def test_dynacast_pauses_unwanted_layers(arbor_open, page_base, camera_clip, results):
     room = "q-dynacast"
@@ -410,7 +407,6 @@ async def test_active_speaker_is_the_one_with_the_tone(arbor, results):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(reason="issue 4 open: loss before retransmission is not measured yet, so 2% loss still reads EXCELLENT (B2)", strict=False)
 @pytest.mark.timeout(200)
 async def test_loss_keeps_video_and_lowers_connection_quality(arbor_open, page_base, camera_clip, results):
     room = "q-loss"
