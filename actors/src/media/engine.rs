@@ -229,7 +229,26 @@ struct FwdTrack {
     params: Option<(PayloadParams, Arc<[u8]>)>,
     /// Nodes this track is relayed to, each with its sending state and the best layer rank it
     /// needs (higher simulcast layers are not sent).
-    relay_outs: Vec<(u64, RelaySender, u8)>,
+    relay_outs: Vec<OutLink>,
+}
+
+/// One downstream link of a track.
+#[derive(Debug)]
+struct OutLink {
+    node: u64,
+    sender: RelaySender,
+    /// The best layer the far side needs (its `Want`).
+    max_rank: u8,
+    /// Congestion cap: layers above it are shed until `cap_until`.
+    cap: u8,
+    cap_until: Option<Instant>,
+}
+
+impl OutLink {
+    /// The best layer rank sent on this link now.
+    fn sending(&self) -> u8 {
+        self.max_rank.min(self.cap)
+    }
 }
 
 impl FwdTrack {
@@ -533,20 +552,22 @@ impl Engine {
             } => {
                 let mut fresh = false;
                 if let Some(ft) = self.tracks.get_mut(&track) {
-                    match ft.relay_outs.iter_mut().find(|(n, _, _)| *n == node) {
+                    match ft.relay_outs.iter_mut().find(|o| o.node == node) {
                         // An existing flow keeps its sequence numbers; only the layers change.
                         Some(o) if on => {
-                            fresh = max_rank > o.2;
-                            o.2 = max_rank.clamp(1, 3);
+                            fresh = max_rank > o.max_rank;
+                            o.max_rank = max_rank.clamp(1, 3);
                         }
-                        Some(_) => ft.relay_outs.retain(|(n, _, _)| *n != node),
+                        Some(_) => ft.relay_outs.retain(|o| o.node != node),
                         None if on => {
                             fresh = true;
-                            ft.relay_outs.push((
+                            ft.relay_outs.push(OutLink {
                                 node,
-                                RelaySender::new(track.0, self.relay_limits),
-                                max_rank.clamp(1, 3),
-                            ));
+                                sender: RelaySender::new(track.0, self.relay_limits),
+                                max_rank: max_rank.clamp(1, 3),
+                                cap: 3,
+                                cap_until: None,
+                            });
                         }
                         None => {}
                     }
@@ -596,10 +617,34 @@ impl Engine {
                 let Some(ft) = self.tracks.get_mut(&TrackKey(flow)) else {
                     return;
                 };
-                if let Some((_, s, _)) = ft.relay_outs.iter_mut().find(|(n, _, _)| *n == node) {
-                    for d in s.on_nack(&seqs) {
+                if let Some(o) = ft.relay_outs.iter_mut().find(|o| o.node == node) {
+                    for d in o.sender.on_nack(&seqs) {
                         RELAY_METRICS.datagrams_sent.fetch_add(1, Relaxed);
                         out.relay(node, &d);
+                    }
+                }
+            }
+            relay::Datagram::Congestion {
+                flow,
+                loss_permille,
+            } => {
+                // Shed this link's highest layer (never the lowest) and hold it off.
+                if let Some(ft) = self.tracks.get_mut(&TrackKey(flow)) {
+                    let video = ft.kind == MediaKind::Video;
+                    if let Some(o) = ft.relay_outs.iter_mut().find(|o| o.node == node) {
+                        let sending = o.sending();
+                        if video && sending > 1 {
+                            o.cap = sending - 1;
+                            RELAY_METRICS.layers_shed.fetch_add(1, Relaxed);
+                            tracing::info!(
+                                node,
+                                flow,
+                                loss_permille,
+                                cap = o.cap,
+                                "relay link congested: shedding a layer"
+                            );
+                        }
+                        o.cap_until = Some(now + relay::CONGESTION_HOLD);
                     }
                 }
             }
@@ -611,7 +656,7 @@ impl Engine {
                 let relayed_to_them = self
                     .tracks
                     .get(&track)
-                    .is_some_and(|t| t.relay_outs.iter().any(|(n, _, _)| *n == node));
+                    .is_some_and(|t| t.relay_outs.iter().any(|o| o.node == node));
                 if relayed_to_them {
                     let rid = match rank {
                         0 => None,
@@ -1286,14 +1331,14 @@ impl Engine {
             };
             let params = ft.params.as_ref().map(|(_, j)| j.clone());
             let rank = data.rid.as_ref().map_or(1, rid_rank);
-            for (node, sender, max_rank) in ft.relay_outs.iter_mut() {
-                if rank > *max_rank {
+            for o in ft.relay_outs.iter_mut() {
+                if rank > o.sending() {
                     continue;
                 }
-                let max = out.relay_max(*node);
-                for d in sender.push(&frame, params.as_deref(), max) {
+                let max = out.relay_max(o.node);
+                for d in o.sender.push(&frame, params.as_deref(), max) {
                     RELAY_METRICS.datagrams_sent.fetch_add(1, Relaxed);
-                    out.relay(*node, &d);
+                    out.relay(o.node, &d);
                 }
             }
         }
@@ -1417,6 +1462,24 @@ impl Engine {
     fn housekeeping(&mut self, now: Instant, out: &mut dyn Output) {
         self.housekeeping_count = self.housekeeping_count.wrapping_add(1);
         let secs = HOUSEKEEPING.as_secs_f64();
+        // Relay links: report congestion upstream; give shed layers another try when the
+        // reports stopped.
+        for ft in self.tracks.values_mut() {
+            if let (Some((node, flow)), Some(r)) = (ft.relay_src, ft.receiver.as_mut()) {
+                if let Some(loss) = r.take_loss() {
+                    if loss > relay::CONGESTION_LOSS {
+                        RELAY_METRICS.congestion_reports_sent.fetch_add(1, Relaxed);
+                        out.relay(node, &relay::encode_congestion(flow, loss));
+                    }
+                }
+            }
+            for o in ft.relay_outs.iter_mut() {
+                if o.cap < 3 && o.cap_until.is_some_and(|t| now >= t) {
+                    o.cap += 1;
+                    o.cap_until = (o.cap < 3).then_some(now + relay::CONGESTION_HOLD);
+                }
+            }
+        }
         for (key, ft) in self.tracks.iter_mut() {
             for r in ft.rates.iter_mut() {
                 let bps = (r.1 as f64 * 8.0 / secs) as u64;
@@ -1612,6 +1675,7 @@ mod relay_tests {
     use super::*;
     use crate::media::relay::{decode, Datagram, RelayReceiver};
     use rand::{Rng, SeedableRng};
+    use std::collections::BTreeSet;
     use str0m::format::{Codec, CodecSpec, FormatParams};
     use str0m::media::Pt;
 
@@ -1739,6 +1803,137 @@ mod relay_tests {
         assert_eq!(upstream_requests, 1);
     }
 
+    /// Sends one frame of each layer of `flow` into `e` from node 1, dropping every datagram
+    /// for which `drop` says so.
+    fn feed(
+        e: &mut Engine,
+        up: &mut RelaySender,
+        i: u64,
+        now: Instant,
+        out: &mut Sink,
+        mut drop: impl FnMut() -> bool,
+    ) {
+        let params = vp8_params();
+        for rid in ["q", "h", "f"] {
+            let f = RelayFrame {
+                rid: Some(rid.into()),
+                time: i * 3000,
+                ingest_us: 0,
+                keyframe: i == 0,
+                audio_level: None,
+                params: None,
+                payload: vec![i as u8; 1500].into(),
+                contiguous: true,
+            };
+            for d in up.push(&f, Some(&params), 1200) {
+                if !drop() {
+                    e.handle_relay_datagram(now, 1, &d, out);
+                }
+            }
+        }
+    }
+
+    fn rids_sent_to(out: &Sink, node: u64) -> BTreeSet<String> {
+        out.relayed
+            .iter()
+            .filter(|(n, _)| *n == node)
+            .filter_map(|(_, d)| match decode(d) {
+                Ok(Datagram::Fragment(f)) => f.rid.map(str::to_string),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn congestion_is_reported_upstream_and_sheds_the_top_layer() {
+        let t0 = Instant::now();
+        let mut e = engine(t0);
+        let mut out = Sink::default();
+        let (key, flow) = (TrackKey(600), 11u64);
+        e.handle_command(
+            t0,
+            Command::RelayIn {
+                track: key,
+                node: 1,
+                flow,
+                video: true,
+            },
+            &mut out,
+        );
+        e.handle_command(
+            t0,
+            Command::RelayOut {
+                track: key,
+                node: 3,
+                on: true,
+                max_rank: 3,
+            },
+            &mut out,
+        );
+        let mut up = RelaySender::new(flow, RelayLimits::default());
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+        let mut now = t0;
+        // Receiver side: 30% of what node 1 sends is lost: within a housekeeping period or
+        // two, a congestion report goes to node 1.
+        for i in 0..40u64 {
+            feed(&mut e, &mut up, i, now, &mut out, || rng.random_bool(0.3));
+            now += Duration::from_millis(33);
+            e.handle_timeout(now, &mut out);
+        }
+        assert!(out.relayed.iter().any(|(n, d)| *n == 1
+            && matches!(decode(d), Ok(Datagram::Congestion { flow: 11, loss_permille }) if loss_permille > 100)));
+
+        // Sender side: node 3 reports congestion; the top layer stops on that link.
+        let mut e = engine(now);
+        let mut out = Sink::default();
+        e.handle_command(
+            now,
+            Command::RelayIn {
+                track: key,
+                node: 1,
+                flow,
+                video: true,
+            },
+            &mut out,
+        );
+        e.handle_command(
+            now,
+            Command::RelayOut {
+                track: key,
+                node: 3,
+                on: true,
+                max_rank: 3,
+            },
+            &mut out,
+        );
+        let mut up = RelaySender::new(flow, RelayLimits::default());
+        for i in 0..10u64 {
+            feed(&mut e, &mut up, i, now, &mut out, || false);
+            now += Duration::from_millis(33);
+            e.handle_timeout(now, &mut out);
+        }
+        assert_eq!(rids_sent_to(&out, 3).len(), 3);
+        e.handle_relay_datagram(now, 3, &relay::encode_congestion(key.0, 0.25), &mut out);
+        out.relayed.clear();
+        for i in 10..40u64 {
+            feed(&mut e, &mut up, i, now, &mut out, || false);
+            now += Duration::from_millis(33);
+            e.handle_timeout(now, &mut out);
+        }
+        let shed: BTreeSet<String> = ["q", "h"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(rids_sent_to(&out, 3), shed);
+        // No more reports: after the hold the layer comes back.
+        now += relay::CONGESTION_HOLD + Duration::from_secs(1);
+        e.handle_timeout(now, &mut out);
+        out.relayed.clear();
+        for i in 40..50u64 {
+            feed(&mut e, &mut up, i, now, &mut out, || false);
+            now += Duration::from_millis(33);
+            e.handle_timeout(now, &mut out);
+        }
+        assert_eq!(rids_sent_to(&out, 3).len(), 3);
+    }
+
     #[test]
     fn garbage_relay_datagrams_are_harmless() {
         let t0 = Instant::now();
@@ -1771,7 +1966,7 @@ mod relay_tests {
             let mut d: Vec<u8> = (0..n).map(|_| rng.random()).collect();
             if !d.is_empty() {
                 // Mostly valid kinds and the known flow, so the parsers go deep.
-                d[0] = rng.random_range(0..4);
+                d[0] = rng.random_range(0..5);
                 if d.len() >= 9 {
                     d[1..9].copy_from_slice(&7u64.to_be_bytes());
                 }

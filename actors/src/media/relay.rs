@@ -28,7 +28,15 @@
 //!   flags: 1 keyframe, 2 codec parameters follow (first fragment only), 4 audio level
 //! kind u8 = 2 (nack)      flow u64 | n u16 | n × seq u32            (n ≤ MAX_NACK_SEQS)
 //! kind u8 = 3 (keyframe)  flow u64 | rank u8 (0: every layer)
+//! kind u8 = 4 (congestion) flow u64 | loss u16 (per mille, before repair)
 //! ```
+//!
+//! # Congestion on a link
+//!
+//! The receiver measures the fraction of each flow's datagrams that went missing (before
+//! repair) per window; above [`CONGESTION_LOSS`] it reports `congestion` upstream. The sender
+//! then sheds that link's highest simulcast layer (the lower ones keep flowing, repaired by
+//! NACK), and tries it again after [`CONGESTION_HOLD`] without a report.
 //!
 //! Codec parameters (str0m `PayloadParams`, JSON) ride on the first fragment of the first
 //! frame, of every keyframe and of every [`PARAMS_EVERY`]th frame, so that a receiver that
@@ -44,6 +52,7 @@ use std::time::{Duration, Instant};
 const KIND_FRAGMENT: u8 = 1;
 const KIND_NACK: u8 = 2;
 const KIND_KEYFRAME: u8 = 3;
+const KIND_CONGESTION: u8 = 4;
 
 const FLAG_KEYFRAME: u8 = 1;
 const FLAG_PARAMS: u8 = 2;
@@ -57,6 +66,13 @@ pub const MAX_PARAMS_BYTES: usize = 1024;
 const MAX_RID: usize = 16;
 /// Largest frame accepted (fragments × size); a bigger announced frame is garbage.
 pub const MAX_FRAME_BYTES: usize = 4 << 20;
+/// Loss (before repair) above which a receiver reports congestion on a flow.
+pub const CONGESTION_LOSS: f32 = 0.10;
+/// How long a sender keeps a shed layer off after the last congestion report.
+pub const CONGESTION_HOLD: Duration = Duration::from_secs(5);
+/// Fewest datagrams in a window for its loss figure to count.
+const CONGESTION_MIN_PACKETS: u64 = 20;
+
 /// Codec parameters are repeated at least every this many frames.
 pub const PARAMS_EVERY: u32 = 64;
 /// Fixed header bytes of a fragment before the optional parts.
@@ -87,6 +103,8 @@ pub struct RelayMetrics {
     pub frames_skipped: AtomicU64,
     pub keyframe_requests_sent: AtomicU64,
     pub keyframe_requests_received: AtomicU64,
+    pub congestion_reports_sent: AtomicU64,
+    pub layers_shed: AtomicU64,
     pub garbage: AtomicU64,
     /// Frames released by relay receivers, and the sum of their transit since ingest (µs).
     pub transit_count: AtomicU64,
@@ -106,6 +124,8 @@ pub static RELAY_METRICS: RelayMetrics = RelayMetrics {
     frames_skipped: AtomicU64::new(0),
     keyframe_requests_sent: AtomicU64::new(0),
     keyframe_requests_received: AtomicU64::new(0),
+    congestion_reports_sent: AtomicU64::new(0),
+    layers_shed: AtomicU64::new(0),
     garbage: AtomicU64::new(0),
     transit_count: AtomicU64::new(0),
     transit_us_sum: AtomicU64::new(0),
@@ -114,7 +134,9 @@ pub static RELAY_METRICS: RelayMetrics = RelayMetrics {
 impl RelayMetrics {
     /// Appends the counters in the Prometheus text format.
     pub fn render(&self, s: &mut String) {
-        let rows: [(&str, &str, &AtomicU64); 14] = [
+        let rows: [(&str, &str, &AtomicU64); 16] = [
+            ("arbor_relay_congestion_reports_total", "Congestion reports sent upstream (loss before repair above 10% on a relayed flow).", &self.congestion_reports_sent),
+            ("arbor_relay_layers_shed_total", "Simulcast layers a sending hop stopped relaying on a link because of congestion reports.", &self.layers_shed),
             ("arbor_relay_transit_frames_total", "Relayed frames whose transit from ingest was measured at this hop.", &self.transit_count),
             ("arbor_relay_transit_microseconds_total", "Sum of relayed frames' transit from ingest (first node) to release at this hop, in microseconds (mean = this / arbor_relay_transit_frames_total).", &self.transit_us_sum),
             (
@@ -242,6 +264,7 @@ pub enum Datagram<'a> {
     Fragment(Fragment<'a>),
     Nack { flow: u64, seqs: Vec<u32> },
     Keyframe { flow: u64, rank: u8 },
+    Congestion { flow: u64, loss_permille: u16 },
 }
 
 /// One fragment of a frame.
@@ -368,6 +391,17 @@ pub fn decode(buf: &[u8]) -> Result<Datagram<'_>, RelayError> {
             }
             Ok(Datagram::Keyframe { flow, rank })
         }
+        KIND_CONGESTION => {
+            let flow = r.u64()?;
+            let loss_permille = r.u16()?;
+            if loss_permille > 1000 {
+                return Err(RelayError::Invalid("loss"));
+            }
+            Ok(Datagram::Congestion {
+                flow,
+                loss_permille,
+            })
+        }
         k => Err(RelayError::UnknownKind(k)),
     }
 }
@@ -391,6 +425,16 @@ pub fn encode_keyframe(flow: u64, rank: u8) -> Vec<u8> {
     out.push(KIND_KEYFRAME);
     out.extend_from_slice(&flow.to_be_bytes());
     out.push(rank.min(3));
+    out
+}
+
+/// Encodes a congestion report for `flow` (`loss` is a fraction, clamped to 0..=1).
+pub fn encode_congestion(flow: u64, loss: f32) -> Vec<u8> {
+    let permille = (loss.clamp(0.0, 1.0) * 1000.0) as u16;
+    let mut out = Vec::with_capacity(11);
+    out.push(KIND_CONGESTION);
+    out.extend_from_slice(&flow.to_be_bytes());
+    out.extend_from_slice(&permille.to_be_bytes());
     out
 }
 
@@ -576,6 +620,8 @@ pub struct RelayReceiver {
     gap: bool,
     /// Latest codec parameters received.
     params: Option<Arc<[u8]>>,
+    /// Datagrams received and sequence numbers found missing since the last loss report.
+    window: (u64, u64),
 }
 
 /// Extends a 32-bit counter to 64 bits next to a reference value.
@@ -607,7 +653,17 @@ impl RelayReceiver {
             blocked_since: None,
             gap: false,
             params: None,
+            window: (0, 0),
         }
+    }
+
+    /// Loss before repair since the last call (`None` when too few datagrams arrived to say).
+    pub fn take_loss(&mut self) -> Option<f32> {
+        let (got, missing) = std::mem::take(&mut self.window);
+        if got + missing < CONGESTION_MIN_PACKETS {
+            return None;
+        }
+        Some(missing as f32 / (got + missing) as f32)
     }
 
     pub fn flow(&self) -> u64 {
@@ -622,6 +678,7 @@ impl RelayReceiver {
     /// Takes one fragment.
     pub fn on_fragment(&mut self, now: Instant, f: &Fragment<'_>) {
         let seq = extend(self.highest, f.seq);
+        self.window.0 += 1;
         match self.highest {
             None => self.highest = Some(seq),
             Some(h) if seq > h => {
@@ -630,6 +687,7 @@ impl RelayReceiver {
                 if gap as usize > self.limits.max_missing {
                     self.missing.clear();
                 } else {
+                    self.window.1 += gap;
                     for s in h + 1..seq {
                         self.missing.insert(
                             s,
@@ -644,8 +702,11 @@ impl RelayReceiver {
             }
             Some(_) => {
                 if self.missing.remove(&seq).is_none() {
+                    self.window.0 -= 1;
                     return; // a duplicate
                 }
+                // A repair: counted as missing when the gap was seen, not as received.
+                self.window.0 -= 1;
             }
         }
         while self.missing.len() > self.limits.max_missing {
@@ -842,7 +903,11 @@ mod tests {
         assert_eq!(first.params, Some(&b"{\"pt\":96}"[..]));
         assert_eq!(first.rid, Some("h"));
         assert!(first.keyframe);
-        for n in [encode_nack(7, &[1, 2, 3]), encode_keyframe(7, 2)] {
+        for n in [
+            encode_nack(7, &[1, 2, 3]),
+            encode_keyframe(7, 2),
+            encode_congestion(7, 0.2),
+        ] {
             assert!(decode(&n).is_ok());
         }
         assert_eq!(decode(&[]), Err(RelayError::Truncated));
