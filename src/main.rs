@@ -236,6 +236,19 @@ fn run() -> anyhow::Result<()> {
             Some(path) => {
                 let ccfg = cluster::ClusterConfig::load(path)?;
                 let admin = ccfg.http_addr;
+                // The admin API (`/cluster/*`: add and remove members) has no authentication of
+                // its own: it gets its own listener, meant for a private address, never the
+                // client-facing SFU port.
+                let clash = admin.port() == cfg.port
+                    && cfg.bind_addresses.iter().any(|ip| {
+                        *ip == admin.ip() || ip.is_unspecified() || admin.ip().is_unspecified()
+                    });
+                if clash {
+                    bail!(
+                        "cluster config {}: http_addr {admin} is the SFU's own HTTP address; the cluster admin API is unauthenticated and needs an address (or port) of its own, on a private interface",
+                        path.display()
+                    );
+                }
                 let handle = cluster::start(ccfg).await?;
                 tracing::info!(node = handle.node_id(), config = %path.display(), "cluster member running; rooms join the relay fabric");
                 Some((handle, admin))
@@ -260,20 +273,16 @@ fn run() -> anyhow::Result<()> {
             signal_rate: cfg.limit.signal_rate,
             signal_burst: cfg.limit.signal_burst,
         };
-        let mut app = http::router(state);
+        let app = http::router(state);
         let mut servers = Vec::new();
         if let Some((c, admin)) = &cluster {
-            // The admin API (`/cluster/*`) is served on the SFU's port, and on the cluster
-            // config's `http_addr` (advertised to peers) when that is another address.
-            app = app.merge(cluster::routes(c.clone()));
-            let on_sfu = cfg.bind_addresses.iter().any(|ip| SocketAddr::new(*ip, cfg.port) == *admin);
-            if !on_sfu {
-                let listener = tokio::net::TcpListener::bind(*admin)
-                    .await
-                    .with_context(|| format!("binding the cluster admin API on {admin} (http_addr)"))?;
-                let admin_app = cluster::routes(c.clone());
-                servers.push(tokio::spawn(async move { axum::serve(listener, admin_app).await }));
-            }
+            // The admin API on the cluster config's `http_addr` (advertised to peers).
+            let listener = tokio::net::TcpListener::bind(*admin)
+                .await
+                .with_context(|| format!("binding the cluster admin API on {admin} (http_addr)"))?;
+            tracing::info!(%admin, "cluster admin API listening");
+            let admin_app = cluster::routes(c.clone());
+            servers.push(tokio::spawn(async move { axum::serve(listener, admin_app).await }));
         }
         for ip in &cfg.bind_addresses {
             let addr = SocketAddr::new(*ip, cfg.port);

@@ -68,6 +68,7 @@ class Node:
     proc: subprocess.Popen
     host: str
     port: int
+    admin_port: int
     log_path: Path
 
     @property
@@ -88,7 +89,9 @@ class Node:
             return ""
 
     def get(self, path: str) -> str:
-        with urllib.request.urlopen(self.http_url + path, timeout=5) as r:
+        # The cluster admin API has its own (private) listener.
+        base = f"http://{self.host}:{self.admin_port}" if path.startswith("/cluster/") else self.http_url
+        with urllib.request.urlopen(base + path, timeout=5) as r:
             return r.read().decode(errors="replace")
 
     def metric(self, name: str) -> float:
@@ -120,10 +123,11 @@ class Cluster:
 
     def start(self) -> "Cluster":
         binary = str(arbor_binary())
-        ports = [(free_port(), free_port(), free_port(), free_port()) for _ in range(self.n)]
+        # (SFU HTTP, QUIC, UDP, ICE-TCP, cluster admin HTTP)
+        ports = [tuple(free_port() for _ in range(5)) for _ in range(self.n)]
         specs = []
-        for i, (http, quic, _, _) in enumerate(ports):
-            specs += ["--node", f"{i + 1}={self.host(i)}:{quic},{self.host(i)}:{http}"]
+        for i, (_http, quic, _, _, admin) in enumerate(ports):
+            specs += ["--node", f"{i + 1}={self.host(i)}:{quic},{self.host(i)}:{admin}"]
         subprocess.run(
             [binary, "cluster", "init", "--out", str(self.dir), "--cluster-id", "fabric-test", *specs],
             check=True,
@@ -144,8 +148,8 @@ class Cluster:
             time.sleep(0.2)
         raise RuntimeError("cluster did not elect a leader within 60 s")
 
-    def launch(self, i: int, ports: tuple[int, int, int, int]) -> None:
-        http, _quic, udp, tcp = ports
+    def launch(self, i: int, ports: tuple) -> None:
+        http, _quic, udp, tcp, admin = ports
         binary = str(arbor_binary())
         log_path = LOGS / f"{self.name}-node{i + 1}.log"
         env = dict(os.environ)
@@ -166,7 +170,7 @@ class Cluster:
         else:
             proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=WORK)
         log.close()
-        self.nodes.append(Node(i + 1, proc, host, http, log_path))
+        self.nodes.append(Node(i + 1, proc, host, http, admin, log_path))
 
     def stop(self) -> None:
         for node in self.nodes:
