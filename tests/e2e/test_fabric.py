@@ -587,6 +587,32 @@ async def test_browser_publisher_on_a_rendered_on_c(cluster3, page_server, resul
     renders it and a Python SDK viewer on node B decodes it: every simulcast layer crosses the
     links once, the edges pick layers per viewer."""
     a_node, b_node, c_node = cluster3.nodes
+    await browser_across_nodes(a_node, b_node, c_node, page_server, results, "fabric browser")
+
+
+@pytest.mark.timeout(400)
+async def test_browser_over_the_wan(page_server, results):
+    """The same across the emulated WAN: the publisher's node A and the viewers' nodes B and C
+    are 30 and 50 ms (one way) away; the browsers and the Python viewer sit in the clients'
+    site next to their nodes."""
+    from wan import Wan
+
+    sites = ["a", "b", "c"]
+    with Wan(sites, seed=12, local="clients") as wan:
+        wan.set_link("a", "b", delay_ms=30)
+        wan.set_link("a", "c", delay_ms=50)
+        wan.set_link("b", "c", delay_ms=40)
+        cl = Cluster("fabricwanbrowser", 3, wan, sites)
+        try:
+            cl.start()
+            a_node, b_node, c_node = cl.nodes
+            await browser_across_nodes(a_node, b_node, c_node, page_server, results, "fabric WAN browser")
+        finally:
+            cl.stop()
+            cl.check_health()
+
+
+async def browser_across_nodes(a_node, b_node, c_node, page_server, results, label) -> None:
     room_name = "browser-fabric"
     py_room = None
     py_video = None
@@ -648,7 +674,7 @@ async def test_browser_publisher_on_a_rendered_on_c(cluster3, page_server, resul
         grown = decoded[-1] - decoded[0]
         assert grown >= 2 * seconds, f"page on C decoded only {grown} frames in {seconds:.1f} s: {decoded}"
         results(
-            f"fabric browser: Chromium publisher on A, page on C decoded {grown} frames in {seconds:.1f} s "
+            f"{label}: Chromium publisher on A, page on C decoded {grown} frames in {seconds:.1f} s "
             f"at {samples[-1]['videoWidth']}x{samples[-1]['videoHeight']}; py-sub on B decoded "
             f"{len(py_video.frames)} frames"
         )
