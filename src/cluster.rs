@@ -263,6 +263,7 @@ impl ClusterConfig {
 #[derive(Clone)]
 pub struct ClusterHandle {
     inner: ServiceHandle,
+    net: arbor_topology::transport::NetHandle,
     node_id: u64,
     cluster_id: String,
     fault_injection: bool,
@@ -348,6 +349,11 @@ impl ClusterHandle {
         self.node_id
     }
 
+    /// The node-pair QUIC connections (for the relay fabric).
+    pub fn net(&self) -> arbor_topology::transport::NetHandle {
+        self.net.clone()
+    }
+
     /// Creates `name` with this node as origin (idempotent).
     #[allow(dead_code)] // the SFU server's room service calls this
     pub async fn create_room(&self, name: &str) -> Result<RoomEntry, ServiceError> {
@@ -417,6 +423,7 @@ pub async fn start(cfg: ClusterConfig) -> anyhow::Result<ClusterHandle> {
         cfg.quic_listen,
         tls,
     ))?;
+    let net = transport.net();
     let peers = cfg.peers.iter().map(|p| (p.id, p.quic_addr)).collect();
     let inner = service::spawn(
         node,
@@ -428,6 +435,7 @@ pub async fn start(cfg: ClusterConfig) -> anyhow::Result<ClusterHandle> {
     );
     Ok(ClusterHandle {
         inner,
+        net,
         node_id: cfg.node_id,
         cluster_id: cfg.cluster_id.clone(),
         fault_injection: cfg.fault_injection,

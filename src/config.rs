@@ -55,6 +55,18 @@ pub struct Config {
     pub node_id: Option<String>,
     /// Seed for identifier generation (default: from the OS; logged at start).
     pub seed: Option<u64>,
+    /// Multi-node: this SFU is also a cluster member and joins the relay fabric.
+    pub cluster: ClusterRef,
+}
+
+/// The `cluster:` section: where the cluster member's TOML config is (see
+/// `docs/membership.md`). Without it the node is a standalone SFU.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterRef {
+    /// Path of the cluster member config (`arbor cluster init` writes one per node);
+    /// relative paths are resolved against the working directory.
+    pub config: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -147,6 +159,7 @@ impl Default for Config {
             region: String::new(),
             node_id: None,
             seed: None,
+            cluster: ClusterRef::default(),
         }
     }
 }

@@ -6,6 +6,7 @@
 mod auth;
 mod cluster;
 mod config;
+mod fabric;
 mod http;
 mod signal;
 mod twirp;
@@ -230,7 +231,38 @@ fn run() -> anyhow::Result<()> {
             })
         };
         let settings = Arc::new(cfg.room_settings(node_id.clone(), events));
-        let manager = actix::Actor::start(RoomManager::new(settings.clone(), media.clone()));
+        // Multi-node: this process is also a cluster member, and rooms join the relay fabric.
+        let cluster = match &cfg.cluster.config {
+            Some(path) => {
+                let ccfg = cluster::ClusterConfig::load(path)?;
+                let admin = ccfg.http_addr;
+                // The admin API (`/cluster/*`: add and remove members) has no authentication of
+                // its own: it gets its own listener, meant for a private address, never the
+                // client-facing SFU port.
+                let clash = admin.port() == cfg.port
+                    && cfg.bind_addresses.iter().any(|ip| {
+                        *ip == admin.ip() || ip.is_unspecified() || admin.ip().is_unspecified()
+                    });
+                if clash {
+                    bail!(
+                        "cluster config {}: http_addr {admin} is the SFU's own HTTP address; the cluster admin API is unauthenticated and needs an address (or port) of its own, on a private interface",
+                        path.display()
+                    );
+                }
+                let handle = cluster::start(ccfg).await?;
+                tracing::info!(node = handle.node_id(), config = %path.display(), "cluster member running; rooms join the relay fabric");
+                Some((handle, admin))
+            }
+            None => None,
+        };
+        let mut rm = RoomManager::new(settings.clone(), media.clone());
+        if let Some((c, _)) = &cluster {
+            rm = rm.with_fabric(fabric::ClusterDirectory::new(c.clone(), c.net()));
+        }
+        let manager = actix::Actor::start(rm);
+        if let Some((c, _)) = &cluster {
+            fabric::start(c.net(), manager.clone(), media.clone());
+        }
         let state = http::AppState {
             auth: auth::Auth::new(cfg.keys.clone()),
             manager,
@@ -243,6 +275,15 @@ fn run() -> anyhow::Result<()> {
         };
         let app = http::router(state);
         let mut servers = Vec::new();
+        if let Some((c, admin)) = &cluster {
+            // The admin API on the cluster config's `http_addr` (advertised to peers).
+            let listener = tokio::net::TcpListener::bind(*admin)
+                .await
+                .with_context(|| format!("binding the cluster admin API on {admin} (http_addr)"))?;
+            tracing::info!(%admin, "cluster admin API listening");
+            let admin_app = cluster::routes(c.clone());
+            servers.push(tokio::spawn(async move { axum::serve(listener, admin_app).await }));
+        }
         for ip in &cfg.bind_addresses {
             let addr = SocketAddr::new(*ip, cfg.port);
             let listener = tokio::net::TcpListener::bind(addr)

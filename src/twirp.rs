@@ -105,7 +105,10 @@ impl From<RoomError> for TwirpError {
             | RoomError::LimitExceeded(_) => "resource_exhausted",
             RoomError::InvalidArgument(_) => "invalid_argument",
             RoomError::NotAllowed(_) => "failed_precondition",
-            RoomError::RoomClosed(_) | RoomError::Media(_) | RoomError::Mailbox(_) => "unavailable",
+            RoomError::RoomClosed(_)
+            | RoomError::Media(_)
+            | RoomError::Mailbox(_)
+            | RoomError::Directory(_) => "unavailable",
         };
         TwirpError::new(code, e.to_string())
     }

@@ -52,4 +52,6 @@ pub enum RoomError {
     Media(#[from] MediaError),
     #[error("actor mailbox error: {0}")]
     Mailbox(String),
+    #[error("room directory (cluster) unavailable: {0}")]
+    Directory(String),
 }

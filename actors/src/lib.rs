@@ -10,6 +10,7 @@ pub mod codec;
 pub mod config;
 pub mod error;
 pub mod events;
+pub mod fabric;
 pub mod ids;
 pub mod manager;
 pub mod media;

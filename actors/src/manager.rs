@@ -7,14 +7,17 @@ use actix::prelude::*;
 
 use crate::config::RoomSettings;
 use crate::error::RoomError;
+use crate::fabric::{Directory, LinkIo};
 use crate::media::MediaHandle;
-use crate::room::{Room, RoomSummary, Summarize};
+use crate::room::{AttachLink, FabricRole, Room, RoomSummary, Summarize};
 
 /// Owns the set of open rooms of this node.
 pub struct RoomManager {
     settings: Arc<RoomSettings>,
     media: MediaHandle,
     rooms: HashMap<String, Addr<Room>>,
+    /// Clustered node: the room directory (rooms are origins or edges, see [`crate::fabric`]).
+    fabric: Option<Arc<dyn Directory>>,
 }
 
 impl RoomManager {
@@ -24,6 +27,73 @@ impl RoomManager {
             settings,
             media,
             rooms: HashMap::new(),
+            fabric: None,
+        }
+    }
+
+    /// A manager whose rooms join the relay fabric through `directory`.
+    pub fn with_fabric(mut self, directory: Arc<dyn Directory>) -> Self {
+        self.fabric = Some(directory);
+        self
+    }
+
+    fn live(&self, name: &str) -> Option<Addr<Room>> {
+        self.rooms.get(name).filter(|a| a.connected()).cloned()
+    }
+
+    fn create(
+        &mut self,
+        name: String,
+        origin: Option<u64>,
+        ctx: &mut Context<Self>,
+    ) -> Result<Addr<Room>, RoomError> {
+        if let Some(a) = self.live(&name) {
+            return Ok(a);
+        }
+        if self.rooms.len() >= self.settings.max_rooms {
+            return Err(RoomError::TooManyRooms(self.settings.max_rooms));
+        }
+        let role = match (&self.fabric, origin) {
+            (Some(d), Some(origin)) => Some(FabricRole {
+                directory: d.clone(),
+                origin,
+            }),
+            _ => None,
+        };
+        let room = Room::new(
+            name.clone(),
+            self.settings.clone(),
+            self.media.clone(),
+            ctx.address(),
+            role,
+        )
+        .start();
+        self.rooms.insert(name, room.clone());
+        Ok(room)
+    }
+}
+
+/// A peer node opened a room link (the room is created here if needed, as the origin).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AcceptLink {
+    pub room: String,
+    pub peer: u64,
+    pub io: LinkIo,
+}
+
+impl Handler<AcceptLink> for RoomManager {
+    type Result = ();
+    fn handle(&mut self, msg: AcceptLink, ctx: &mut Self::Context) {
+        let Some(me) = self.fabric.as_ref().map(|d| d.node_id()) else {
+            return;
+        };
+        match self.create(msg.room, Some(me), ctx) {
+            Ok(room) => room.do_send(AttachLink {
+                peer: msg.peer,
+                io: msg.io,
+            }),
+            Err(e) => tracing::warn!(peer = msg.peer, error = %e, "room link refused"),
         }
     }
 }
@@ -57,28 +127,27 @@ pub struct RoomStopped {
 pub struct ListRooms;
 
 impl Handler<GetRoom> for RoomManager {
-    type Result = Result<Addr<Room>, RoomError>;
+    type Result = ResponseActFuture<Self, Result<Addr<Room>, RoomError>>;
     fn handle(&mut self, msg: GetRoom, ctx: &mut Self::Context) -> Self::Result {
-        if let Some(a) = self.rooms.get(&msg.name) {
-            if a.connected() {
-                return Ok(a.clone());
-            }
+        if let Some(a) = self.live(&msg.name) {
+            return Box::pin(actix::fut::ready(Ok(a)));
         }
         if !msg.create {
-            return Err(RoomError::NotFound);
+            return Box::pin(actix::fut::ready(Err(RoomError::NotFound)));
         }
-        if self.rooms.len() >= self.settings.max_rooms {
-            return Err(RoomError::TooManyRooms(self.settings.max_rooms));
-        }
-        let room = Room::new(
-            msg.name.clone(),
-            self.settings.clone(),
-            self.media.clone(),
-            ctx.address(),
-        )
-        .start();
-        self.rooms.insert(msg.name, room.clone());
-        Ok(room)
+        let Some(dir) = self.fabric.clone() else {
+            let r = self.create(msg.name, None, ctx);
+            return Box::pin(actix::fut::ready(r));
+        };
+        // Clustered: the directory says who originates the room (creating it with us as
+        // origin if it is new); our room is the origin or an edge linked to it.
+        let name = msg.name.clone();
+        Box::pin(actix::fut::wrap_future(dir.resolve(name.clone())).map(
+            move |origin, act: &mut Self, ctx| {
+                let origin = origin.map_err(RoomError::Directory)?;
+                act.create(name, Some(origin), ctx)
+            },
+        ))
     }
 }
 

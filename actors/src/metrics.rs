@@ -240,6 +240,7 @@ impl Metrics {
         for (name, help, v) in counters {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
         }
+        crate::media::relay::RELAY_METRICS.render(&mut s);
         s
     }
 }

@@ -12,16 +12,20 @@ use actix::prelude::*;
 use livekit_protocol as lk;
 use lk::signal_response::Message as Resp;
 
+use arbor_proto::relay::{self as wire, link_frame::Kind as LinkMsg};
+
 use crate::config::RoomSettings;
 use crate::error::RoomError;
 use crate::events::names as ev;
+use crate::fabric::{Directory, LinkEvent, LinkIo, LinkStream};
 use crate::ids::new_sid;
 use crate::manager::{RoomManager, RoomStopped};
 use crate::media::{Command, MediaHandle, PeerId, TrackKey};
 use crate::metrics::METRICS;
 use crate::participant::{Kick, Participant, SendSignal, SetPermission};
 use crate::track::{
-    AddSubscriber, CloseTrack, PolicyCap, RemoveSubscriber, SetMuted, SubscriberSettings, Track,
+    AddSubscriber, CloseTrack, PolicyCap, RelayNeed, RemoteNeed, RemoveSubscriber, SetMuted,
+    SubscriberSettings, Track,
 };
 
 /// Cadence of `SpeakersChanged` updates.
@@ -51,6 +55,37 @@ struct TrackEntry {
     video: bool,
     /// The last-N cap last sent to the track (3: forwarded; 0: not among the last N).
     last_n_cap: u8,
+    /// The data-plane key (also the track's relay flow id on links from this node).
+    key: TrackKey,
+    /// Relayed tracks: the link the media comes from.
+    source_link: Option<u64>,
+    /// Relayed tracks: what we last asked the source link for (`None`: nothing).
+    upstream_wanted: Option<u8>,
+    /// Relayed tracks: the best layer this node's own viewers need (from the track actor).
+    local_rank: u8,
+}
+
+/// A participant served by another node, learned over link `link`.
+struct Remote {
+    info: lk::ParticipantInfo,
+    link: u64,
+}
+
+/// One room link (see [`crate::fabric`]).
+struct Link {
+    peer: u64,
+    tx: tokio::sync::mpsc::Sender<LinkMsg>,
+    /// Towards the origin.
+    upstream: bool,
+    /// Tracks the other side wants from us, with the best layer rank it needs.
+    wants: BTreeMap<String, u8>,
+}
+
+/// A room's place in the fabric.
+pub struct FabricRole {
+    pub directory: Arc<dyn Directory>,
+    /// The origin node (this node: the room is the origin).
+    pub origin: u64,
 }
 
 /// One room. See the module documentation.
@@ -80,6 +115,15 @@ pub struct Room {
     /// first becomes ACTIVE). Their track events follow; the others' leaving is
     /// `participant_connection_aborted`.
     announced: BTreeSet<String>,
+    /// Clustered rooms: the directory and the origin.
+    fabric: Option<FabricRole>,
+    links: BTreeMap<u64, Link>,
+    next_link: u64,
+    remotes: BTreeMap<String, Remote>,
+    /// Speaker levels of remote participants, as last reported.
+    remote_levels: BTreeMap<String, (f32, bool)>,
+    /// An upstream link is being opened.
+    connecting: bool,
 }
 
 /// A room's public summary.
@@ -126,6 +170,7 @@ impl Room {
         settings: Arc<RoomSettings>,
         media: MediaHandle,
         manager: Addr<RoomManager>,
+        fabric: Option<FabricRole>,
     ) -> Self {
         let ms = now_ms();
         let info = lk::Room {
@@ -156,23 +201,35 @@ impl Room {
             rpc: HashMap::new(),
             close_reason: lk::DisconnectReason::RoomClosed,
             announced: BTreeSet::new(),
+            fabric,
+            links: BTreeMap::new(),
+            next_link: 1,
+            remotes: BTreeMap::new(),
+            remote_levels: BTreeMap::new(),
+            connecting: false,
         }
     }
 
     fn room_info(&self) -> lk::Room {
         let mut r = self.info.clone();
-        r.num_participants = self.members.values().filter(|m| !m.hidden).count() as u32;
-        r.num_publishers = self
+        r.num_participants =
+            (self.members.values().filter(|m| !m.hidden).count() + self.remotes.len()) as u32;
+        r.num_publishers = (self
             .members
             .values()
             .filter(|m| !m.hidden && m.info.is_publisher)
-            .count() as u32;
+            .count()
+            + self
+                .remotes
+                .values()
+                .filter(|r| r.info.is_publisher)
+                .count()) as u32;
         r
     }
 
     /// Send the member's current info to everyone (hidden members are never announced, but
     /// always hear about themselves).
-    fn broadcast_info(&self, sid: &str) {
+    fn broadcast_info(&mut self, sid: &str) {
         let Some(m) = self.members.get(sid) else {
             return;
         };
@@ -184,6 +241,10 @@ impl Room {
                 continue;
             }
             other.addr.do_send(SendSignal(update.clone()));
+        }
+        if !m.hidden {
+            let msg = LinkMsg::Participant(self.link_state(&m.info));
+            self.flood(None, msg);
         }
     }
 
@@ -214,6 +275,7 @@ impl Room {
                 cap: if m.audio_only && t.video { 0 } else { 3 },
             });
         }
+        self.update_demand(track_sid);
     }
 
     fn unsubscribe(&mut self, subscriber_sid: &str, track_sid: &str, peer_gone: bool) {
@@ -228,6 +290,7 @@ impl Room {
                 });
             }
         }
+        self.update_demand(track_sid);
     }
 
     fn remove_track(&mut self, track_sid: &str) {
@@ -250,6 +313,11 @@ impl Room {
             let level = tracks.values().map(|(l, _)| *l).fold(0.0f32, f32::max);
             let active = tracks.values().any(|(_, a)| *a);
             current.insert(sid.clone(), (level, active));
+        }
+        for (sid, l) in &self.remote_levels {
+            if self.remotes.contains_key(sid) {
+                current.insert(sid.clone(), *l);
+            }
         }
         for (sid, (_, active)) in &current {
             if *active {
@@ -361,7 +429,7 @@ impl Room {
             ctx.cancel_future(h);
         }
         self.close_timer = Some(ctx.run_later(after, |room, ctx| {
-            if room.members.is_empty() {
+            if room.members.is_empty() && room.links.values().all(|l| l.upstream) {
                 tracing::info!(parent: &room.span, "room empty; closing");
                 ctx.stop();
             }
@@ -385,7 +453,11 @@ impl Actor for Room {
         ctx.run_interval(SPEAKER_INTERVAL, |room, _| {
             room.send_speakers();
             room.apply_last_n();
+            room.send_levels();
         });
+        if self.is_edge() {
+            self.connect_upstream(ctx);
+        }
         ctx.run_interval(QUALITY_INTERVAL, |room, _| room.send_qualities());
     }
 
@@ -525,7 +597,8 @@ impl Handler<Join> for Room {
                     reason: lk::DisconnectReason::DuplicateIdentity,
                 });
             }
-            self.handle(
+            <Self as Handler<Leave>>::handle(
+                self,
                 Leave {
                     sid,
                     reason: lk::DisconnectReason::DuplicateIdentity,
@@ -546,6 +619,7 @@ impl Handler<Join> for Room {
             .values()
             .filter(|m| !m.hidden)
             .map(|m| m.info.clone())
+            .chain(self.remotes.values().map(|r| r.info.clone()))
             .collect();
         tracing::info!(parent: &self.span, participant = %sid, identity = %msg.info.identity, "participant joined");
         let after = self.settings.audio_only_after;
@@ -576,6 +650,8 @@ impl Handler<Join> for Room {
                         other.addr.do_send(SendSignal(update.clone()));
                     }
                 }
+                let msg = LinkMsg::Participant(self.link_state(&m.info));
+                self.flood(None, msg);
             }
         }
         // Subscribe the newcomer to every existing track (after the JoinResponse goes out,
@@ -607,6 +683,7 @@ impl Handler<Leave> for Room {
                     peer_gone: true,
                 });
             }
+            self.update_demand(&t);
         }
         let published: Vec<String> = self
             .tracks
@@ -641,6 +718,12 @@ impl Handler<Leave> for Room {
                 .emit(event, &self.room_info(), Some(&m.info), None);
             m.info.version += 1;
             m.info.tracks.clear();
+            self.flood(
+                None,
+                LinkMsg::Gone(wire::ParticipantGone {
+                    info: Some(m.info.clone()),
+                }),
+            );
             let update = Resp::Update(lk::ParticipantUpdate {
                 participants: vec![m.info],
             });
@@ -685,6 +768,10 @@ impl Handler<PublishTrack> for Room {
                 publisher_sid: msg.sid.clone(),
                 video: is_video,
                 last_n_cap: 3,
+                key: msg.key,
+                source_link: None,
+                upstream_wanted: None,
+                local_rank: 3,
             },
         );
         let announced = self.announced.contains(&msg.sid);
@@ -822,21 +909,17 @@ impl Handler<RouteData> for Room {
                 return;
             }
         }
-        for (sid, m) in &self.members {
-            if *sid == msg.from_sid {
-                continue;
-            }
-            if !msg.destinations.is_empty() && !msg.destinations.contains(&m.info.identity) {
-                continue;
-            }
-            let cmd = Command::SendData {
-                peer: m.sub_peer,
-                reliable: msg.reliable,
-                data: msg.data.clone(),
-            };
-            if self.media.send(cmd).is_err() {
-                METRICS.inc_dropped_data();
-            }
+        self.deliver_data(&msg.from_sid, msg.reliable, &msg.destinations, &msg.data);
+        if self.members.contains_key(&msg.from_sid) {
+            self.flood(
+                None,
+                LinkMsg::Data(wire::DataMessage {
+                    from_sid: msg.from_sid,
+                    reliable: msg.reliable,
+                    destinations: msg.destinations,
+                    data: msg.data,
+                }),
+            );
         }
     }
 }
@@ -851,6 +934,7 @@ impl Handler<Summarize> for Room {
                 .values()
                 .filter(|m| !m.hidden)
                 .map(|m| m.info.clone())
+                .chain(self.remotes.values().map(|r| r.info.clone()))
                 .collect(),
         })
     }
@@ -1067,7 +1151,7 @@ impl Handler<RemoveParticipant> for Room {
         if let Some(m) = self.members.get(&sid) {
             m.addr.do_send(Kick { reason });
         }
-        self.handle(Leave { sid, reason }, ctx);
+        <Self as Handler<Leave>>::handle(self, Leave { sid, reason }, ctx);
         Ok(())
     }
 }
@@ -1102,7 +1186,8 @@ impl Handler<AdminMuteTrack> for Room {
             sid: msg.track_sid.clone(),
             muted: msg.muted,
         })));
-        self.handle(
+        <Self as Handler<MuteTrack>>::handle(
+            self,
             MuteTrack {
                 sid: sid.clone(),
                 track_sid: msg.track_sid.clone(),
@@ -1187,7 +1272,8 @@ impl Handler<AdminUpdateSubscriptions> for Room {
     type Result = Result<(), RoomError>;
     fn handle(&mut self, msg: AdminUpdateSubscriptions, ctx: &mut Self::Context) -> Self::Result {
         let sid = self.sid_of(&msg.identity)?;
-        self.handle(
+        <Self as Handler<UpdateSubscription>>::handle(
+            self,
             UpdateSubscription {
                 sid,
                 track_sids: msg.track_sids,
@@ -1253,6 +1339,12 @@ impl Handler<SetRoomMetadata> for Room {
         }
         self.info.metadata = msg.0;
         self.broadcast_room();
+        self.flood(
+            None,
+            LinkMsg::RoomMetadata(wire::RoomMetadata {
+                metadata: self.info.metadata.clone(),
+            }),
+        );
         Ok(self.room_info())
     }
 }
@@ -1418,5 +1510,564 @@ impl Handler<ConnQuality> for Room {
         }
         self.qualities
             .insert(msg.sid, (msg.quality as i32, msg.score));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Relay fabric: room links (see `crate::fabric`)
+// ---------------------------------------------------------------------------------------------
+
+/// How long an edge waits before retrying a failed upstream link.
+const LINK_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// A peer node opened a room link to this (origin or parent) room.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AttachLink {
+    pub peer: u64,
+    pub io: LinkIo,
+}
+
+impl Handler<AttachLink> for Room {
+    type Result = ();
+    fn handle(&mut self, msg: AttachLink, ctx: &mut Self::Context) {
+        self.attach_link(msg.peer, msg.io, false, ctx);
+    }
+}
+
+impl StreamHandler<LinkEvent> for Room {
+    fn handle(&mut self, ev: LinkEvent, ctx: &mut Self::Context) {
+        match ev {
+            LinkEvent::Frame(id, m) => self.on_link_frame(id, *m, ctx),
+            LinkEvent::Closed(id) => self.on_link_closed(id, ctx),
+        }
+    }
+
+    fn finished(&mut self, _ctx: &mut Self::Context) {
+        // One link ended; `Closed` already handled it.
+    }
+}
+
+impl Room {
+    fn is_edge(&self) -> bool {
+        self.fabric
+            .as_ref()
+            .is_some_and(|f| f.origin != f.directory.node_id())
+    }
+
+    /// The state of a participant as sent on links: its info plus this node's flow ids.
+    fn link_state(&self, info: &lk::ParticipantInfo) -> wire::ParticipantState {
+        wire::ParticipantState {
+            info: Some(info.clone()),
+            flows: info
+                .tracks
+                .iter()
+                .filter_map(|t| {
+                    self.tracks.get(&t.sid).map(|te| wire::TrackFlow {
+                        track_sid: t.sid.clone(),
+                        flow: te.key.0,
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    /// Sends `msg` on every link but `except`. A link that cannot keep up is reset.
+    fn flood(&mut self, except: Option<u64>, msg: LinkMsg) {
+        let mut broken = Vec::new();
+        for (id, l) in &self.links {
+            if Some(*id) == except {
+                continue;
+            }
+            if l.tx.try_send(msg.clone()).is_err() {
+                broken.push(*id);
+            }
+        }
+        for id in broken {
+            tracing::warn!(parent: &self.span, link = id, "room link queue full or closed; resetting it");
+            // Dropping the sender closes the stream; the reader side reports `Closed`.
+            if let Some(l) = self.links.get_mut(&id) {
+                let (tx, _) = tokio::sync::mpsc::channel(1);
+                l.tx = tx;
+            }
+        }
+    }
+
+    fn send_to(&mut self, link: u64, msg: LinkMsg) {
+        let ok = self
+            .links
+            .get(&link)
+            .is_some_and(|l| l.tx.try_send(msg).is_ok());
+        if !ok {
+            if let Some(l) = self.links.get_mut(&link) {
+                let (tx, _) = tokio::sync::mpsc::channel(1);
+                l.tx = tx;
+            }
+        }
+    }
+
+    /// Delivers a data packet to local members (all but the sender, or the named identities).
+    fn deliver_data(&self, from_sid: &str, reliable: bool, destinations: &[String], data: &[u8]) {
+        for (sid, m) in &self.members {
+            if sid == from_sid {
+                continue;
+            }
+            if !destinations.is_empty() && !destinations.contains(&m.info.identity) {
+                continue;
+            }
+            let cmd = Command::SendData {
+                peer: m.sub_peer,
+                reliable,
+                data: data.to_vec(),
+            };
+            if self.media.send(cmd).is_err() {
+                METRICS.inc_dropped_data();
+            }
+        }
+    }
+
+    /// Relayed track: ask (or stop asking) the source link for it when this node's demand —
+    /// local subscribers or downstream links — starts or ends.
+    fn update_demand(&mut self, track_sid: &str) {
+        let local = self
+            .members
+            .values()
+            .any(|m| m.subscriptions.contains(track_sid));
+        let downstream = self
+            .links
+            .values()
+            .filter_map(|l| l.wants.get(track_sid).copied())
+            .max();
+        let Some(t) = self.tracks.get_mut(track_sid) else {
+            return;
+        };
+        let Some(src) = t.source_link else {
+            return;
+        };
+        // The layers to ask for: what our viewers and the links below us need (dynacast
+        // across the tree); at least the lowest layer while anyone wants the track at all.
+        let want = match (local, downstream) {
+            (false, None) => None,
+            (l, d) => Some(
+                (if l { t.local_rank } else { 0 })
+                    .max(d.unwrap_or(0))
+                    .clamp(1, 3),
+            ),
+        };
+        if t.upstream_wanted == want {
+            return;
+        }
+        t.upstream_wanted = want;
+        tracing::debug!(parent: &self.span, track = %track_sid, ?want, "relay demand changed");
+        self.send_to(
+            src,
+            LinkMsg::Want(wire::Want {
+                track_sid: track_sid.to_string(),
+                on: want.is_some(),
+                max_rank: want.unwrap_or(0) as u32,
+            }),
+        );
+    }
+
+    /// Every speaker interval: the levels this node knows, to each link (minus what came from
+    /// that link).
+    fn send_levels(&mut self) {
+        if self.links.is_empty() {
+            return;
+        }
+        let mut local: Vec<wire::SpeakerLevel> = Vec::new();
+        for (sid, tracks) in &self.levels {
+            if self.members.get(sid).is_none_or(|m| m.hidden) {
+                continue;
+            }
+            local.push(wire::SpeakerLevel {
+                sid: sid.clone(),
+                level: tracks.values().map(|(l, _)| *l).fold(0.0f32, f32::max),
+                active: tracks.values().any(|(_, a)| *a),
+            });
+        }
+        let ids: Vec<u64> = self.links.keys().copied().collect();
+        for id in ids {
+            let mut levels = local.clone();
+            for (sid, (level, active)) in &self.remote_levels {
+                if self.remotes.get(sid).is_some_and(|r| r.link != id) {
+                    levels.push(wire::SpeakerLevel {
+                        sid: sid.clone(),
+                        level: *level,
+                        active: *active,
+                    });
+                }
+            }
+            if !levels.is_empty() {
+                self.send_to(id, LinkMsg::Levels(wire::Levels { levels }));
+            }
+        }
+    }
+
+    /// Edge: find the origin (it may have moved) and open the upstream link.
+    fn connect_upstream(&mut self, ctx: &mut Context<Self>) {
+        let Some(f) = &self.fabric else { return };
+        if self.connecting || self.links.values().any(|l| l.upstream) {
+            return;
+        }
+        self.connecting = true;
+        let dir = f.directory.clone();
+        let name = self.info.name.clone();
+        let fut = async move {
+            let origin = dir.resolve(name.clone()).await?;
+            if origin == dir.node_id() {
+                return Ok((origin, None));
+            }
+            let io = dir.open_link(origin, name).await?;
+            Ok::<_, String>((origin, Some(io)))
+        };
+        ctx.spawn(actix::fut::wrap_future(fut).map(
+            |res: Result<(u64, Option<LinkIo>), String>, room: &mut Room, ctx| {
+                room.connecting = false;
+                match res {
+                    Ok((origin, io)) => {
+                        if let Some(f) = &mut room.fabric {
+                            f.origin = origin;
+                        }
+                        match io {
+                            Some(io) => {
+                                tracing::info!(parent: &room.span, origin, "linked to the origin");
+                                room.attach_link(origin, io, true, ctx);
+                            }
+                            None => {
+                                tracing::info!(parent: &room.span, "this node is now the room's origin");
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(parent: &room.span, error = %e, "cannot link to the origin; retrying");
+                        ctx.run_later(LINK_RETRY, |room, ctx| room.connect_upstream(ctx));
+                    }
+                }
+            },
+        ));
+    }
+
+    fn attach_link(&mut self, peer: u64, io: LinkIo, upstream: bool, ctx: &mut Context<Self>) {
+        let id = self.next_link;
+        self.next_link += 1;
+        if let Some(h) = self.close_timer.take() {
+            ctx.cancel_future(h);
+        }
+        tracing::info!(parent: &self.span, link = id, peer, upstream, "room link up");
+        self.links.insert(
+            id,
+            Link {
+                peer,
+                tx: io.tx,
+                upstream,
+                wants: BTreeMap::new(),
+            },
+        );
+        ctx.add_stream(LinkStream {
+            id,
+            rx: io.rx,
+            done: false,
+        });
+        // Full state: our members, and the remote ones learned elsewhere.
+        let mut states: Vec<wire::ParticipantState> = self
+            .members
+            .values()
+            .filter(|m| !m.hidden)
+            .map(|m| self.link_state(&m.info))
+            .collect();
+        states.extend(self.remotes.values().map(|r| self.link_state(&r.info)));
+        for st in states {
+            self.send_to(id, LinkMsg::Participant(st));
+        }
+        if !upstream && !self.info.metadata.is_empty() {
+            let metadata = self.info.metadata.clone();
+            self.send_to(id, LinkMsg::RoomMetadata(wire::RoomMetadata { metadata }));
+        }
+    }
+
+    fn on_link_closed(&mut self, id: u64, ctx: &mut Context<Self>) {
+        let Some(link) = self.links.remove(&id) else {
+            return;
+        };
+        tracing::info!(parent: &self.span, link = id, peer = link.peer, "room link down");
+        for t in link.wants.keys() {
+            if let Some(te) = self.tracks.get(t) {
+                let _ = self.media.send(Command::RelayOut {
+                    track: te.key,
+                    node: link.peer,
+                    on: false,
+                    max_rank: 0,
+                });
+                te.addr.do_send(RemoteNeed { link: id, rank: 0 });
+            }
+        }
+        let gone: Vec<String> = self
+            .remotes
+            .iter()
+            .filter(|(_, r)| r.link == id)
+            .map(|(sid, _)| sid.clone())
+            .collect();
+        for sid in gone {
+            if let Some(r) = self.remotes.get(&sid) {
+                let mut info = r.info.clone();
+                info.state = lk::participant_info::State::Disconnected as i32;
+                info.disconnect_reason = lk::DisconnectReason::ServerShutdown as i32;
+                info.version += 1;
+                self.remove_remote(id, info);
+            }
+        }
+        for t in link.wants.keys() {
+            self.update_demand(t);
+        }
+        if link.upstream {
+            ctx.run_later(LINK_RETRY, |room, ctx| room.connect_upstream(ctx));
+        } else if self.members.is_empty() {
+            let after = std::time::Duration::from_secs(self.info.departure_timeout.into());
+            self.schedule_close(ctx, after);
+        }
+    }
+
+    fn on_link_frame(&mut self, id: u64, msg: LinkMsg, ctx: &mut Context<Self>) {
+        match msg {
+            LinkMsg::Hello(_) => {}
+            LinkMsg::Participant(st) => self.on_remote_state(id, st, ctx),
+            LinkMsg::Gone(g) => {
+                if let Some(info) = g.info {
+                    if self.remotes.get(&info.sid).is_some_and(|r| r.link == id) {
+                        self.remove_remote(id, info);
+                    }
+                }
+            }
+            LinkMsg::Data(d) => {
+                if !self.remotes.contains_key(&d.from_sid) {
+                    METRICS.inc_dropped_data();
+                    return;
+                }
+                self.deliver_data(&d.from_sid, d.reliable, &d.destinations, &d.data);
+                self.flood(Some(id), LinkMsg::Data(d));
+            }
+            LinkMsg::Want(w) => {
+                let Some(link) = self.links.get_mut(&id) else {
+                    return;
+                };
+                // Unknown tracks are ignored (a stale want from before a re-link).
+                let Some(te) = self.tracks.get(&w.track_sid) else {
+                    return;
+                };
+                let rank = w.max_rank.clamp(1, 3) as u8;
+                let changed = if w.on {
+                    link.wants.insert(w.track_sid.clone(), rank) != Some(rank)
+                } else {
+                    link.wants.remove(&w.track_sid).is_some()
+                };
+                let peer = link.peer;
+                if changed {
+                    let _ = self.media.send(Command::RelayOut {
+                        track: te.key,
+                        node: peer,
+                        on: w.on,
+                        max_rank: rank,
+                    });
+                    te.addr.do_send(RemoteNeed {
+                        link: id,
+                        rank: if w.on { rank } else { 0 },
+                    });
+                }
+                self.update_demand(&w.track_sid);
+            }
+            LinkMsg::Levels(l) => {
+                for s in l.levels {
+                    if self.remotes.get(&s.sid).is_some_and(|r| r.link == id) && s.level.is_finite()
+                    {
+                        self.remote_levels
+                            .insert(s.sid, (s.level.clamp(0.0, 1.0), s.active));
+                    }
+                }
+            }
+            LinkMsg::RoomMetadata(m) => {
+                if m.metadata.len() <= self.settings.max_metadata_bytes
+                    && m.metadata != self.info.metadata
+                {
+                    self.info.metadata = m.metadata.clone();
+                    self.broadcast_room();
+                    self.flood(Some(id), LinkMsg::RoomMetadata(m));
+                }
+            }
+        }
+    }
+
+    /// A remote participant appeared or changed.
+    fn on_remote_state(&mut self, link: u64, st: wire::ParticipantState, ctx: &mut Context<Self>) {
+        let Some(info) = st.info else { return };
+        let sid = info.sid.clone();
+        if sid.is_empty() || self.members.contains_key(&sid) {
+            return;
+        }
+        if let Some(r) = self.remotes.get(&sid) {
+            if r.link != link || r.info.version > info.version {
+                return;
+            }
+        }
+        let Some(peer) = self.links.get(&link).map(|l| l.peer) else {
+            return;
+        };
+        let flows: BTreeMap<&str, u64> = st
+            .flows
+            .iter()
+            .map(|f| (f.track_sid.as_str(), f.flow))
+            .collect();
+        // Tracks that ended.
+        let old: Vec<String> = self
+            .tracks
+            .iter()
+            .filter(|(_, t)| t.publisher_sid == sid)
+            .map(|(s, _)| s.clone())
+            .collect();
+        for t in &old {
+            if !info
+                .tracks
+                .iter()
+                .any(|x| &x.sid == t && flows.contains_key(x.sid.as_str()))
+            {
+                self.remove_track(t);
+                self.remote_track_gone(t);
+            }
+        }
+        // New tracks and mute changes.
+        let mut added = Vec::new();
+        for t in &info.tracks {
+            if let Some(te) = self.tracks.get(&t.sid) {
+                let was = self
+                    .remotes
+                    .get(&sid)
+                    .and_then(|r| r.info.tracks.iter().find(|x| x.sid == t.sid))
+                    .map(|x| x.muted);
+                if was != Some(t.muted) {
+                    te.addr.do_send(SetMuted(t.muted));
+                }
+                continue;
+            }
+            let Some(flow) = flows.get(t.sid.as_str()).copied() else {
+                continue;
+            };
+            let key = crate::ids::new_track_key();
+            let video = t.r#type == lk::TrackType::Video as i32;
+            if self
+                .media
+                .send(Command::RelayIn {
+                    track: key,
+                    node: peer,
+                    flow,
+                    video,
+                })
+                .is_err()
+            {
+                tracing::warn!(parent: &self.span, track = %t.sid, "media engine busy; relayed track skipped");
+                continue;
+            }
+            let addr = Track::new(t.clone(), sid.clone(), key, self.media.clone(), &self.span)
+                .with_need_sink(ctx.address().recipient())
+                .start();
+            self.tracks.insert(
+                t.sid.clone(),
+                TrackEntry {
+                    addr,
+                    publisher_sid: sid.clone(),
+                    video,
+                    last_n_cap: 3,
+                    key,
+                    source_link: Some(link),
+                    upstream_wanted: None,
+                    local_rank: 3,
+                },
+            );
+            added.push(t.sid.clone());
+        }
+        self.remotes.insert(
+            sid.clone(),
+            Remote {
+                info: info.clone(),
+                link,
+            },
+        );
+        let update = Resp::Update(lk::ParticipantUpdate {
+            participants: vec![info.clone()],
+        });
+        for m in self.members.values() {
+            m.addr.do_send(SendSignal(update.clone()));
+        }
+        let msg = LinkMsg::Participant(self.link_state(&info));
+        self.flood(Some(link), msg);
+        if !added.is_empty() {
+            self.apply_last_n();
+            let subscribers: Vec<String> = self
+                .members
+                .iter()
+                .filter(|(_, m)| m.auto_subscribe)
+                .map(|(s, _)| s.clone())
+                .collect();
+            for t in &added {
+                for s in &subscribers {
+                    self.subscribe(s, t);
+                }
+                // Downstream links may already want it (they learned it before we re-linked).
+                self.update_demand(t);
+            }
+        }
+    }
+
+    /// Cleanup after a relayed track ended: downstream wants of it are void.
+    fn remote_track_gone(&mut self, track_sid: &str) {
+        for l in self.links.values_mut() {
+            l.wants.remove(track_sid);
+        }
+    }
+}
+
+impl Handler<RelayNeed> for Room {
+    type Result = ();
+    fn handle(&mut self, msg: RelayNeed, _ctx: &mut Self::Context) {
+        if let Some(t) = self.tracks.get_mut(&msg.track_sid) {
+            if t.source_link.is_some() && t.local_rank != msg.rank {
+                t.local_rank = msg.rank;
+                self.update_demand(&msg.track_sid);
+            }
+        }
+    }
+}
+
+impl Room {
+    /// A remote participant left (or its link went down): `info` is its final state.
+    fn remove_remote(&mut self, link: u64, info: lk::ParticipantInfo) {
+        let sid = info.sid.clone();
+        if self.remotes.remove(&sid).is_none() {
+            return;
+        }
+        self.remote_levels.remove(&sid);
+        let published: Vec<String> = self
+            .tracks
+            .iter()
+            .filter(|(_, t)| t.publisher_sid == sid)
+            .map(|(s, _)| s.clone())
+            .collect();
+        for t in published {
+            self.remove_track(&t);
+            self.remote_track_gone(&t);
+        }
+        let mut info = info;
+        info.tracks.clear();
+        self.flood(
+            Some(link),
+            LinkMsg::Gone(wire::ParticipantGone {
+                info: Some(info.clone()),
+            }),
+        );
+        let update = Resp::Update(lk::ParticipantUpdate {
+            participants: vec![info],
+        });
+        for m in self.members.values() {
+            m.addr.do_send(SendSignal(update.clone()));
+        }
     }
 }

@@ -28,7 +28,30 @@ pub struct Track {
     publisher: Option<Addr<Participant>>,
     /// The last set of needed qualities sent to the publisher.
     published_qualities: Option<[bool; 3]>,
+    /// Relay fabric: the best layer each downstream room link needs (link id → rank 1..=3).
+    remote_needs: BTreeMap<u64, u8>,
+    /// Relayed track: where this node's own need goes (the room, which tells upstream).
+    need_sink: Option<Recipient<RelayNeed>>,
+    /// The last need sent to `need_sink`.
+    sent_need: Option<u8>,
     span: tracing::Span,
+}
+
+/// Relayed track → room: the best layer this node's viewers need (0: none), for dynacast
+/// across the tree.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RelayNeed {
+    pub track_sid: String,
+    pub rank: u8,
+}
+
+/// Room → track: the best layer a downstream room link needs (0: the link no longer wants it).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RemoteNeed {
+    pub link: u64,
+    pub rank: u8,
 }
 
 /// One subscriber of a track.
@@ -88,8 +111,17 @@ impl Track {
             policy_cap: 3,
             publisher: None,
             published_qualities: None,
+            remote_needs: BTreeMap::new(),
+            need_sink: None,
+            sent_need: None,
             span,
         }
+    }
+
+    /// A relayed track: report this node's need for layers to `sink` (see [`RelayNeed`]).
+    pub fn with_need_sink(mut self, sink: Recipient<RelayNeed>) -> Self {
+        self.need_sink = Some(sink);
+        self
     }
 
     /// Tell the publisher which simulcast layers any subscriber needs (dynacast).
@@ -125,8 +157,18 @@ impl Track {
             .subscribers
             .values()
             .map(|s| s.applied)
+            .chain(self.remote_needs.values().copied())
             .max()
             .unwrap_or(0);
+        if let Some(sink) = &self.need_sink {
+            if self.sent_need != Some(best) {
+                self.sent_need = Some(best);
+                sink.do_send(RelayNeed {
+                    track_sid: self.info.sid.clone(),
+                    rank: best,
+                });
+            }
+        }
         // Low is always kept on while anyone subscribes (cheap, and the fallback layer).
         let needed = [best >= 1, best >= 2, best >= 3];
         if self.published_qualities == Some(needed) {
@@ -263,6 +305,18 @@ impl Handler<CloseTrack> for Track {
     type Result = ();
     fn handle(&mut self, _msg: CloseTrack, ctx: &mut Self::Context) {
         ctx.stop();
+    }
+}
+
+impl Handler<RemoteNeed> for Track {
+    type Result = ();
+    fn handle(&mut self, msg: RemoteNeed, _ctx: &mut Self::Context) {
+        if msg.rank == 0 {
+            self.remote_needs.remove(&msg.link);
+        } else {
+            self.remote_needs.insert(msg.link, msg.rank.min(3));
+        }
+        self.update_dynacast();
     }
 }
 

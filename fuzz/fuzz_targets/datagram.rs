@@ -14,6 +14,10 @@ struct Sink;
 impl Output for Sink {
     fn transmit(&mut self, _: Protocol, _: SocketAddr, _: SocketAddr, _: &[u8]) {}
     fn event(&mut self, _: PeerId, _: PeerEvent) {}
+    fn relay(&mut self, _: u64, _: &[u8]) {}
+    fn relay_max(&self, _: u64) -> usize {
+        1200
+    }
 }
 
 static INIT: Once = Once::new();
@@ -25,6 +29,7 @@ fuzz_target!(|data: &[u8]| {
         candidates: vec![str0m::Candidate::host(local, "udp").unwrap()],
         udp_local: local,
         max_peers: 4,
+        wall_anchor: (Instant::now(), 1_700_000_000_000_000),
     });
     let now = Instant::now();
     for (i, role) in [PeerRole::Publisher, PeerRole::Subscriber].into_iter().enumerate() {

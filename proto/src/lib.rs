@@ -6,3 +6,4 @@
 pub use livekit_protocol as livekit;
 
 pub mod membership;
+pub mod relay;

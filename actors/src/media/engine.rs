@@ -38,7 +38,14 @@ use str0m::{Candidate, Event, IceConnectionState, Input, Output as RtcOutput, Rt
 
 use crate::media::alloc::{allocate, AllocTrack, Decision};
 use crate::media::audio::{LevelConfig, LevelMeter};
+use crate::media::relay::{
+    self, RelayFrame, RelayLimits, RelayReceiver, RelaySender, RELAY_METRICS,
+};
 use crate::quality::LinkStats;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use str0m::format::{CodecExtra, PayloadParams};
+use str0m::media::{ExtensionValues, Frequency};
 
 use crate::error::MediaError;
 use crate::media::{Command, PeerEvent, PeerId, PeerRole, TrackKey};
@@ -56,6 +63,10 @@ pub trait Output {
     );
     /// Deliver an event to the control plane owner of `peer`.
     fn event(&mut self, peer: PeerId, event: PeerEvent);
+    /// Send a relay datagram to cluster node `node` (dropped and counted if impossible).
+    fn relay(&mut self, node: u64, datagram: &[u8]);
+    /// The largest relay datagram that fits the connection to `node` (0: no connection).
+    fn relay_max(&self, node: u64) -> usize;
 }
 
 /// The minimum interval between two keyframe requests sent upstream for one track layer.
@@ -101,6 +112,9 @@ pub struct EngineConfig {
     pub udp_local: SocketAddr,
     /// Maximum number of peer connections this engine accepts.
     pub max_peers: usize,
+    /// Wall clock at one instant: `(instant, microseconds since the Unix epoch)`. Relay frames
+    /// carry wall-clock ingest times derived from it.
+    pub wall_anchor: (Instant, u64),
 }
 
 /// A subscriber-side outgoing track and the state of its m-line negotiation.
@@ -207,6 +221,53 @@ struct FwdTrack {
     rates: Vec<(Option<Rid>, u64, u64)>,
     /// Audio tracks: speech level meter.
     meter: LevelMeter,
+    /// Relayed track: fed by this (node, flow) instead of a local publisher.
+    relay_src: Option<(u64, u64)>,
+    /// Relayed track: reassembly and loss repair of the incoming flow.
+    receiver: Option<RelayReceiver>,
+    /// Codec parameters: serialised for relay links (publisher side), or as received.
+    params: Option<(PayloadParams, Arc<[u8]>)>,
+    /// Nodes this track is relayed to, each with its sending state and the best layer rank it
+    /// needs (higher simulcast layers are not sent).
+    relay_outs: Vec<OutLink>,
+}
+
+/// One downstream link of a track.
+#[derive(Debug)]
+struct OutLink {
+    node: u64,
+    sender: RelaySender,
+    /// The best layer the far side needs (its `Want`).
+    max_rank: u8,
+    /// Congestion cap: layers above it are shed until `cap_until`.
+    cap: u8,
+    cap_until: Option<Instant>,
+}
+
+impl OutLink {
+    /// The best layer rank sent on this link now.
+    fn sending(&self) -> u8 {
+        self.max_rank.min(self.cap)
+    }
+}
+
+impl FwdTrack {
+    fn new(publisher: PeerId, mid: Mid, kind: MediaKind) -> Self {
+        FwdTrack {
+            publisher,
+            mid,
+            kind,
+            subscribers: Vec::new(),
+            layers: Vec::new(),
+            last_keyframe_request: HashMap::new(),
+            rates: Vec::new(),
+            meter: LevelMeter::default(),
+            relay_src: None,
+            receiver: None,
+            params: None,
+            relay_outs: Vec::new(),
+        }
+    }
 }
 
 impl FwdTrack {
@@ -257,6 +318,9 @@ pub struct Engine {
     /// Cache: remote address → peer, filled when a peer first accepts a datagram.
     by_addr: HashMap<SocketAddr, PeerId>,
     queue: VecDeque<Pending>,
+    /// Relayed tracks by (node, flow).
+    relay_in: HashMap<(u64, u64), TrackKey>,
+    relay_limits: RelayLimits,
     next_housekeeping: Option<Instant>,
     housekeeping_count: u32,
     level_config: LevelConfig,
@@ -271,9 +335,21 @@ impl Engine {
             tracks: HashMap::new(),
             by_addr: HashMap::new(),
             queue: VecDeque::with_capacity(256),
+            relay_in: HashMap::new(),
+            relay_limits: RelayLimits::default(),
             next_housekeeping: None,
             housekeeping_count: 0,
             level_config: LevelConfig::default(),
+        }
+    }
+
+    /// Wall-clock microseconds at `now` (from the configured anchor).
+    fn wall_us(&self, now: Instant) -> u64 {
+        let (at, us) = self.config.wall_anchor;
+        if now >= at {
+            us + now.duration_since(at).as_micros() as u64
+        } else {
+            us.saturating_sub(at.duration_since(now).as_micros() as u64)
         }
     }
 
@@ -291,6 +367,13 @@ impl Engine {
         for p in self.peers.values() {
             if p.next_timeout < t {
                 t = p.next_timeout;
+            }
+        }
+        for k in self.relay_in.values() {
+            if let Some(r) = self.tracks.get(k).and_then(|f| f.receiver.as_ref()) {
+                if let Some(d) = r.poll_timeout() {
+                    t = t.min(d.max(now));
+                }
             }
         }
         t
@@ -314,6 +397,7 @@ impl Engine {
             }
         }
         self.process_queue(now, out);
+        self.poll_relays(now, out);
         self.reap_dead(out);
         match self.next_housekeeping {
             None => self.next_housekeeping = Some(now + HOUSEKEEPING),
@@ -443,8 +527,228 @@ impl Engine {
                 }
                 self.allocate_peer(now, sub, out);
             }
+            Command::RelayIn {
+                track,
+                node,
+                flow,
+                video,
+            } => {
+                let kind = if video {
+                    MediaKind::Video
+                } else {
+                    MediaKind::Audio
+                };
+                let mut ft = FwdTrack::new(PeerId(0), Mid::from("relay"), kind);
+                ft.relay_src = Some((node, flow));
+                ft.receiver = Some(RelayReceiver::new(flow, self.relay_limits));
+                self.tracks.insert(track, ft);
+                self.relay_in.insert((node, flow), track);
+            }
+            Command::RelayOut {
+                track,
+                node,
+                on,
+                max_rank,
+            } => {
+                let mut fresh = false;
+                if let Some(ft) = self.tracks.get_mut(&track) {
+                    match ft.relay_outs.iter_mut().find(|o| o.node == node) {
+                        // An existing flow keeps its sequence numbers; only the layers change.
+                        Some(o) if on => {
+                            fresh = max_rank > o.max_rank;
+                            o.max_rank = max_rank.clamp(1, 3);
+                        }
+                        Some(_) => ft.relay_outs.retain(|o| o.node != node),
+                        None if on => {
+                            fresh = true;
+                            ft.relay_outs.push(OutLink {
+                                node,
+                                sender: RelaySender::new(track.0, self.relay_limits),
+                                max_rank: max_rank.clamp(1, 3),
+                                cap: 3,
+                                cap_until: None,
+                            });
+                        }
+                        None => {}
+                    }
+                }
+                if fresh {
+                    // A new downstream, or a newly needed layer, starts with a keyframe.
+                    self.request_keyframe(now, track, None, out);
+                }
+            }
+            Command::RelayConnection { .. } => {}
         }
         self.process_queue(now, out);
+    }
+
+    /// One datagram from the relay connection of cluster node `node`.
+    pub fn handle_relay_datagram(
+        &mut self,
+        now: Instant,
+        node: u64,
+        buf: &[u8],
+        out: &mut dyn Output,
+    ) {
+        RELAY_METRICS.datagrams_received.fetch_add(1, Relaxed);
+        let d = match relay::decode(buf) {
+            Ok(d) => d,
+            Err(e) => {
+                RELAY_METRICS.garbage.fetch_add(1, Relaxed);
+                tracing::debug!(node, error = %e, "bad relay datagram");
+                return;
+            }
+        };
+        match d {
+            relay::Datagram::Fragment(f) => {
+                let Some(track) = self.relay_in.get(&(node, f.flow)).copied() else {
+                    return;
+                };
+                if let Some(r) = self
+                    .tracks
+                    .get_mut(&track)
+                    .and_then(|t| t.receiver.as_mut())
+                {
+                    r.on_fragment(now, &f);
+                }
+                self.poll_relay(now, track, out);
+            }
+            relay::Datagram::Nack { flow, seqs } => {
+                let Some(ft) = self.tracks.get_mut(&TrackKey(flow)) else {
+                    return;
+                };
+                if let Some(o) = ft.relay_outs.iter_mut().find(|o| o.node == node) {
+                    for d in o.sender.on_nack(&seqs) {
+                        RELAY_METRICS.datagrams_sent.fetch_add(1, Relaxed);
+                        out.relay(node, &d);
+                    }
+                }
+            }
+            relay::Datagram::Congestion {
+                flow,
+                loss_permille,
+            } => {
+                // Shed this link's highest layer (never the lowest) and hold it off.
+                if let Some(ft) = self.tracks.get_mut(&TrackKey(flow)) {
+                    let video = ft.kind == MediaKind::Video;
+                    if let Some(o) = ft.relay_outs.iter_mut().find(|o| o.node == node) {
+                        let sending = o.sending();
+                        if video && sending > 1 {
+                            o.cap = sending - 1;
+                            RELAY_METRICS.layers_shed.fetch_add(1, Relaxed);
+                            tracing::info!(
+                                node,
+                                flow,
+                                loss_permille,
+                                cap = o.cap,
+                                "relay link congested: shedding a layer"
+                            );
+                        }
+                        o.cap_until = Some(now + relay::CONGESTION_HOLD);
+                    }
+                }
+            }
+            relay::Datagram::Keyframe { flow, rank } => {
+                RELAY_METRICS
+                    .keyframe_requests_received
+                    .fetch_add(1, Relaxed);
+                let track = TrackKey(flow);
+                let relayed_to_them = self
+                    .tracks
+                    .get(&track)
+                    .is_some_and(|t| t.relay_outs.iter().any(|o| o.node == node));
+                if relayed_to_them {
+                    let rid = match rank {
+                        0 => None,
+                        r => self.tracks.get(&track).and_then(|t| {
+                            t.layers
+                                .iter()
+                                .map(|(rid, _)| *rid)
+                                .find(|rid| rid_rank(rid) == r)
+                        }),
+                    };
+                    self.request_keyframe(now, track, rid, out);
+                }
+            }
+        }
+        self.process_queue(now, out);
+    }
+
+    /// Timers of every relayed track: NACK retries and hold expiry.
+    fn poll_relays(&mut self, now: Instant, out: &mut dyn Output) {
+        let keys: Vec<TrackKey> = self.relay_in.values().copied().collect();
+        for k in keys {
+            self.poll_relay(now, k, out);
+        }
+    }
+
+    /// Sends the NACKs a relayed track's receiver wants and forwards the frames it released.
+    fn poll_relay(&mut self, now: Instant, track: TrackKey, out: &mut dyn Output) {
+        let Some(ft) = self.tracks.get_mut(&track) else {
+            return;
+        };
+        let (Some((node, flow)), Some(r)) = (ft.relay_src, ft.receiver.as_mut()) else {
+            return;
+        };
+        let nacks = r.poll_nacks(now);
+        if !nacks.is_empty() {
+            out.relay(node, &relay::encode_nack(flow, &nacks));
+        }
+        let frames = r.poll_frames(now);
+        for f in frames {
+            let Some(ft) = self.tracks.get_mut(&track) else {
+                return;
+            };
+            if let Some(p) = &f.params {
+                let stale = ft.params.as_ref().is_none_or(|(_, b)| b != p);
+                if stale {
+                    match serde_json::from_slice::<PayloadParams>(p) {
+                        Ok(params) => ft.params = Some((params, p.clone())),
+                        Err(e) => {
+                            RELAY_METRICS.garbage.fetch_add(1, Relaxed);
+                            tracing::debug!(error = %e, "bad relayed codec parameters");
+                        }
+                    }
+                }
+            }
+            let Some((params, _)) = ft.params.as_ref() else {
+                // No codec parameters yet: they come with the next keyframe.
+                self.request_keyframe(now, track, None, out);
+                continue;
+            };
+            let params = *params;
+            let spec = params.spec();
+            let clock = Frequency::new(spec.clock_rate.get()).unwrap_or(Frequency::NINETY_KHZ);
+            let data = MediaData {
+                mid: ft.mid,
+                pt: params.pt(),
+                rid: f.rid.as_deref().map(Rid::from),
+                params,
+                time: MediaTime::new(f.time, clock),
+                network_time: now,
+                seq_range: str0m::rtp::SeqNo::from(0)..=str0m::rtp::SeqNo::from(0),
+                contiguous: f.contiguous,
+                data: f.payload,
+                ext_vals: ExtensionValues {
+                    audio_level: f.audio_level,
+                    ..Default::default()
+                },
+                codec_extra: CodecExtra::None,
+                last_sender_info: None,
+                audio_start_of_talk_spurt: false,
+            };
+            if !f.contiguous && ft.kind == MediaKind::Video {
+                self.request_keyframe(now, track, data.rid, out);
+            }
+            let wall = self.wall_us(now);
+            if f.ingest_us > 0 && wall >= f.ingest_us && wall - f.ingest_us < 60_000_000 {
+                RELAY_METRICS.transit_count.fetch_add(1, Relaxed);
+                RELAY_METRICS
+                    .transit_us_sum
+                    .fetch_add(wall - f.ingest_us, Relaxed);
+            }
+            self.forward_track(now, track, data, f.keyframe, Some(f.ingest_us), out);
+        }
     }
 
     fn add_peer(
@@ -563,19 +867,7 @@ impl Engine {
                 .map(|m| m.kind())
                 .unwrap_or(MediaKind::Video);
             peer.media_in.insert(mid, track);
-            self.tracks.insert(
-                track,
-                FwdTrack {
-                    publisher: id,
-                    mid,
-                    kind,
-                    subscribers: Vec::new(),
-                    layers: Vec::new(),
-                    last_keyframe_request: HashMap::new(),
-                    rates: Vec::new(),
-                    meter: LevelMeter::default(),
-                },
-            );
+            self.tracks.insert(track, FwdTrack::new(id, mid, kind));
         }
         for track in unbind {
             self.unbind_track(now, track, out);
@@ -697,6 +989,9 @@ impl Engine {
         let Some(ft) = self.tracks.remove(&track) else {
             return;
         };
+        if let Some(src) = ft.relay_src {
+            self.relay_in.remove(&src);
+        }
         if let Some(p) = self.peers.get_mut(&ft.publisher) {
             p.media_in.remove(&ft.mid);
         }
@@ -746,6 +1041,23 @@ impl Engine {
         } else {
             ft.layers.iter().map(|(r, _)| Some(*r)).collect()
         };
+        if let Some((node, flow)) = ft.relay_src {
+            // Relayed: one request upstream per layer per interval (coalesced per hop).
+            for r in rids {
+                if let Some(last) = ft.last_keyframe_request.get(&r) {
+                    if now.saturating_duration_since(*last) < KEYFRAME_REQUEST_INTERVAL {
+                        continue;
+                    }
+                }
+                ft.last_keyframe_request.insert(r, now);
+                RELAY_METRICS.keyframe_requests_sent.fetch_add(1, Relaxed);
+                out.relay(
+                    node,
+                    &relay::encode_keyframe(flow, r.as_ref().map_or(0, rid_rank)),
+                );
+            }
+            return;
+        }
         let Some(peer) = self.peers.get_mut(&ft.publisher) else {
             return;
         };
@@ -977,10 +1289,59 @@ impl Engine {
             // A gap the receive buffer could not repair: ask for a fresh keyframe.
             self.request_keyframe(now, track, data.rid, out);
         }
+        let is_keyframe = data.is_keyframe();
+        self.forward_track(now, track, data, is_keyframe, None, out);
+    }
+
+    /// Forward one frame of `track` (from a local publisher or a relay link) to its local
+    /// subscribers and its relay links.
+    fn forward_track(
+        &mut self,
+        now: Instant,
+        track: TrackKey,
+        data: MediaData,
+        is_keyframe: bool,
+        ingest_us: Option<u64>,
+        out: &mut dyn Output,
+    ) {
+        let ingest_us = ingest_us.unwrap_or_else(|| self.wall_us(now));
         let Some(ft) = self.tracks.get_mut(&track) else {
             return;
         };
         METRICS.add_received(data.data.len());
+        if !ft.relay_outs.is_empty() {
+            let stale = ft
+                .params
+                .as_ref()
+                .is_none_or(|(p, _)| p.pt() != data.params.pt() || p.spec() != data.params.spec());
+            if stale {
+                if let Ok(json) = serde_json::to_vec(&data.params) {
+                    ft.params = Some((data.params, json.into()));
+                }
+            }
+            let frame = RelayFrame {
+                rid: data.rid.map(|r| r.to_string()),
+                time: data.time.numer(),
+                ingest_us,
+                keyframe: is_keyframe,
+                audio_level: data.ext_vals.audio_level,
+                params: None,
+                payload: data.data.clone(),
+                contiguous: data.contiguous,
+            };
+            let params = ft.params.as_ref().map(|(_, j)| j.clone());
+            let rank = data.rid.as_ref().map_or(1, rid_rank);
+            for o in ft.relay_outs.iter_mut() {
+                if rank > o.sending() {
+                    continue;
+                }
+                let max = out.relay_max(o.node);
+                for d in o.sender.push(&frame, params.as_deref(), max) {
+                    RELAY_METRICS.datagrams_sent.fetch_add(1, Relaxed);
+                    out.relay(o.node, &d);
+                }
+            }
+        }
 
         // Per-layer byte counts (for the allocator) and layer liveness.
         match ft.rates.iter_mut().find(|(r, _, _)| *r == data.rid) {
@@ -1005,7 +1366,6 @@ impl Engine {
             ft.meter
                 .observe(data.ext_vals.audio_level, &self.level_config);
         }
-        let is_keyframe = data.is_keyframe();
         let mut want_keyframe: Option<Option<Rid>> = None;
         for sub in &ft.subscribers {
             let Some(peer) = self.peers.get_mut(sub) else {
@@ -1102,6 +1462,24 @@ impl Engine {
     fn housekeeping(&mut self, now: Instant, out: &mut dyn Output) {
         self.housekeeping_count = self.housekeeping_count.wrapping_add(1);
         let secs = HOUSEKEEPING.as_secs_f64();
+        // Relay links: report congestion upstream; give shed layers another try when the
+        // reports stopped.
+        for ft in self.tracks.values_mut() {
+            if let (Some((node, flow)), Some(r)) = (ft.relay_src, ft.receiver.as_mut()) {
+                if let Some(loss) = r.take_loss() {
+                    if loss > relay::CONGESTION_LOSS {
+                        RELAY_METRICS.congestion_reports_sent.fetch_add(1, Relaxed);
+                        out.relay(node, &relay::encode_congestion(flow, loss));
+                    }
+                }
+            }
+            for o in ft.relay_outs.iter_mut() {
+                if o.cap < 3 && o.cap_until.is_some_and(|t| now >= t) {
+                    o.cap += 1;
+                    o.cap_until = (o.cap < 3).then_some(now + relay::CONGESTION_HOLD);
+                }
+            }
+        }
         for (key, ft) in self.tracks.iter_mut() {
             for r in ft.rates.iter_mut() {
                 let bps = (r.1 as f64 * 8.0 / secs) as u64;
@@ -1287,4 +1665,315 @@ enum ChanKind {
     Reliable,
     Lossy,
     Other,
+}
+
+#[cfg(test)]
+mod relay_tests {
+    //! The engine as a middle hop of the relay fabric: frames relayed in from node 1 are
+    //! reassembled, forwarded to node 3 (only the layers node 3 needs), NACKs and keyframe
+    //! requests are answered per hop, and garbage is counted, never a panic.
+    use super::*;
+    use crate::media::relay::{decode, Datagram, RelayReceiver};
+    use rand::{Rng, SeedableRng};
+    use std::collections::BTreeSet;
+    use str0m::format::{Codec, CodecSpec, FormatParams};
+    use str0m::media::Pt;
+
+    #[derive(Default)]
+    struct Sink {
+        relayed: Vec<(u64, Vec<u8>)>,
+    }
+    impl Output for Sink {
+        fn transmit(&mut self, _: Protocol, _: SocketAddr, _: SocketAddr, _: &[u8]) {}
+        fn event(&mut self, _: PeerId, _: PeerEvent) {}
+        fn relay(&mut self, node: u64, d: &[u8]) {
+            self.relayed.push((node, d.to_vec()));
+        }
+        fn relay_max(&self, _: u64) -> usize {
+            1200
+        }
+    }
+
+    fn engine(now: Instant) -> Engine {
+        let local: SocketAddr = "127.0.0.1:7882".parse().unwrap();
+        Engine::new(EngineConfig {
+            candidates: vec![],
+            udp_local: local,
+            max_peers: 4,
+            wall_anchor: (now, 1_700_000_000_000_000),
+        })
+    }
+
+    fn vp8_params() -> Vec<u8> {
+        let spec = CodecSpec {
+            codec: Codec::Vp8,
+            clock_rate: Frequency::NINETY_KHZ,
+            channels: None,
+            format: FormatParams::default(),
+        };
+        serde_json::to_vec(&PayloadParams::new(Pt::new_with_value(96), None, spec)).unwrap()
+    }
+
+    #[test]
+    fn middle_hop_forwards_needed_layers_and_answers_nacks() {
+        let t0 = Instant::now();
+        let mut e = engine(t0);
+        let mut out = Sink::default();
+        let (key, flow) = (TrackKey(500), 9u64);
+        e.handle_command(
+            t0,
+            Command::RelayIn {
+                track: key,
+                node: 1,
+                flow,
+                video: true,
+            },
+            &mut out,
+        );
+        // Node 3 needs only the low layer.
+        e.handle_command(
+            t0,
+            Command::RelayOut {
+                track: key,
+                node: 3,
+                on: true,
+                max_rank: 1,
+            },
+            &mut out,
+        );
+        // A new downstream asks its upstream (node 1) for a keyframe.
+        assert!(out
+            .relayed
+            .iter()
+            .any(|(n, d)| *n == 1 && matches!(decode(d), Ok(Datagram::Keyframe { flow: 9, .. }))));
+        out.relayed.clear();
+
+        let params = vp8_params();
+        let mut upstream = RelaySender::new(flow, RelayLimits::default());
+        let mut now = t0;
+        for i in 0..60u64 {
+            for rid in ["q", "h", "f"] {
+                let f = RelayFrame {
+                    rid: Some(rid.into()),
+                    time: i * 3000,
+                    ingest_us: 1_700_000_000_000_000 + i * 33_000,
+                    keyframe: i == 0,
+                    audio_level: None,
+                    params: None,
+                    payload: vec![i as u8; 1500].into(),
+                    contiguous: true,
+                };
+                for d in upstream.push(&f, Some(&params), 1200) {
+                    e.handle_relay_datagram(now, 1, &d, &mut out);
+                }
+            }
+            now += Duration::from_millis(33);
+            e.handle_timeout(now, &mut out);
+        }
+        // Node 3 gets every low-layer frame and nothing else, reassembled in order.
+        let mut down = RelayReceiver::new(key.0, RelayLimits::default());
+        for (n, d) in &out.relayed {
+            assert_eq!(*n, 3, "only node 3 is relayed to");
+            if let Ok(Datagram::Fragment(f)) = decode(d) {
+                down.on_fragment(now, &f);
+            }
+        }
+        let frames = down.poll_frames(now);
+        assert_eq!(frames.len(), 60);
+        assert!(frames
+            .iter()
+            .all(|f| f.rid.as_deref() == Some("q") && f.contiguous));
+        assert!(frames[0].keyframe && frames[0].params.is_some());
+
+        // Node 3 NACKs two of its datagrams: this hop resends them from its own cache.
+        out.relayed.clear();
+        e.handle_relay_datagram(now, 3, &relay::encode_nack(key.0, &[3, 4]), &mut out);
+        assert_eq!(out.relayed.len(), 2);
+        // Node 3 asks for a keyframe: it goes upstream (coalesced: once per interval).
+        out.relayed.clear();
+        now += Duration::from_secs(1);
+        for _ in 0..5 {
+            e.handle_relay_datagram(now, 3, &relay::encode_keyframe(key.0, 1), &mut out);
+        }
+        let upstream_requests = out
+            .relayed
+            .iter()
+            .filter(|(n, d)| *n == 1 && matches!(decode(d), Ok(Datagram::Keyframe { .. })))
+            .count();
+        assert_eq!(upstream_requests, 1);
+    }
+
+    /// Sends one frame of each layer of `flow` into `e` from node 1, dropping every datagram
+    /// for which `drop` says so.
+    fn feed(
+        e: &mut Engine,
+        up: &mut RelaySender,
+        i: u64,
+        now: Instant,
+        out: &mut Sink,
+        mut drop: impl FnMut() -> bool,
+    ) {
+        let params = vp8_params();
+        for rid in ["q", "h", "f"] {
+            let f = RelayFrame {
+                rid: Some(rid.into()),
+                time: i * 3000,
+                ingest_us: 0,
+                keyframe: i == 0,
+                audio_level: None,
+                params: None,
+                payload: vec![i as u8; 1500].into(),
+                contiguous: true,
+            };
+            for d in up.push(&f, Some(&params), 1200) {
+                if !drop() {
+                    e.handle_relay_datagram(now, 1, &d, out);
+                }
+            }
+        }
+    }
+
+    fn rids_sent_to(out: &Sink, node: u64) -> BTreeSet<String> {
+        out.relayed
+            .iter()
+            .filter(|(n, _)| *n == node)
+            .filter_map(|(_, d)| match decode(d) {
+                Ok(Datagram::Fragment(f)) => f.rid.map(str::to_string),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn congestion_is_reported_upstream_and_sheds_the_top_layer() {
+        let t0 = Instant::now();
+        let mut e = engine(t0);
+        let mut out = Sink::default();
+        let (key, flow) = (TrackKey(600), 11u64);
+        e.handle_command(
+            t0,
+            Command::RelayIn {
+                track: key,
+                node: 1,
+                flow,
+                video: true,
+            },
+            &mut out,
+        );
+        e.handle_command(
+            t0,
+            Command::RelayOut {
+                track: key,
+                node: 3,
+                on: true,
+                max_rank: 3,
+            },
+            &mut out,
+        );
+        let mut up = RelaySender::new(flow, RelayLimits::default());
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+        let mut now = t0;
+        // Receiver side: 30% of what node 1 sends is lost: within a housekeeping period or
+        // two, a congestion report goes to node 1.
+        for i in 0..40u64 {
+            feed(&mut e, &mut up, i, now, &mut out, || rng.random_bool(0.3));
+            now += Duration::from_millis(33);
+            e.handle_timeout(now, &mut out);
+        }
+        assert!(out.relayed.iter().any(|(n, d)| *n == 1
+            && matches!(decode(d), Ok(Datagram::Congestion { flow: 11, loss_permille }) if loss_permille > 100)));
+
+        // Sender side: node 3 reports congestion; the top layer stops on that link.
+        let mut e = engine(now);
+        let mut out = Sink::default();
+        e.handle_command(
+            now,
+            Command::RelayIn {
+                track: key,
+                node: 1,
+                flow,
+                video: true,
+            },
+            &mut out,
+        );
+        e.handle_command(
+            now,
+            Command::RelayOut {
+                track: key,
+                node: 3,
+                on: true,
+                max_rank: 3,
+            },
+            &mut out,
+        );
+        let mut up = RelaySender::new(flow, RelayLimits::default());
+        for i in 0..10u64 {
+            feed(&mut e, &mut up, i, now, &mut out, || false);
+            now += Duration::from_millis(33);
+            e.handle_timeout(now, &mut out);
+        }
+        assert_eq!(rids_sent_to(&out, 3).len(), 3);
+        e.handle_relay_datagram(now, 3, &relay::encode_congestion(key.0, 0.25), &mut out);
+        out.relayed.clear();
+        for i in 10..40u64 {
+            feed(&mut e, &mut up, i, now, &mut out, || false);
+            now += Duration::from_millis(33);
+            e.handle_timeout(now, &mut out);
+        }
+        let shed: BTreeSet<String> = ["q", "h"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(rids_sent_to(&out, 3), shed);
+        // No more reports: after the hold the layer comes back.
+        now += relay::CONGESTION_HOLD + Duration::from_secs(1);
+        e.handle_timeout(now, &mut out);
+        out.relayed.clear();
+        for i in 40..50u64 {
+            feed(&mut e, &mut up, i, now, &mut out, || false);
+            now += Duration::from_millis(33);
+            e.handle_timeout(now, &mut out);
+        }
+        assert_eq!(rids_sent_to(&out, 3).len(), 3);
+    }
+
+    #[test]
+    fn garbage_relay_datagrams_are_harmless() {
+        let t0 = Instant::now();
+        let mut e = engine(t0);
+        let mut out = Sink::default();
+        e.handle_command(
+            t0,
+            Command::RelayIn {
+                track: TrackKey(7),
+                node: 1,
+                flow: 7,
+                video: true,
+            },
+            &mut out,
+        );
+        e.handle_command(
+            t0,
+            Command::RelayOut {
+                track: TrackKey(7),
+                node: 2,
+                on: true,
+                max_rank: 3,
+            },
+            &mut out,
+        );
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        let mut now = t0;
+        for _ in 0..5000 {
+            let n = rng.random_range(0..200);
+            let mut d: Vec<u8> = (0..n).map(|_| rng.random()).collect();
+            if !d.is_empty() {
+                // Mostly valid kinds and the known flow, so the parsers go deep.
+                d[0] = rng.random_range(0..5);
+                if d.len() >= 9 {
+                    d[1..9].copy_from_slice(&7u64.to_be_bytes());
+                }
+            }
+            e.handle_relay_datagram(now, rng.random_range(1..3), &d, &mut out);
+            now += Duration::from_millis(1);
+            e.handle_timeout(now, &mut out);
+        }
+    }
 }

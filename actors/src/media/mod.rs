@@ -11,6 +11,7 @@
 pub mod alloc;
 pub mod audio;
 pub mod engine;
+pub mod relay;
 pub mod sdp;
 pub mod shell;
 
@@ -102,6 +103,24 @@ pub enum Command {
         track: TrackKey,
         max_rank: u8,
     },
+    /// Relay fabric: `track` is fed by flow `flow` of the room link from node `node`.
+    RelayIn {
+        track: TrackKey,
+        node: u64,
+        flow: u64,
+        video: bool,
+    },
+    /// Relay fabric: start (`on`) or stop sending `track` to node `node`: every simulcast
+    /// layer up to `max_rank` (what the far side's viewers need; higher layers are shed).
+    RelayOut {
+        track: TrackKey,
+        node: u64,
+        on: bool,
+        max_rank: u8,
+    },
+    /// Relay fabric: the QUIC connection to `node` (new or replaced). Handled by the shell,
+    /// which reads its datagrams and sends on it.
+    RelayConnection { node: u64, conn: quinn::Connection },
 }
 
 /// Something the data plane tells the owner of a peer.

@@ -25,6 +25,9 @@ const MAX_DATAGRAM: usize = 2048;
 const RECV_BATCH: usize = 64;
 /// Outgoing frames queued per ICE-TCP connection before frames are dropped.
 const TCP_WRITE_QUEUE: usize = 512;
+/// Relay datagrams read from QUIC connections and queued for the engine (all nodes) before
+/// new ones are dropped (the hop's NACKs then repair them).
+const RELAY_IN_QUEUE: usize = 8192;
 
 /// Where and how the media plane listens.
 #[derive(Debug, Clone)]
@@ -77,10 +80,14 @@ impl MediaHandle {
                 candidates.push(c);
             }
         }
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
         let config = EngineConfig {
             candidates,
             udp_local,
             max_peers: settings.max_peers,
+            wall_anchor: (Instant::now(), wall),
         };
         let (tx, rx) = mpsc::channel(settings.command_queue.max(16));
         std::thread::Builder::new()
@@ -158,6 +165,7 @@ struct ShellOut<'a> {
     udp: &'a UdpSocket,
     tcp_conns: &'a HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>,
     sinks: &'a mut HashMap<PeerId, mpsc::Sender<PeerEvent>>,
+    relays: &'a HashMap<u64, quinn::Connection>,
 }
 
 impl Output for ShellOut<'_> {
@@ -216,6 +224,37 @@ impl Output for ShellOut<'_> {
             self.sinks.remove(&peer);
         }
     }
+
+    fn relay(&mut self, node: u64, datagram: &[u8]) {
+        use super::relay::RELAY_METRICS;
+        let sent = self.relays.get(&node).is_some_and(|c| {
+            c.send_datagram(bytes::Bytes::copy_from_slice(datagram))
+                .is_ok()
+        });
+        if !sent {
+            RELAY_METRICS
+                .datagrams_dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    fn relay_max(&self, node: u64) -> usize {
+        self.relays
+            .get(&node)
+            .and_then(|c| c.max_datagram_size())
+            .unwrap_or(0)
+    }
+}
+
+/// Reads one relay connection's datagrams into the engine's queue until it closes.
+async fn read_relay(node: u64, conn: quinn::Connection, tx: mpsc::Sender<(u64, bytes::Bytes)>) {
+    while let Ok(d) = conn.read_datagram().await {
+        if tx.try_send((node, d)).is_err() {
+            super::relay::RELAY_METRICS
+                .datagrams_dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 enum TcpIn {
@@ -252,6 +291,9 @@ async fn run(
     let mut sinks: HashMap<PeerId, mpsc::Sender<PeerEvent>> = HashMap::new();
     let mut tcp_conns: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>> = HashMap::new();
     let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut relays: HashMap<u64, quinn::Connection> = HashMap::new();
+    let mut relay_tasks: HashMap<u64, tokio::task::JoinHandle<()>> = HashMap::new();
+    let (relay_tx, mut relay_rx) = mpsc::channel::<(u64, bytes::Bytes)>(RELAY_IN_QUEUE);
     tracing::info!(udp = %udp_local, tcp = ?tcp_local, "media engine running");
 
     loop {
@@ -266,7 +308,16 @@ async fn run(
                     if let Command::AddPeer { peer, events, .. } = &cmd {
                         sinks.insert(*peer, events.clone());
                     }
-                    let mut out = ShellOut { udp: &udp, tcp_conns: &tcp_conns, sinks: &mut sinks };
+                    if let Command::RelayConnection { node, conn } = &cmd {
+                        let same = relays.get(node).is_some_and(|c| c.stable_id() == conn.stable_id());
+                        if !same {
+                            relays.insert(*node, conn.clone());
+                            if let Some(t) = relay_tasks.insert(*node, tokio::spawn(read_relay(*node, conn.clone(), relay_tx.clone()))) {
+                                t.abort();
+                            }
+                        }
+                    }
+                    let mut out = ShellOut { udp: &udp, tcp_conns: &tcp_conns, sinks: &mut sinks, relays: &relays };
                     engine.handle_command(Instant::now(), cmd, &mut out);
                     n += 1;
                     if n < RECV_BATCH {
@@ -279,7 +330,7 @@ async fn run(
                 for _ in 0..RECV_BATCH {
                     match r {
                         Ok((len, source)) => {
-                            let mut out = ShellOut { udp: &udp, tcp_conns: &tcp_conns, sinks: &mut sinks };
+                            let mut out = ShellOut { udp: &udp, tcp_conns: &tcp_conns, sinks: &mut sinks, relays: &relays };
                             engine.handle_datagram(Instant::now(), Protocol::Udp, source, udp_local, &buf[..len], &mut out);
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
@@ -291,11 +342,23 @@ async fn run(
                     r = udp.try_recv_from(&mut buf);
                 }
             }
+            d = relay_rx.recv() => {
+                let mut next = d;
+                let mut n = 0;
+                while let Some((node, d)) = next.take() {
+                    let mut out = ShellOut { udp: &udp, tcp_conns: &tcp_conns, sinks: &mut sinks, relays: &relays };
+                    engine.handle_relay_datagram(Instant::now(), node, &d, &mut out);
+                    n += 1;
+                    if n < RECV_BATCH {
+                        next = relay_rx.try_recv().ok();
+                    }
+                }
+            }
             t = tcp_rx.recv() => {
                 match t {
                     Some(TcpIn::Frame(source, data)) => {
                         if let Some(local) = tcp_local {
-                            let mut out = ShellOut { udp: &udp, tcp_conns: &tcp_conns, sinks: &mut sinks };
+                            let mut out = ShellOut { udp: &udp, tcp_conns: &tcp_conns, sinks: &mut sinks, relays: &relays };
                             engine.handle_datagram(Instant::now(), Protocol::Tcp, source, local, &data, &mut out);
                         }
                     }
@@ -312,6 +375,7 @@ async fn run(
                 udp: &udp,
                 tcp_conns: &tcp_conns,
                 sinks: &mut sinks,
+                relays: &relays,
             };
             engine.handle_timeout(now, &mut out);
         }

@@ -4,6 +4,7 @@
 // stderr and one final line `RESULT {json}` on stdout; pytest (test_browser.py) makes the assertions.
 //
 // Usage: node drive.mjs '{"pageBase":"http://127.0.0.1:PORT/index.html","wsUrl":"ws://127.0.0.1:7880",
+//                         ["subWsUrl":"ws://127.0.0.1:7890" (subscriber page on another node),]
 //                         "pubToken":"…","subToken":"…","watchSeconds":10}'
 // Every wait is bounded; the whole run is bounded by `hardLimitSeconds` (default 150). With
 // `holdSeconds`, the pages stay open after RESULT until stdin gets a line or closes (at most that long).
@@ -67,7 +68,9 @@ try {
     const page = await context.newPage();
     page.on('console', (m) => say(`${role} console.${m.type()}: ${m.text()}`));
     page.on('pageerror', (e) => say(`${role} pageerror: ${e}`));
-    const q = new URLSearchParams({ url: cfg.wsUrl, access_token: token, role });
+    // `subWsUrl` (optional): the subscriber page connects to another node of a cluster.
+    const url = role === 'subscribe' && cfg.subWsUrl ? cfg.subWsUrl : cfg.wsUrl;
+    const q = new URLSearchParams({ url, access_token: token, role });
     await page.goto(`${cfg.pageBase}?${q}`);
     return page;
   };

@@ -21,6 +21,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arbor_proto::membership::{peer_frame, Hello, PeerFrame, RaftEnvelope};
+use arbor_proto::relay::{
+    check_link_len, decode_link_body, encode_link_frame, link_frame, LinkHello,
+};
 use prost::Message as _;
 use tokio::sync::{mpsc, Notify};
 
@@ -91,6 +94,115 @@ struct Shared {
     blocked: Mutex<BTreeSet<u64>>,
     inbound: mpsc::Sender<RaftEnvelope>,
     dropped: std::sync::atomic::AtomicU64,
+    /// Where accepted room-link streams go (set by [`Transport::net`] users).
+    links: Mutex<Option<mpsc::Sender<InboundLink>>>,
+}
+
+/// A room-link stream a peer opened to us (see `arbor_proto::relay`): its verified sender, its
+/// hello, and the stream halves.
+pub struct InboundLink {
+    pub peer: u64,
+    pub hello: LinkHello,
+    pub send: quinn::SendStream,
+    pub recv: quinn::RecvStream,
+}
+
+/// A cloneable handle to the node-pair QUIC connections for the relay fabric: media datagrams
+/// and room-link streams share the connections Raft keeps up.
+#[derive(Clone)]
+pub struct NetHandle {
+    shared: Arc<Shared>,
+}
+
+impl NetHandle {
+    /// This node's id.
+    pub fn node_id(&self) -> u64 {
+        self.shared.cfg.node_id
+    }
+
+    /// The live connection to `peer`, if any.
+    pub fn connection(&self, peer: u64) -> Option<quinn::Connection> {
+        if lock(&self.shared.blocked).contains(&peer) {
+            return None;
+        }
+        lock(&self.shared.conns)
+            .get(&peer)
+            .filter(|c| c.close_reason().is_none())
+            .cloned()
+    }
+
+    /// Every live connection, by peer id.
+    pub fn connections(&self) -> Vec<(u64, quinn::Connection)> {
+        let blocked = lock(&self.shared.blocked).clone();
+        lock(&self.shared.conns)
+            .iter()
+            .filter(|(id, c)| c.close_reason().is_none() && !blocked.contains(id))
+            .map(|(id, c)| (*id, c.clone()))
+            .collect()
+    }
+
+    /// Opens a room link to `peer`: waits up to `wait` for the connection, opens a
+    /// bidirectional stream and writes the hello.
+    pub async fn open_link(
+        &self,
+        peer: u64,
+        room: &str,
+        wait: Duration,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), TransportError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let conn = loop {
+            if let Some(c) = self.connection(peer) {
+                break c;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(TransportError::Protocol(format!(
+                    "no connection to node {peer}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let (mut send, recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| TransportError::Protocol(e.to_string()))?;
+        let hello = encode_link_frame(link_frame::Kind::Hello(LinkHello {
+            room: room.to_string(),
+            node_id: self.shared.cfg.node_id,
+            cluster_id: self.shared.cfg.cluster_id.clone(),
+        }))
+        .map_err(|e| TransportError::Protocol(e.to_string()))?;
+        send.write_all(&hello)
+            .await
+            .map_err(|e| TransportError::Protocol(e.to_string()))?;
+        Ok((send, recv))
+    }
+
+    /// Starts delivering room links peers open to us (replaces any previous receiver).
+    pub fn accept_links(&self, capacity: usize) -> mpsc::Receiver<InboundLink> {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        *lock(&self.shared.links) = Some(tx);
+        rx
+    }
+}
+
+/// Reads one length-delimited room-link frame (`None` at a clean end of stream).
+pub async fn read_link_frame(
+    recv: &mut quinn::RecvStream,
+) -> Result<Option<link_frame::Kind>, TransportError> {
+    let mut len = [0u8; 4];
+    match recv.read_exact(&mut len).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(TransportError::Protocol(e.to_string())),
+    }
+    let len = check_link_len(len).map_err(|e| TransportError::Protocol(e.to_string()))?;
+    let mut buf = vec![0u8; len];
+    recv.read_exact(&mut buf)
+        .await
+        .map_err(|e| TransportError::Protocol(e.to_string()))?;
+    decode_link_body(&buf)
+        .map(Some)
+        .map_err(|e| TransportError::Protocol(e.to_string()))
 }
 
 /// A node's QUIC endpoint for cluster traffic.
@@ -172,6 +284,7 @@ impl Transport {
             blocked: Mutex::new(BTreeSet::new()),
             inbound: tx,
             dropped: std::sync::atomic::AtomicU64::new(0),
+            links: Mutex::new(None),
         });
         let s = shared.clone();
         let accept_task = tokio::spawn(async move { accept_loop(s).await });
@@ -180,6 +293,13 @@ impl Transport {
             inbound: rx,
             accept_task,
         })
+    }
+
+    /// A handle for the relay fabric (connections, room links).
+    pub fn net(&self) -> NetHandle {
+        NetHandle {
+            shared: self.shared.clone(),
+        }
     }
 
     pub fn local_addr(&self) -> Option<SocketAddr> {
@@ -315,6 +435,12 @@ async fn read_connection(
     expect: Option<u64>,
     client_cert: Option<rustls::pki_types::CertificateDer<'static>>,
 ) {
+    tokio::spawn(accept_links(
+        s.clone(),
+        conn.clone(),
+        expect,
+        client_cert.clone(),
+    ));
     loop {
         let mut recv = match conn.accept_uni().await {
             Ok(r) => r,
@@ -365,6 +491,57 @@ async fn read_connection(
                     Ok(Some(_)) => {}
                     Ok(None) | Err(_) => return,
                 }
+            }
+        });
+    }
+}
+
+/// Accepts the room-link streams a peer opens on `conn`, checks each one's hello against the
+/// connection's identity, and hands it to the fabric (dropped if nobody listens or the queue is
+/// full: the opener sees the stream reset and retries).
+async fn accept_links(
+    s: Arc<Shared>,
+    conn: quinn::Connection,
+    expect: Option<u64>,
+    client_cert: Option<rustls::pki_types::CertificateDer<'static>>,
+) {
+    loop {
+        let Ok((send, mut recv)) = conn.accept_bi().await else {
+            return;
+        };
+        let s = s.clone();
+        let cert = client_cert.clone();
+        tokio::spawn(async move {
+            let hello = match tokio::time::timeout(
+                Duration::from_secs(5),
+                read_link_frame(&mut recv),
+            )
+            .await
+            {
+                Ok(Ok(Some(link_frame::Kind::Hello(h)))) => h,
+                _ => {
+                    tracing::debug!("room link without a hello; dropped");
+                    return;
+                }
+            };
+            let peer = hello.node_id;
+            if hello.cluster_id != s.cfg.cluster_id
+                || expect.is_some_and(|e| e != peer)
+                || cert.as_ref().is_some_and(|c| !cert_names_node(c, peer))
+                || (expect.is_none() && cert.is_none())
+                || lock(&s.blocked).contains(&peer)
+            {
+                tracing::warn!(peer, "rejecting room link: identity mismatch");
+                return;
+            }
+            let tx = lock(&s.links).clone();
+            if let Some(tx) = tx {
+                let _ = tx.try_send(InboundLink {
+                    peer,
+                    hello,
+                    send,
+                    recv,
+                });
             }
         });
     }

@@ -1,0 +1,699 @@
+"""Issue 8: the cascading relay fabric — one room served by several nodes.
+
+Each node is a real `arbor` process that is both an SFU and a Raft cluster member (`cluster.config`
+points at the TOML `arbor cluster init` wrote). The first node a room is joined on becomes its
+origin (Raft directory, origin lease); the others run it as edges linked to the origin over the
+nodes' mutual-TLS QUIC connection. Python SDK clients connect to different nodes and must see one
+room: participants, tracks, data packets, decoded media.
+
+What is shown (the issue's tests, and where they stand):
+
+* `test_three_nodes_publisher_on_a_viewers_on_b_and_c` (issue test 1, no delay): a publisher on
+  A, viewers on B (two) and C decode video and audio; participants, speakers, metadata and data
+  packets (in order, both directions, addressed ones only to their target) cross nodes; each
+  link carries each frame once; when an edge's last viewer leaves, nothing more is sent to it.
+* `test_three_regions_hop_latency_and_loss_repair` (issue tests 1 and 4, emulated WAN with 20,
+  60 and 40 ms one-way links): per-hop transit measured by the nodes (link delay + ~1 ms);
+  2% loss on one link for 15 s is repaired by that hop's NACKs (counters in /metrics); an edge
+  killed with SIGKILL disturbs nobody else (part of issue test 3).
+* `test_origin_death_lease_moves_publisher_reconnects` (issue test 3, origin part).
+* `test_browser_publisher_on_a_rendered_on_c`, `test_browser_over_the_wan`: Chromium simulcast
+  publisher and a Chromium page on different nodes (issue test 1's browser).
+* Not shown: issue test 2 (planner-built trees: the fabric links every edge to the origin) and
+  the re-parenting part of test 3 (there are no relay nodes below the origin to kill).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import re
+import signal
+import subprocess
+import time
+import urllib.request
+import json
+from pathlib import Path
+from typing import Optional
+
+import pytest
+from livekit import rtc
+
+from conftest import LOGS, WORK, arbor_binary, free_port
+from test_browser import JS, page_server  # noqa: F401 - the fixture is used by name
+from helpers import (
+    CounterVideoPublisher,
+    EventLog,
+    ToneReceiver,
+    TonePublisher,
+    VideoReceiver,
+    connect,
+    disconnect_all,
+    make_token,
+    wait_until,
+)
+
+TONE_HZ = 440.0
+
+
+def metadata_token(identity: str, room: str) -> str:
+    """Like `make_token`, with `canUpdateOwnMetadata`."""
+    from livekit import api
+
+    from helpers import API_KEY, API_SECRET
+
+    grants = api.VideoGrants(
+        room_join=True, room=room, can_publish=True, can_subscribe=True,
+        can_publish_data=True, can_update_own_metadata=True,
+    )
+    return (
+        api.AccessToken(API_KEY, API_SECRET).with_identity(identity).with_name(identity)
+        .with_grants(grants).to_jwt()
+    )
+
+
+@dataclasses.dataclass
+class Node:
+    id: int
+    proc: subprocess.Popen
+    host: str
+    port: int
+    admin_port: int
+    log_path: Path
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{self.host}:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def get(self, path: str) -> str:
+        # The cluster admin API has its own (private) listener.
+        base = f"http://{self.host}:{self.admin_port}" if path.startswith("/cluster/") else self.http_url
+        with urllib.request.urlopen(base + path, timeout=5) as r:
+            return r.read().decode(errors="replace")
+
+    def metric(self, name: str) -> float:
+        for line in self.get("/metrics").splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise AssertionError(f"metric {name} missing on node {self.id}")
+
+
+class Cluster:
+    """N arbor nodes, each an SFU and a cluster member.
+
+    Without `wan`, all nodes share this namespace (HTTP and QUIC on 127.0.0.1, media on
+    ARBOR_NODE_IP). With `wan` (a started `wan.Wan`) node i runs inside site `sites[i]` and
+    advertises that site's address; clients reach it through the emulator.
+    """
+
+    def __init__(self, name: str, n: int, wan=None, sites: Optional[list[str]] = None) -> None:
+        self.name = name
+        self.n = n
+        self.wan = wan
+        self.sites = sites or []
+        self.nodes: list[Node] = []
+        self.dir = WORK / f"cluster-{name}-{os.getpid()}-{int(time.time() * 1000)}"
+        self.node_ip = os.environ.get("ARBOR_NODE_IP", "10.200.0.1")
+
+    def host(self, i: int) -> str:
+        return self.wan.ip(self.sites[i]) if self.wan else "127.0.0.1"
+
+    def start(self) -> "Cluster":
+        binary = str(arbor_binary())
+        # (SFU HTTP, QUIC, UDP, ICE-TCP, cluster admin HTTP)
+        ports = [tuple(free_port() for _ in range(5)) for _ in range(self.n)]
+        specs = []
+        for i, (_http, quic, _, _, admin) in enumerate(ports):
+            specs += ["--node", f"{i + 1}={self.host(i)}:{quic},{self.host(i)}:{admin}"]
+        subprocess.run(
+            [binary, "cluster", "init", "--out", str(self.dir), "--cluster-id", "fabric-test", *specs],
+            check=True,
+            capture_output=True,
+        )
+        for i in range(self.n):
+            self.launch(i, ports[i])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            for node in self.nodes:
+                if not node.alive():
+                    raise RuntimeError(f"node {node.id} exited:\n{node.log_text()[-3000:]}")
+            try:
+                if all(json.loads(n.get("/cluster/status")).get("leader") for n in self.nodes):
+                    return self
+            except Exception:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("cluster did not elect a leader within 60 s")
+
+    def launch(self, i: int, ports: tuple) -> None:
+        http, _quic, udp, tcp, admin = ports
+        binary = str(arbor_binary())
+        log_path = LOGS / f"{self.name}-node{i + 1}.log"
+        env = dict(os.environ)
+        env.setdefault("RUST_LOG", "info")
+        env.setdefault("NO_COLOR", "1")
+        env["ARBOR_CLUSTER_CONFIG"] = str(self.dir / f"node-{i + 1}.toml")
+        host = self.host(i)
+        node_ip = host if self.wan else self.node_ip
+        args = [
+            binary, "--dev", "--bind", host, "--port", str(http),
+            "--udp-port", str(udp), "--tcp-port", str(tcp), "--node-ip", node_ip,
+        ]
+        log = open(log_path, "wb")
+        log.write(f"$ ARBOR_CLUSTER_CONFIG={env['ARBOR_CLUSTER_CONFIG']} {' '.join(args)}\n".encode())
+        log.flush()
+        if self.wan:
+            proc = self.wan.popen(self.sites[i], args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=WORK)
+        else:
+            proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=WORK)
+        log.close()
+        self.nodes.append(Node(i + 1, proc, host, http, admin, log_path))
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            if node.alive():
+                node.proc.send_signal(signal.SIGTERM)
+        for node in self.nodes:
+            try:
+                node.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                node.proc.kill()
+                node.proc.wait(timeout=10)
+
+    def check_health(self, allow_dead: set[int] = frozenset()) -> None:
+        for node in self.nodes:
+            text = node.log_text()
+            assert "panicked at" not in text, f"node {node.id} panicked:\n{text[-3000:]}"
+
+
+@pytest.fixture
+def cluster3(request):
+    c = Cluster(request.node.name[:40], 3)
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+    c.check_health()
+
+
+def is_video(track: rtc.Track) -> bool:
+    return track.kind == rtc.TrackKind.KIND_VIDEO
+
+
+def is_audio(track: rtc.Track) -> bool:
+    return track.kind == rtc.TrackKind.KIND_AUDIO
+
+
+class Subscriber:
+    """A Python SDK participant that decodes alice's video counter and tone."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.room = rtc.Room()
+        self.events = EventLog(self.room, label)
+        self.receivers: dict[str, object] = {}
+        self.data: list[tuple[str, bytes]] = []
+        self.speakers: list[list[str]] = []
+        self.metadata: dict[str, str] = {}
+        self.room.on("track_subscribed", self._on_track)
+        self.room.on("data_received", self._on_data)
+        self.room.on(
+            "active_speakers_changed", lambda sp: self.speakers.append([p.identity for p in sp])
+        )
+        self.room.on(
+            "participant_metadata_changed",
+            lambda p, old, new: self.metadata.__setitem__(p.identity, new),
+        )
+
+    def _on_track(self, track, pub, participant) -> None:
+        if participant.identity != "alice":
+            return
+        if is_video(track) and "video" not in self.receivers:
+            self.receivers["video"] = VideoReceiver(track)
+        if is_audio(track) and "audio" not in self.receivers:
+            self.receivers["audio"] = ToneReceiver(track, TONE_HZ)
+
+    def _on_data(self, packet: rtc.DataPacket) -> None:
+        who = packet.participant.identity if packet.participant else ""
+        self.data.append((who, bytes(packet.data)))
+
+    async def connect(self, url: str, identity: str, room: str) -> None:
+        await asyncio.wait_for(self.room.connect(url, make_token(identity, room)), 30)
+
+
+@pytest.mark.timeout(300)
+async def test_three_nodes_publisher_on_a_viewers_on_b_and_c(cluster3, results):
+    a_node, b_node, c_node = cluster3.nodes
+    room_name = "fabric-room"
+    alice = None
+    bob = bob2 = carol = None
+    video = audio = None
+    try:
+        alice, alice_events = await connect(a_node.ws_url, metadata_token("alice", room_name), "A")
+        video = CounterVideoPublisher(640, 480, 30)
+        audio = TonePublisher(TONE_HZ)
+        await video.publish(alice)
+        await audio.publish(alice)
+
+        bob = Subscriber("B")
+        bob2 = Subscriber("B2")  # a second viewer on B: the A->B link still carries one copy
+        carol = Subscriber("C")
+        t0 = time.monotonic()
+        await bob.connect(b_node.ws_url, "bob", room_name)
+        await bob2.connect(b_node.ws_url, "bob2", room_name)
+        await carol.connect(c_node.ws_url, "carol", room_name)
+
+        # Everyone sees everyone, whichever node they are on.
+        await wait_until(lambda: "alice" in bob.room.remote_participants, 20, "B sees alice")
+        await wait_until(lambda: "alice" in carol.room.remote_participants, 20, "C sees alice")
+        await wait_until(
+            lambda: {"bob", "carol"} <= set(alice.remote_participants), 20, "A sees bob and carol"
+        )
+        await wait_until(lambda: "carol" in bob.room.remote_participants, 20, "B sees carol")
+        await wait_until(lambda: "bob" in carol.room.remote_participants, 20, "C sees bob")
+
+        # Media relayed A -> B and A -> C, decoded.
+        for sub in (bob, carol):
+            await wait_until(lambda: "video" in sub.receivers, 30, f"{sub.label} subscribed to alice's video")
+            vrecv = sub.receivers["video"]
+            await wait_until(lambda: len(vrecv.counters()) >= 60, 60, f"60 readable frames at {sub.label}")
+            counters = vrecv.counters()
+            assert all(x < y for x, y in zip(counters, counters[1:])), counters[:80]
+            assert counters[-1] < video.sent
+            await wait_until(lambda: "audio" in sub.receivers, 30, f"{sub.label} subscribed to alice's audio")
+            arecv = sub.receivers["audio"]
+            await wait_until(lambda: arecv.tone_seconds >= 2.0, 30, f"2 s of tone at {sub.label}")
+        first = min(bob.receivers["video"].frames[0].t, carol.receivers["video"].frames[0].t)
+        results(f"fabric3: first relayed frame {first - t0:.2f} s after B's connect")
+
+        await wait_until(lambda: "video" in bob2.receivers, 30, "B2 subscribed to alice's video")
+        await wait_until(lambda: len(bob2.receivers["video"].counters()) >= 30, 60, "frames at B2")
+
+        # Each link carries each track once, however many viewers are behind it: what A sent
+        # on its links is what B and C received (not more, with two viewers on B).
+        sent = a_node.metric("arbor_relay_frames_sent_total")
+        got = b_node.metric("arbor_relay_frames_received_total") + c_node.metric(
+            "arbor_relay_frames_received_total"
+        )
+        results(f"fabric3: A sent {sent:.0f} relayed frames, B and C released {got:.0f} (2 viewers on B)")
+        assert got * 0.95 - 50 <= sent <= got * 1.05 + 50, f"A sent {sent} frames for {got} received"
+
+        # Speakers: alice's tone makes her the active speaker for viewers on other nodes.
+        for sub in (bob, carol):
+            await wait_until(
+                lambda: any("alice" in ids for ids in sub.speakers), 20, f"{sub.label} sees alice speaking"
+            )
+        # Metadata set on A reaches B and C.
+        await alice.local_participant.set_metadata("on-stage")
+        for sub in (bob, carol):
+            await wait_until(
+                lambda: sub.metadata.get("alice") == "on-stage", 20, f"{sub.label} sees alice's metadata"
+            )
+
+        # Data packets cross nodes, in order per sender, both directions.
+        for i in range(20):
+            await alice.local_participant.publish_data(f"a{i}".encode(), reliable=True)
+        await carol.room.local_participant.publish_data(b"from-carol", reliable=True)
+        await carol.room.local_participant.publish_data(
+            b"carol-to-bob", reliable=True, destination_identities=["bob"]
+        )
+        expect_a = [f"a{i}".encode() for i in range(20)]
+        for sub in (bob, carol):
+            await wait_until(
+                lambda: [d for w, d in sub.data if w == "alice"] == expect_a,
+                20,
+                f"{sub.label} got alice's 20 messages in order (got {sub.data[:5]})",
+            )
+        await wait_until(lambda: ("carol", b"from-carol") in bob.data, 20, "B got carol's message")
+        await wait_until(lambda: ("carol", b"carol-to-bob") in bob.data, 20, "B got carol's direct message")
+        await alice_events.wait(
+            "data_received", lambda p: bytes(p.data) == b"from-carol", timeout=20
+        )
+        assert not alice_events.find("data_received", lambda p: bytes(p.data) == b"carol-to-bob"), (
+            "a message addressed to bob reached alice"
+        )
+
+        # The relay carried it: frames out of A, frames into B and C.
+        assert a_node.metric("arbor_relay_frames_sent_total") > 0
+        for n in (b_node, c_node):
+            assert n.metric("arbor_relay_frames_received_total") > 0
+
+        # Bob leaves: alice and carol see it.
+        await bob.room.disconnect()
+        bob = None
+        await alice_events.wait("participant_disconnected", lambda p: p.identity == "bob", timeout=20)
+        await carol.events.wait("participant_disconnected", lambda p: p.identity == "bob", timeout=20)
+
+        # The last viewer on B leaves: B stops wanting alice's tracks and A stops sending them
+        # to B (subscriptions are torn down upstream); C still gets everything.
+        await bob2.room.disconnect()
+        bob2 = None
+        await asyncio.sleep(2)
+        sent0 = a_node.metric("arbor_relay_frames_sent_total")
+        c0 = c_node.metric("arbor_relay_frames_received_total")
+        b0 = b_node.metric("arbor_relay_frames_received_total")
+        await asyncio.sleep(3)
+        sent = a_node.metric("arbor_relay_frames_sent_total") - sent0
+        c_got = c_node.metric("arbor_relay_frames_received_total") - c0
+        b_got = b_node.metric("arbor_relay_frames_received_total") - b0
+        results(f"fabric3: after B's last viewer left, in 3 s A sent {sent:.0f} frames, C got {c_got:.0f}, B {b_got:.0f}")
+        assert b_got == 0, f"B still receives alice's media with no viewer ({b_got} frames in 3 s)"
+        assert c_got > 100 and sent <= c_got * 1.05 + 30, (sent, c_got)
+    finally:
+        for pub in (video, audio):
+            if pub is not None:
+                await pub.stop()
+        await disconnect_all(alice, *(s.room if s else None for s in (bob, bob2, carol)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Three regions over the emulated WAN: per-hop latency, then 2% loss on one link
+# ---------------------------------------------------------------------------------------------
+
+# One-way delays between the nodes' sites (round trips 40, 120 and 80 ms).
+WAN_DELAYS = {("a", "b"): 20.0, ("a", "c"): 60.0, ("b", "c"): 40.0}
+
+
+def hop_latency(local: VideoReceiver, remote: VideoReceiver) -> tuple[float, int]:
+    """Median of (decode time at the remote viewer - decode time at the origin's own viewer)
+    over the counters both decoded, in ms, and how many frames that median is over."""
+    at_local = {f.counter: f.t for f in local.frames if f.counter is not None}
+    diffs = sorted(
+        (f.t - at_local[f.counter]) * 1000.0
+        for f in remote.frames
+        if f.counter is not None and f.counter in at_local
+    )
+    if not diffs:
+        return float("nan"), 0
+    return diffs[len(diffs) // 2], len(diffs)
+
+
+@pytest.mark.timeout(400)
+async def test_three_regions_hop_latency_and_loss_repair(results):
+    from wan import Wan
+
+    sites = ["a", "b", "c"]
+    with Wan(sites, seed=8, local="clients") as wan:
+        for (x, y), d in WAN_DELAYS.items():
+            wan.set_link(x, y, delay_ms=d)
+        cl = Cluster("fabricwan", 3, wan, sites)
+        alice = dave = None
+        bob = carol = None
+        video = audio = None
+        try:
+            cl.start()
+            a_node, b_node, c_node = cl.nodes
+            room_name = "wan-room"
+            alice, _ = await connect(a_node.ws_url, make_token("alice", room_name), "A")
+            video = CounterVideoPublisher(640, 480, 30)
+            audio = TonePublisher(TONE_HZ)
+            await video.publish(alice)
+            await audio.publish(alice)
+            dave = Subscriber("D")  # a viewer on the origin itself: the latency reference
+            bob = Subscriber("B")
+            carol = Subscriber("C")
+            await dave.connect(a_node.ws_url, "dave", room_name)
+            await bob.connect(b_node.ws_url, "bob", room_name)
+            await carol.connect(c_node.ws_url, "carol", room_name)
+            for sub in (dave, bob, carol):
+                await wait_until(lambda: "video" in sub.receivers, 30, f"{sub.label} subscribed")
+                await wait_until(
+                    lambda: len(sub.receivers["video"].counters()) >= 150,
+                    90,
+                    f"150 readable frames at {sub.label}",
+                )
+                await wait_until(lambda: "audio" in sub.receivers, 30, f"{sub.label} audio")
+                await wait_until(
+                    lambda: sub.receivers["audio"].tone_seconds >= 2.0, 30, f"tone at {sub.label}"
+                )
+            # Data crosses the WAN too.
+            await alice.local_participant.publish_data(b"over-the-wan", reliable=True)
+            for sub in (bob, carol):
+                await wait_until(lambda: ("alice", b"over-the-wan") in sub.data, 20, f"data at {sub.label}")
+
+            # Per-hop latency, measured by the hops themselves: each frame carries the wall
+            # time it entered the fabric (all namespaces share this machine's clock) and each
+            # receiving node adds up transit until the frame is reassembled and released.
+            def transit(node):
+                return (
+                    node.metric("arbor_relay_transit_microseconds_total"),
+                    node.metric("arbor_relay_transit_frames_total"),
+                )
+
+            before = {n.id: transit(n) for n in (b_node, c_node)}
+            await asyncio.sleep(10)
+            lines = []
+            ref = dave.receivers["video"]
+            for node, sub, (x, y) in ((b_node, bob, ("a", "b")), (c_node, carol, ("a", "c"))):
+                us, n = transit(node)
+                us0, n0 = before[node.id]
+                assert n - n0 >= 300, f"node {node.id} released only {n - n0} relayed frames in 10 s"
+                hop = (us - us0) / (n - n0) / 1000.0
+                delay = WAN_DELAYS[(x, y)]
+                view, frames = hop_latency(ref, sub.receivers["video"])
+                lines.append(
+                    f"{x}->{y}: link {delay:.0f} ms, hop transit {hop:.1f} ms (+{hop - delay:.1f} ms over "
+                    f"{n - n0:.0f} frames); viewer decode time vs a viewer on the origin {view:+.1f} ms"
+                )
+                # The issue's target is link delay + under 10 ms; the assertion is a generous
+                # sanity bound (shared 2-core machine), the measured number goes to results.
+                assert hop < delay + 40, f"hop {x}->{y} took {hop:.1f} ms over a {delay} ms link"
+                assert hop >= delay * 0.9, f"hop {x}->{y} measured {hop:.1f} ms, below its {delay} ms link"
+            results("fabric WAN per-hop latency: " + "; ".join(lines))
+
+            # --- 2% loss on the a<->b link: per-hop NACK repairs it ---------------------------
+            rtx0 = a_node.metric("arbor_relay_retransmissions_total")
+            nack0 = b_node.metric("arbor_relay_nacks_sent_total")
+            skip0 = b_node.metric("arbor_relay_frames_skipped_total")
+            wan.set_link("a", "b", delay_ms=WAN_DELAYS[("a", "b")], loss=0.02)
+            bvid = bob.receivers["video"]
+            start = len(bvid.frames)
+            await asyncio.sleep(15)
+            wan.set_link("a", "b", delay_ms=WAN_DELAYS[("a", "b")], loss=0.0)
+            window = [f.counter for f in bvid.frames[start:] if f.counter is not None]
+            rtx = a_node.metric("arbor_relay_retransmissions_total") - rtx0
+            nacks = b_node.metric("arbor_relay_nacks_sent_total") - nack0
+            skipped = b_node.metric("arbor_relay_frames_skipped_total") - skip0
+            stats = wan.stats()
+            dropped = stats[("a", "b")]["dropped"] if ("a", "b") in stats else None
+            gaps = [y - x for x, y in zip(window, window[1:])]
+            big = [g for g in gaps if g > 3]
+            results(
+                f"fabric WAN 2% loss a<->b for 15 s: emulator dropped {dropped}, "
+                f"B NACKed {nacks:.0f}, A retransmitted {rtx:.0f}, frames given up {skipped:.0f}; "
+                f"B decoded {len(window)} frames, max counter step {max(gaps) if gaps else 0}, "
+                f"{len(big)} steps > 3"
+            )
+            assert rtx > 0 and nacks > 0, "no retransmission on the lossy link"
+            assert len(window) >= 15 * 30 * 0.8, f"B decoded only {len(window)} frames in 15 s"
+            assert all(g > 0 for g in gaps), "decoded counters went backwards"
+            assert len(big) <= 2, f"visible gaps at B under 2% loss: {big}"
+
+            # --- an edge dies (SIGKILL): nobody else notices but its participant's departure --
+            cvid = bob.receivers["video"]
+            start = len(cvid.frames)
+            c_node.proc.kill()
+            t_kill = time.monotonic()
+            await wait_until(
+                lambda: "carol" not in alice.remote_participants, 30, "alice sees carol gone"
+            )
+            gone_after = time.monotonic() - t_kill
+            await asyncio.sleep(max(0.0, 5 - gone_after))
+            window = [f.counter for f in cvid.frames[start:] if f.counter is not None]
+            gaps = [y - x for x, y in zip(window, window[1:])]
+            results(
+                f"fabric: edge C SIGKILLed; its participant left the others' view after {gone_after:.1f} s; "
+                f"B decoded {len(window)} frames meanwhile, max counter step {max(gaps) if gaps else 0}"
+            )
+            assert len(window) >= 5 * 30 * 0.7 and all(0 < g <= 3 for g in gaps), (
+                f"B's video was disturbed by C's death: {len(window)} frames, steps {sorted(set(gaps))}"
+            )
+        finally:
+            for pub in (video, audio):
+                if pub is not None:
+                    await pub.stop()
+            await disconnect_all(
+                alice,
+                *(s.room if s else None for s in (dave, bob, carol)),
+            )
+            cl.stop()
+            cl.check_health(allow_dead={3})
+
+
+@pytest.mark.timeout(300)
+async def test_origin_death_lease_moves_publisher_reconnects(cluster3, results):
+    """The origin is SIGKILLed: its lease expires and moves to a live node, the edges re-link to
+    the new origin, the publisher (whose node died) reconnects to another node and publishes
+    again, and the viewers on the surviving nodes decode its video again."""
+    a_node, b_node, c_node = cluster3.nodes
+    room_name = "failover-room"
+    alice = alice2 = None
+    bob = carol = None
+    video = video2 = None
+    try:
+        alice, _ = await connect(a_node.ws_url, make_token("alice", room_name), "A")
+        video = CounterVideoPublisher(320, 240, 30)
+        await video.publish(alice)
+        bob = Subscriber("B")
+        carol = Subscriber("C")
+        await bob.connect(b_node.ws_url, "bob", room_name)
+        await carol.connect(c_node.ws_url, "carol", room_name)
+        for sub in (bob, carol):
+            await wait_until(lambda: "video" in sub.receivers, 30, f"{sub.label} subscribed")
+            await wait_until(lambda: len(sub.receivers["video"].counters()) >= 30, 60, f"frames at {sub.label}")
+
+        a_node.proc.kill()
+        t_kill = time.monotonic()
+        await video.stop()
+        video = None
+        # The publisher's client reconnects to another node (LiveKit clients retry the URL
+        # they know; an application, or a load balancer, points them at a live node).
+        for sub in (bob, carol):
+            sub.receivers.clear()
+        alice2, _ = await connect(b_node.ws_url, make_token("alice", room_name), "A2")
+        video2 = CounterVideoPublisher(320, 240, 30, base=5000)
+        await video2.publish(alice2)
+        resumed = {}
+        for sub in (bob, carol):
+            await wait_until(lambda: "video" in sub.receivers, 60, f"{sub.label} re-subscribed")
+            v = sub.receivers["video"]
+            await wait_until(
+                lambda: any(c >= 5000 for c in v.counters()), 60, f"{sub.label} decodes the new publication"
+            )
+            resumed[sub.label] = next(f.t for f in v.frames if f.counter is not None and f.counter >= 5000) - t_kill
+        origins = json.loads(b_node.get("/cluster/rooms"))
+        origin = next(r["origin_node"] for r in origins if r["name"] == room_name)
+        results(
+            f"fabric: origin SIGKILLed; room origin moved to node {origin}; viewers decoded the "
+            f"re-published video {resumed['B']:.1f} s (B) and {resumed['C']:.1f} s (C) after the kill"
+        )
+        assert origin in (2, 3)
+    finally:
+        for pub in (video, video2):
+            if pub is not None:
+                await pub.stop()
+        await disconnect_all(alice2, bob.room if bob else None, carol.room if carol else None)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(alice.disconnect(), 3) if alice else None
+
+
+@pytest.mark.timeout(300)
+async def test_browser_publisher_on_a_rendered_on_c(cluster3, page_server, results):
+    """Chromium (livekit-client, simulcast) publishes on node A; a Chromium page on node C
+    renders it and a Python SDK viewer on node B decodes it: every simulcast layer crosses the
+    links once, the edges pick layers per viewer."""
+    a_node, b_node, c_node = cluster3.nodes
+    await browser_across_nodes(a_node, b_node, c_node, page_server, results, "fabric browser")
+
+
+@pytest.mark.timeout(400)
+async def test_browser_over_the_wan(page_server, results):
+    """The same across the emulated WAN: the publisher's node A and the viewers' nodes B and C
+    are 30 and 50 ms (one way) away; the browsers and the Python viewer sit in the clients'
+    site next to their nodes."""
+    from wan import Wan
+
+    sites = ["a", "b", "c"]
+    with Wan(sites, seed=12, local="clients") as wan:
+        wan.set_link("a", "b", delay_ms=30)
+        wan.set_link("a", "c", delay_ms=50)
+        wan.set_link("b", "c", delay_ms=40)
+        cl = Cluster("fabricwanbrowser", 3, wan, sites)
+        try:
+            cl.start()
+            a_node, b_node, c_node = cl.nodes
+            await browser_across_nodes(a_node, b_node, c_node, page_server, results, "fabric WAN browser")
+        finally:
+            cl.stop()
+            cl.check_health()
+
+
+async def browser_across_nodes(a_node, b_node, c_node, page_server, results, label) -> None:
+    room_name = "browser-fabric"
+    py_room = None
+    py_video = None
+    proc = None
+    try:
+        py_room, py_events = await connect(b_node.ws_url, make_token("py-sub", room_name), "py-sub")
+        cfg = {
+            "pageBase": page_server,
+            "wsUrl": a_node.ws_url,
+            "subWsUrl": c_node.ws_url,
+            "pubToken": make_token("browser-pub", room_name),
+            "subToken": make_token("browser-sub", room_name),
+            "watchSeconds": 10,
+            "hardLimitSeconds": 240,
+            "holdSeconds": 120,
+        }
+        proc = await asyncio.create_subprocess_exec(
+            "node", str(JS / "drive.mjs"), json.dumps(cfg), cwd=str(JS),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env=dict(os.environ),
+        )
+
+        async def pump_stderr():
+            async for raw in proc.stderr:
+                print(raw.decode(errors="replace").rstrip())
+
+        stderr_task = asyncio.create_task(pump_stderr())
+
+        async def read_result():
+            while True:
+                raw = await proc.stdout.readline()
+                if not raw:
+                    return None
+                line = raw.decode(errors="replace")
+                if line.startswith("RESULT "):
+                    return json.loads(line[len("RESULT "):])
+
+        result_task = asyncio.create_task(read_result())
+
+        def browser_video():
+            found = py_events.find(
+                "track_subscribed",
+                lambda t, pub, p: p.identity == "browser-pub" and t.kind == rtc.TrackKind.KIND_VIDEO,
+            )
+            return found[0].args[0] if found else None
+
+        track = await wait_until(browser_video, 90, "py-sub on B subscribed to the browser's video")
+        py_video = VideoReceiver(track, decode_every=1_000_000)
+        await wait_until(lambda: len(py_video.frames) >= 60, 90, "60 browser frames decoded on B")
+        result = await asyncio.wait_for(result_task, 200)
+        assert result is not None, "drive.mjs exited without a RESULT line"
+        proc.stdin.close()
+        await asyncio.wait_for(proc.wait(), 30)
+        await asyncio.wait_for(stderr_task, 10)
+        assert not result.get("error"), f"browser driver failed: {result['error']}"
+        samples = result["samples"]
+        decoded = [s["framesDecoded"] for s in samples]
+        seconds = (samples[-1]["t"] - samples[0]["t"]) / 1000
+        grown = decoded[-1] - decoded[0]
+        assert grown >= 2 * seconds, f"page on C decoded only {grown} frames in {seconds:.1f} s: {decoded}"
+        results(
+            f"{label}: Chromium publisher on A, page on C decoded {grown} frames in {seconds:.1f} s "
+            f"at {samples[-1]['videoWidth']}x{samples[-1]['videoHeight']}; py-sub on B decoded "
+            f"{len(py_video.frames)} frames"
+        )
+    finally:
+        if py_video is not None:
+            await py_video.close()
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await disconnect_all(py_room)
