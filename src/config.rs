@@ -408,12 +408,13 @@ fn reserved_env(name: &str) -> bool {
 }
 
 /// Prefixes of the tooling's variables: e2e suite, simulators, load tool, WAN emulator, tests.
-const TOOLING_PREFIXES: [&str; 5] = [
+const TOOLING_PREFIXES: [&str; 6] = [
     "ARBOR_E2E_",
     "ARBOR_SIM_",
     "ARBOR_LOAD_",
     "ARBOR_WAN_",
     "ARBOR_TEST_",
+    "ARBOR_BENCH_",
 ];
 
 /// Config keys whose value is a map (`keys`) rather than a section.

@@ -34,6 +34,10 @@ impl Output for Wire {
         }
     }
     fn event(&mut self, _: PeerId, _: PeerEvent) {}
+    fn relay(&mut self, _: u64, _: &[u8]) {}
+    fn relay_max(&self, _: u64) -> usize {
+        1200
+    }
 }
 
 static INIT: Once = Once::new();
@@ -94,6 +98,7 @@ fn setup() -> Option<Setup> {
         candidates: vec![Candidate::host(server_addr, "udp").ok()?],
         udp_local: server_addr,
         max_peers: 4,
+        wall_anchor: (now, 1_700_000_000_000_000),
     });
     let mut wire = Wire::default();
     let (events, _rx) = tokio::sync::mpsc::channel(64);
