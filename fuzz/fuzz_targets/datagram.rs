@@ -32,10 +32,22 @@ fuzz_target!(|data: &[u8]| {
         wall_anchor: (Instant::now(), 1_700_000_000_000_000),
     });
     let now = Instant::now();
-    for (i, role) in [PeerRole::Publisher, PeerRole::Subscriber].into_iter().enumerate() {
+    for (i, role) in [PeerRole::Publisher, PeerRole::Subscriber]
+        .into_iter()
+        .enumerate()
+    {
         let (events, _rx) = tokio_channel();
         let (reply, _r) = tokio::sync::oneshot::channel();
-        engine.handle_command(now, Command::AddPeer { peer: PeerId(i as u64 + 1), role, events, reply }, &mut Sink);
+        engine.handle_command(
+            now,
+            Command::AddPeer {
+                peer: PeerId(i as u64 + 1),
+                role,
+                events,
+                reply,
+            },
+            &mut Sink,
+        );
     }
     // Split the input into datagrams: [len:u8][source port:u8][bytes...]...
     let mut rest = data;
@@ -53,6 +65,9 @@ fuzz_target!(|data: &[u8]| {
     }
 });
 
-fn tokio_channel() -> (tokio::sync::mpsc::Sender<PeerEvent>, tokio::sync::mpsc::Receiver<PeerEvent>) {
+fn tokio_channel() -> (
+    tokio::sync::mpsc::Sender<PeerEvent>,
+    tokio::sync::mpsc::Receiver<PeerEvent>,
+) {
     tokio::sync::mpsc::channel(16)
 }

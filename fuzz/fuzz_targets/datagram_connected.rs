@@ -79,7 +79,12 @@ fn pump(s: &mut Setup, steps: usize) -> bool {
             if let Ok(contents) = data.as_slice().try_into() {
                 let _ = s.client.handle_input(Input::Receive(
                     s.now,
-                    Receive { proto: Protocol::Udp, source, destination, contents },
+                    Receive {
+                        proto: Protocol::Udp,
+                        source,
+                        destination,
+                        contents,
+                    },
                 ));
             }
         }
@@ -104,7 +109,16 @@ fn setup() -> Option<Setup> {
     let (events, _rx) = tokio::sync::mpsc::channel(64);
     let (reply, _r) = tokio::sync::oneshot::channel();
     let peer = PeerId(1);
-    engine.handle_command(now, Command::AddPeer { peer, role: PeerRole::Publisher, events, reply }, &mut wire);
+    engine.handle_command(
+        now,
+        Command::AddPeer {
+            peer,
+            role: PeerRole::Publisher,
+            events,
+            reply,
+        },
+        &mut wire,
+    );
 
     let mut client = Rtc::new(now);
     client.add_local_candidate(Candidate::host(client_addr, "udp").ok()?);
@@ -115,12 +129,30 @@ fn setup() -> Option<Setup> {
     let (reply, mut answer_rx) = tokio::sync::oneshot::channel();
     engine.handle_command(
         now,
-        Command::PublisherOffer { peer, sdp: offer.to_sdp_string(), bind: vec![], unbind: vec![], reply },
+        Command::PublisherOffer {
+            peer,
+            sdp: offer.to_sdp_string(),
+            bind: vec![],
+            unbind: vec![],
+            reply,
+        },
         &mut wire,
     );
     let answer = answer_rx.try_recv().ok()?.ok()?;
-    client.sdp_api().accept_answer(pending, SdpAnswer::from_sdp_string(&answer).ok()?).ok()?;
-    let mut s = Setup { engine, client, wire, now, client_addr, server_addr, audio, video };
+    client
+        .sdp_api()
+        .accept_answer(pending, SdpAnswer::from_sdp_string(&answer).ok()?)
+        .ok()?;
+    let mut s = Setup {
+        engine,
+        client,
+        wire,
+        now,
+        client_addr,
+        server_addr,
+        audio,
+        video,
+    };
     // ICE + DTLS: a few round trips of simulated time.
     if !pump(&mut s, 200) {
         return None;
@@ -143,7 +175,8 @@ fuzz_target!(|data: &[u8]| {
         rest = &rest[n..];
         if mode & 1 == 0 {
             let (src, dst) = (s.client_addr, s.server_addr);
-            s.engine.handle_datagram(s.now, Protocol::Udp, src, dst, bytes, &mut s.wire);
+            s.engine
+                .handle_datagram(s.now, Protocol::Udp, src, dst, bytes, &mut s.wire);
         } else {
             let mid = if mode & 2 == 0 { s.audio } else { s.video };
             rtp_time += 960;
