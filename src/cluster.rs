@@ -27,6 +27,11 @@
 //! id = 2
 //! quic_addr = "127.0.0.1:7002"
 //!
+//! [[region_rtt]]                   # optional: RTT between regions, for relay-tree planning
+//! a = "eu-west"
+//! b = "us-east"
+//! rtt_ms = 80
+//!
 //! [raft]                           # optional tuning, defaults shown
 //! tick_ms = 100
 //! election_ticks = 10              # election timeout drawn from [10, 20) ticks
@@ -201,6 +206,20 @@ pub struct ClusterConfig {
     pub peers: Vec<PeerConfig>,
     #[serde(default)]
     pub raft: RaftTuning,
+    /// Round-trip times between regions, for the relay-tree planner that picks each room
+    /// link's parent (`src/fabric.rs`). Unlisted pairs of different regions count as
+    /// [`crate::fabric::DEFAULT_CROSS_REGION_RTT_MS`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub region_rtt: Vec<RegionRtt>,
+}
+
+/// One `[[region_rtt]]` entry: the measured round trip between two regions (symmetric).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionRtt {
+    pub a: String,
+    pub b: String,
+    pub rtt_ms: u32,
 }
 
 fn default_cluster_id() -> String {
@@ -798,6 +817,7 @@ pub async fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
                         })
                         .collect(),
                     raft: RaftTuning::default(),
+                    region_rtt: Vec::new(),
                 };
                 write_private(
                     &out.join(format!("node-{id}.toml")),
@@ -875,6 +895,7 @@ pub async fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
                 capacity: default_capacity(),
                 peers,
                 raft: RaftTuning::default(),
+                region_rtt: Vec::new(),
             };
             write_private(&out, &toml::to_string_pretty(&cfg)?)?;
             println!("wrote {}", out.display());

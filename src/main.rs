@@ -249,18 +249,22 @@ fn run() -> anyhow::Result<()> {
                         path.display()
                     );
                 }
+                let region_rtt = ccfg.region_rtt.clone();
                 let handle = cluster::start(ccfg).await?;
                 tracing::info!(node = handle.node_id(), config = %path.display(), "cluster member running; rooms join the relay fabric");
-                Some((handle, admin))
+                Some((handle, admin, region_rtt))
             }
             None => None,
         };
         let mut rm = RoomManager::new(settings.clone(), media.clone());
-        if let Some((c, _)) = &cluster {
-            rm = rm.with_fabric(fabric::ClusterDirectory::new(c.clone(), c.net()));
+        let directory = cluster.as_ref().map(|(c, _, region_rtt)| {
+            fabric::ClusterDirectory::new(c.clone(), c.net(), region_rtt.clone())
+        });
+        if let Some(d) = &directory {
+            rm = rm.with_fabric(d.clone());
         }
         let manager = actix::Actor::start(rm);
-        if let Some((c, _)) = &cluster {
+        if let Some((c, _, _)) = &cluster {
             fabric::start(c.net(), manager.clone(), media.clone());
         }
         let state = http::AppState {
@@ -275,13 +279,16 @@ fn run() -> anyhow::Result<()> {
         };
         let app = http::router(state);
         let mut servers = Vec::new();
-        if let Some((c, admin)) = &cluster {
+        if let Some((c, admin, _)) = &cluster {
             // The admin API on the cluster config's `http_addr` (advertised to peers).
             let listener = tokio::net::TcpListener::bind(*admin)
                 .await
                 .with_context(|| format!("binding the cluster admin API on {admin} (http_addr)"))?;
             tracing::info!(%admin, "cluster admin API listening");
-            let admin_app = cluster::routes(c.clone());
+            let mut admin_app = cluster::routes(c.clone());
+            if let Some(d) = &directory {
+                admin_app = admin_app.merge(fabric::routes(d.clone()));
+            }
             servers.push(tokio::spawn(async move { axum::serve(listener, admin_app).await }));
         }
         for ip in &cfg.bind_addresses {

@@ -3,10 +3,13 @@
 //! A clustered node runs each room in one of two roles, decided by the Raft room directory:
 //!
 //! * **origin** — this node holds the room's origin lease. Other nodes' rooms link to it.
-//! * **edge** — another node is the origin; this node's room opens a *room link* to it.
+//! * **edge** — another node is the origin; this node's room opens a *room link* to its
+//!   *parent*: the node the relay-tree planner puts above it in the room's tree (the origin,
+//!   or a node of its own region nearer the origin). A parent that does not have the room yet
+//!   opens it as an edge and links upward in turn, so a track crosses each link once.
 //!
 //! Every node's [`crate::room::Room`] holds its *local* participants (with sessions here) and
-//! the *remote* ones it learned over its links. Links form a tree (edges → origin), and every
+//! the *remote* ones it learned over its links. Links form a tree (edges → parents → origin), and every
 //! message a node receives on one link is passed on to its other links (never back), so state
 //! floods the tree exactly once: participants, departures, data packets (in order per sender:
 //! one ordered stream per link), speaker levels. Media takes the same tree in QUIC datagrams
@@ -43,6 +46,12 @@ pub trait Directory: Send + Sync + 'static {
     /// The node holding the room's origin lease (creating the room in the directory, with this
     /// node as origin, if it does not exist).
     fn resolve(&self, room: String) -> BoxFuture<Result<u64, String>>;
+    /// The node this node's room should link to (its parent in the room's relay tree, planned
+    /// by the relay-tree planner; the origin when the plan has nothing better).
+    fn parent(&self, room: String, origin: u64) -> BoxFuture<Result<u64, String>>;
+    /// Reports the node the room's upstream link is open to (`None`: none now), for
+    /// observability.
+    fn upstream(&self, room: &str, peer: Option<u64>);
     /// Opens a room link to `peer`.
     fn open_link(&self, peer: u64, room: String) -> BoxFuture<Result<LinkIo, String>>;
 }

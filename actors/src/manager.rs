@@ -73,7 +73,9 @@ impl RoomManager {
     }
 }
 
-/// A peer node opened a room link (the room is created here if needed, as the origin).
+/// A peer node opened a room link to this node: it is the room's origin or the peer's parent
+/// in the room's relay tree. The room is created here if needed, in the role the directory
+/// gives it (a parent that is not the origin runs it as an edge, which links upward itself).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct AcceptLink {
@@ -83,18 +85,37 @@ pub struct AcceptLink {
 }
 
 impl Handler<AcceptLink> for RoomManager {
-    type Result = ();
-    fn handle(&mut self, msg: AcceptLink, ctx: &mut Self::Context) {
-        let Some(me) = self.fabric.as_ref().map(|d| d.node_id()) else {
-            return;
+    type Result = ResponseActFuture<Self, ()>;
+    fn handle(&mut self, msg: AcceptLink, _ctx: &mut Self::Context) -> Self::Result {
+        let Some(dir) = self.fabric.clone() else {
+            return Box::pin(actix::fut::ready(()));
         };
-        match self.create(msg.room, Some(me), ctx) {
-            Ok(room) => room.do_send(AttachLink {
+        if let Some(room) = self.live(&msg.room) {
+            room.do_send(AttachLink {
                 peer: msg.peer,
                 io: msg.io,
-            }),
-            Err(e) => tracing::warn!(peer = msg.peer, error = %e, "room link refused"),
+            });
+            return Box::pin(actix::fut::ready(()));
         }
+        let name = msg.room.clone();
+        Box::pin(actix::fut::wrap_future(dir.resolve(name)).map(
+            move |origin, act: &mut Self, ctx| {
+                let origin = match origin {
+                    Ok(o) => o,
+                    Err(e) => {
+                        tracing::warn!(peer = msg.peer, error = %e, "room link refused: no origin");
+                        return;
+                    }
+                };
+                match act.create(msg.room, Some(origin), ctx) {
+                    Ok(room) => room.do_send(AttachLink {
+                        peer: msg.peer,
+                        io: msg.io,
+                    }),
+                    Err(e) => tracing::warn!(peer = msg.peer, error = %e, "room link refused"),
+                }
+            },
+        ))
     }
 }
 

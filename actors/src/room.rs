@@ -124,6 +124,8 @@ pub struct Room {
     remote_levels: BTreeMap<String, (f32, bool)>,
     /// An upstream link is being opened.
     connecting: bool,
+    /// The last upstream attempt failed: the next goes to the origin, not the planned parent.
+    upstream_failed: bool,
 }
 
 /// A room's public summary.
@@ -207,6 +209,7 @@ impl Room {
             remotes: BTreeMap::new(),
             remote_levels: BTreeMap::new(),
             connecting: false,
+            upstream_failed: false,
         }
     }
 
@@ -1704,7 +1707,10 @@ impl Room {
         }
     }
 
-    /// Edge: find the origin (it may have moved) and open the upstream link.
+    /// Edge: find the origin (it may have moved), ask the relay-tree planner for this node's
+    /// parent and open the upstream link to it. After a failed attempt the next one goes
+    /// straight to the origin (a planned parent that died stays in the registry until it is
+    /// removed; the origin, found through the lease, is always current).
     fn connect_upstream(&mut self, ctx: &mut Context<Self>) {
         let Some(f) = &self.fabric else { return };
         if self.connecting || self.links.values().any(|l| l.upstream) {
@@ -1713,26 +1719,43 @@ impl Room {
         self.connecting = true;
         let dir = f.directory.clone();
         let name = self.info.name.clone();
+        let use_planner = !self.upstream_failed;
         let fut = async move {
             let origin = dir.resolve(name.clone()).await?;
             if origin == dir.node_id() {
-                return Ok((origin, None));
+                return Ok((origin, origin, None));
             }
-            let io = dir.open_link(origin, name).await?;
-            Ok::<_, String>((origin, Some(io)))
+            let parent = if use_planner {
+                match dir.parent(name.clone(), origin).await {
+                    Ok(p) if p != dir.node_id() => p,
+                    Ok(_) => origin,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "relay-tree planning failed; linking to the origin");
+                        origin
+                    }
+                }
+            } else {
+                origin
+            };
+            let io = dir.open_link(parent, name).await?;
+            Ok::<_, String>((origin, parent, Some(io)))
         };
         ctx.spawn(actix::fut::wrap_future(fut).map(
-            |res: Result<(u64, Option<LinkIo>), String>, room: &mut Room, ctx| {
+            |res: Result<(u64, u64, Option<LinkIo>), String>, room: &mut Room, ctx| {
                 room.connecting = false;
                 match res {
-                    Ok((origin, io)) => {
+                    Ok((origin, parent, io)) => {
+                        room.upstream_failed = false;
                         if let Some(f) = &mut room.fabric {
                             f.origin = origin;
                         }
                         match io {
                             Some(io) => {
-                                tracing::info!(parent: &room.span, origin, "linked to the origin");
-                                room.attach_link(origin, io, true, ctx);
+                                tracing::info!(parent: &room.span, origin, parent, "linked upstream");
+                                if let Some(f) = &room.fabric {
+                                    f.directory.upstream(&room.info.name, Some(parent));
+                                }
+                                room.attach_link(parent, io, true, ctx);
                             }
                             None => {
                                 tracing::info!(parent: &room.span, "this node is now the room's origin");
@@ -1740,7 +1763,8 @@ impl Room {
                         }
                     }
                     Err(e) => {
-                        tracing::warn!(parent: &room.span, error = %e, "cannot link to the origin; retrying");
+                        room.upstream_failed = true;
+                        tracing::warn!(parent: &room.span, error = %e, "cannot link upstream; retrying via the origin");
                         ctx.run_later(LINK_RETRY, |room, ctx| room.connect_upstream(ctx));
                     }
                 }
@@ -1821,6 +1845,9 @@ impl Room {
             self.update_demand(t);
         }
         if link.upstream {
+            if let Some(f) = &self.fabric {
+                f.directory.upstream(&self.info.name, None);
+            }
             ctx.run_later(LINK_RETRY, |room, ctx| room.connect_upstream(ctx));
         } else if self.members.is_empty() {
             let after = std::time::Duration::from_secs(self.info.departure_timeout.into());

@@ -19,8 +19,14 @@ What is shown (the issue's tests, and where they stand):
 * `test_origin_death_lease_moves_publisher_reconnects` (issue test 3, origin part).
 * `test_browser_publisher_on_a_rendered_on_c`, `test_browser_over_the_wan`: Chromium simulcast
   publisher and a Chromium page on different nodes (issue test 1's browser).
-* Not shown: issue test 2 (planner-built trees: the fabric links every edge to the origin) and
-  the re-parenting part of test 3 (there are no relay nodes below the origin to kill).
+* `test_planner_tree_five_nodes` (issue test 2, smallest version): five nodes on the emulated
+  WAN (origin in a, one node each in b and c, two in the far region d); 8 Python SDK viewers on
+  the four edges. Every edge's planned tree (`/cluster/fabric`) equals the planner's output for
+  the same inputs (the unit test in src/fabric.rs), every edge's upstream link goes to its
+  planned parent (node 5 links to node 4, which links to the origin), and the relay frame
+  counters show one copy of each track per link.
+* Not shown: the re-parenting part of test 3 (killing a relay node below the origin; a child
+  whose parent is unreachable re-links to the origin, untested).
 """
 
 from __future__ import annotations
@@ -121,7 +127,17 @@ class Cluster:
     advertises that site's address; clients reach it through the emulator.
     """
 
-    def __init__(self, name: str, n: int, wan=None, sites: Optional[list[str]] = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        n: int,
+        wan=None,
+        sites: Optional[list[str]] = None,
+        regions: Optional[list[str]] = None,
+        region_rtt: Optional[dict[tuple[str, str], int]] = None,
+    ) -> None:
+        self.regions = regions
+        self.region_rtt = region_rtt or {}
         self.name = name
         self.n = n
         self.wan = wan
@@ -145,6 +161,14 @@ class Cluster:
             check=True,
             capture_output=True,
         )
+        if self.regions:
+            # Per-node regions and the RTT table the relay-tree planner reads.
+            for i, region in enumerate(self.regions):
+                path = self.dir / f"node-{i + 1}.toml"
+                text = re.sub(r'(?m)^region = ".*"$', f'region = "{region}"', path.read_text())
+                for (a, b), ms in self.region_rtt.items():
+                    text += f'\n[[region_rtt]]\na = "{a}"\nb = "{b}"\nrtt_ms = {ms}\n'
+                path.write_text(text)
         for i in range(self.n):
             self.launch(i, ports[i])
         deadline = time.monotonic() + 60
@@ -697,3 +721,116 @@ async def browser_across_nodes(a_node, b_node, c_node, page_server, results, lab
             proc.kill()
             await proc.wait()
         await disconnect_all(py_room)
+
+
+# Five nodes for the planner test: the origin in region "a", one node each in "b" and "c", two
+# in the far region "d" (sites d and e). One-way delays on the emulated WAN match the RTT table
+# the nodes' planners read (RTT = 2 x one-way; d<->e is inside region d).
+TREE_SITES = ["a", "b", "c", "d", "e"]
+TREE_REGIONS = ["a", "b", "c", "d", "d"]
+TREE_RTT_MS = {("a", "b"): 40, ("a", "c"): 40, ("b", "c"): 80, ("a", "d"): 120, ("b", "d"): 120, ("c", "d"): 120}
+# The relay-tree planner's output for these inputs (origin 1), as the unit test
+# `fabric::tests::far_region_gets_one_trunk` in src/fabric.rs computes it: node -> parent.
+# Node 4 is region d's trunk; node 5 hangs below it, not below the origin.
+TREE_EXPECTED = {1: None, 2: 1, 3: 1, 4: 1, 5: 4}
+VIEWERS_PER_EDGE = 2
+
+
+def site_region(site: str) -> str:
+    return TREE_REGIONS[TREE_SITES.index(site)]
+
+
+@pytest.mark.timeout(300)
+async def test_planner_tree_five_nodes(results):
+    """Issue 8 test 2 (smallest version): edges link to the parent the relay-tree planner picks,
+    a parent without the room links upward itself, and each link carries each track once."""
+    from wan import Wan
+
+    with Wan(TREE_SITES, seed=8, local="clients") as wan:
+        for i, x in enumerate(TREE_SITES):
+            for y in TREE_SITES[i + 1:]:
+                rx, ry = site_region(x), site_region(y)
+                ms = 0.5 if rx == ry else TREE_RTT_MS[(rx, ry)] / 2
+                wan.set_link(x, y, delay_ms=ms)
+        cl = Cluster("fabrictree", 5, wan, TREE_SITES, TREE_REGIONS, TREE_RTT_MS)
+        alice = None
+        subs: list[Subscriber] = []
+        video = audio = None
+        try:
+            cl.start()
+            room_name = "tree-room"
+            origin = cl.nodes[0]
+            alice, _ = await connect(origin.ws_url, make_token("alice", room_name), "A")
+            video = CounterVideoPublisher(320, 240, 30)
+            audio = TonePublisher(TONE_HZ)
+            await video.publish(alice)
+            await audio.publish(alice)
+            for node in cl.nodes[1:]:
+                for k in range(VIEWERS_PER_EDGE):
+                    sub = Subscriber(f"n{node.id}v{k}")
+                    await sub.connect(node.ws_url, f"viewer-{node.id}-{k}", room_name)
+                    subs.append(sub)
+            for sub in subs:
+                await wait_until(lambda: "video" in sub.receivers, 45, f"{sub.label} subscribed")
+                await wait_until(
+                    lambda: len(sub.receivers["video"].counters()) >= 60, 60, f"60 frames at {sub.label}"
+                )
+
+            # The tree the nodes built: each node's planned tree and its actual upstream link.
+            def fabric(node):
+                return json.loads(node.get("/cluster/fabric"))["rooms"].get(room_name)
+
+            expected = {str(k): v for k, v in TREE_EXPECTED.items()}
+            for node in cl.nodes[1:]:
+                f = fabric(node)
+                assert f is not None, f"node {node.id} planned no tree"
+                assert f["origin"] == 1, f"node {node.id}: origin {f['origin']}"
+                assert f["planned"] == expected, f"node {node.id} planned {f['planned']}"
+                assert f["upstream"] == TREE_EXPECTED[node.id], (
+                    f"node {node.id} linked to {f['upstream']}, planned parent {TREE_EXPECTED[node.id]}"
+                )
+            assert fabric(origin) is None or fabric(origin)["upstream"] is None
+            assert "linked upstream" in cl.nodes[3].log_text()
+
+            # Each link carries each track once: over a window, the origin sends one copy per
+            # child (3 links), node 4 one copy to node 5, and every edge receives one copy
+            # whatever the number of its viewers (and node 4 relays).
+            names = ("arbor_relay_frames_sent_total", "arbor_relay_frames_received_total")
+
+            def snap():
+                return {n.id: tuple(n.metric(m) for m in names) for n in cl.nodes}
+
+            s0 = snap()
+            await asyncio.sleep(10)
+            s1 = snap()
+            sent = {i: s1[i][0] - s0[i][0] for i in s0}
+            got = {i: s1[i][1] - s0[i][1] for i in s0}
+            results(
+                "fabric planner tree (5 nodes, emulated WAN, "
+                f"{len(subs)} Python SDK viewers on 4 edges): tree {TREE_EXPECTED}; relayed frames in 10 s: "
+                + ", ".join(f"node {i} sent {sent[i]:.0f} received {got[i]:.0f}" for i in sorted(sent))
+            )
+            per_link = got[2]
+            assert per_link >= 10 * 30, f"node 2 received only {per_link:.0f} relayed frames in 10 s"
+
+            def near(x: float, y: float) -> bool:
+                return abs(x - y) <= 0.1 * y
+
+            for i in (3, 4, 5):
+                assert near(got[i], per_link), f"node {i} received {got[i]:.0f}, node 2 {per_link:.0f}"
+            assert near(sent[1], 3 * per_link), f"origin sent {sent[1]:.0f}: not one copy per child link"
+            assert near(sent[4], per_link), f"node 4 sent {sent[4]:.0f} to node 5, not one copy"
+            assert sent[2] == 0 and sent[3] == 0 and sent[5] == 0, f"leaves sent frames: {sent}"
+            assert got[1] == 0, f"the origin received relayed frames: {got[1]}"
+            for sub in subs:
+                n0 = len(sub.receivers["video"].counters())
+                await wait_until(
+                    lambda: len(sub.receivers["video"].counters()) > n0, 10, f"{sub.label} still decoding"
+                )
+        finally:
+            for pub in (video, audio):
+                if pub is not None:
+                    await pub.stop()
+            await disconnect_all(alice, *(s.room for s in subs))
+            cl.stop()
+            cl.check_health()
