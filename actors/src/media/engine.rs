@@ -722,7 +722,7 @@ impl Engine {
             let data = MediaData {
                 mid: ft.mid,
                 pt: params.pt(),
-                rid: f.rid.as_deref().map(Rid::from),
+                rid: f.rid,
                 params,
                 time: MediaTime::new(f.time, clock),
                 network_time: now,
@@ -1320,7 +1320,7 @@ impl Engine {
                 }
             }
             let frame = RelayFrame {
-                rid: data.rid.map(|r| r.to_string()),
+                rid: data.rid,
                 time: data.time.numer(),
                 ingest_us,
                 keyframe: is_keyframe,
@@ -1714,33 +1714,47 @@ mod relay_tests {
         serde_json::to_vec(&PayloadParams::new(Pt::new_with_value(96), None, spec)).unwrap()
     }
 
-    #[test]
-    fn middle_hop_forwards_needed_layers_and_answers_nacks() {
-        let t0 = Instant::now();
-        let mut e = engine(t0);
+    /// An engine relaying track `track` (flow `flow`) from node `up` to node `down`, which
+    /// needs layers up to `max_rank`: a middle hop of a relay tree.
+    fn middle_hop(
+        now: Instant,
+        track: TrackKey,
+        flow: u64,
+        up: u64,
+        down: u64,
+        max_rank: u8,
+    ) -> (Engine, Sink) {
+        let mut e = engine(now);
         let mut out = Sink::default();
-        let (key, flow) = (TrackKey(500), 9u64);
         e.handle_command(
-            t0,
+            now,
             Command::RelayIn {
-                track: key,
-                node: 1,
+                track,
+                node: up,
                 flow,
                 video: true,
             },
             &mut out,
         );
-        // Node 3 needs only the low layer.
         e.handle_command(
-            t0,
+            now,
             Command::RelayOut {
-                track: key,
-                node: 3,
+                track,
+                node: down,
                 on: true,
-                max_rank: 1,
+                max_rank,
             },
             &mut out,
         );
+        (e, out)
+    }
+
+    #[test]
+    fn middle_hop_forwards_needed_layers_and_answers_nacks() {
+        let t0 = Instant::now();
+        let (key, flow) = (TrackKey(500), 9u64);
+        // Node 3 needs only the low layer.
+        let (mut e, mut out) = middle_hop(t0, key, flow, 1, 3, 1);
         // A new downstream asks its upstream (node 1) for a keyframe.
         assert!(out
             .relayed
@@ -1847,29 +1861,8 @@ mod relay_tests {
     #[test]
     fn congestion_is_reported_upstream_and_sheds_the_top_layer() {
         let t0 = Instant::now();
-        let mut e = engine(t0);
-        let mut out = Sink::default();
         let (key, flow) = (TrackKey(600), 11u64);
-        e.handle_command(
-            t0,
-            Command::RelayIn {
-                track: key,
-                node: 1,
-                flow,
-                video: true,
-            },
-            &mut out,
-        );
-        e.handle_command(
-            t0,
-            Command::RelayOut {
-                track: key,
-                node: 3,
-                on: true,
-                max_rank: 3,
-            },
-            &mut out,
-        );
+        let (mut e, mut out) = middle_hop(t0, key, flow, 1, 3, 3);
         let mut up = RelaySender::new(flow, RelayLimits::default());
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
         let mut now = t0;
@@ -1884,28 +1877,7 @@ mod relay_tests {
             && matches!(decode(d), Ok(Datagram::Congestion { flow: 11, loss_permille }) if loss_permille > 100)));
 
         // Sender side: node 3 reports congestion; the top layer stops on that link.
-        let mut e = engine(now);
-        let mut out = Sink::default();
-        e.handle_command(
-            now,
-            Command::RelayIn {
-                track: key,
-                node: 1,
-                flow,
-                video: true,
-            },
-            &mut out,
-        );
-        e.handle_command(
-            now,
-            Command::RelayOut {
-                track: key,
-                node: 3,
-                on: true,
-                max_rank: 3,
-            },
-            &mut out,
-        );
+        let (mut e, mut out) = middle_hop(now, key, flow, 1, 3, 3);
         let mut up = RelaySender::new(flow, RelayLimits::default());
         for i in 0..10u64 {
             feed(&mut e, &mut up, i, now, &mut out, || false);
@@ -1937,28 +1909,7 @@ mod relay_tests {
     #[test]
     fn garbage_relay_datagrams_are_harmless() {
         let t0 = Instant::now();
-        let mut e = engine(t0);
-        let mut out = Sink::default();
-        e.handle_command(
-            t0,
-            Command::RelayIn {
-                track: TrackKey(7),
-                node: 1,
-                flow: 7,
-                video: true,
-            },
-            &mut out,
-        );
-        e.handle_command(
-            t0,
-            Command::RelayOut {
-                track: TrackKey(7),
-                node: 2,
-                on: true,
-                max_rank: 3,
-            },
-            &mut out,
-        );
+        let (mut e, mut out) = middle_hop(t0, TrackKey(7), 7, 1, 2, 3);
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
         let mut now = t0;
         for _ in 0..5000 {

@@ -48,6 +48,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use str0m::media::Rid;
+
 /// Datagram kinds.
 const KIND_FRAGMENT: u8 = 1;
 const KIND_NACK: u8 = 2;
@@ -240,8 +242,9 @@ impl Default for RelayLimits {
 /// One frame as the engine hands it to, or gets it from, the relay.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RelayFrame {
-    /// Simulcast layer id (LiveKit: `q`, `h`, `f`), if any.
-    pub rid: Option<String>,
+    /// Simulcast layer id (LiveKit: `q`, `h`, `f`), if any. str0m's `Rid` is an inline
+    /// `Copy` value, so carrying it costs no allocation per frame.
+    pub rid: Option<Rid>,
     /// RTP media time numerator (the clock rate is in the codec parameters).
     pub time: u64,
     /// Wall-clock microseconds at which the frame entered the fabric (the first node had it
@@ -475,7 +478,7 @@ impl RelaySender {
         params: Option<&[u8]>,
         max_datagram: usize,
     ) -> Vec<Arc<[u8]>> {
-        let rid = frame.rid.as_deref().unwrap_or("");
+        let rid: &str = frame.rid.as_deref().unwrap_or("");
         let rid = &rid[..rid.len().min(MAX_RID)];
         let params = params.filter(|p| {
             p.len() <= MAX_PARAMS_BYTES
@@ -596,7 +599,7 @@ struct Partial {
     time: u64,
     ingest_us: u64,
     audio_level: Option<i8>,
-    rid: Option<String>,
+    rid: Option<Rid>,
     params: Option<Arc<[u8]>>,
     /// When the first fragment arrived.
     first_at: Instant,
@@ -739,7 +742,7 @@ impl RelayReceiver {
             time: f.time,
             ingest_us: f.ingest_us,
             audio_level: f.audio_level,
-            rid: f.rid.map(str::to_string),
+            rid: f.rid.map(Rid::from),
             params: None,
             first_at: now,
         });
