@@ -22,6 +22,8 @@
 //! bootstrap = true                 # founding member: seeds the voter set = self + peers
 //! fault_injection = false          # enables POST /cluster/fault (tests only)
 //! capacity = 100
+//! link_idle_timeout_ms = 1500      # a silent peer is declared dead after this (QUIC idle
+//!                                  # timeout; keep-alives every quarter of it)
 //!
 //! [[peers]]                        # founding members (others are learned from the registry)
 //! id = 2
@@ -36,11 +38,11 @@
 //! tick_ms = 100
 //! election_ticks = 10              # election timeout drawn from [10, 20) ticks
 //! heartbeat_ticks = 2
-//! lease_ms = 6000                  # origin lease; renewed every renew_every_ms
-//! renew_every_ms = 1500
+//! lease_ms = 3000                  # origin lease; renewed every renew_every_ms
+//! renew_every_ms = 1000
 //! skew_margin_ms = 500             # max clock skew tolerated between members
-//! node_heartbeat_ms = 2000
-//! node_ttl_ms = 6000
+//! node_heartbeat_ms = 500          # registry heartbeat (liveness for origin hand-over)
+//! node_ttl_ms = 1800               # must stay under lease_ms - node_heartbeat_ms
 //! proposal_timeout_ms = 5000
 //! compact_after_entries = 10000
 //! max_pending_proposals = 4096
@@ -161,6 +163,21 @@ pub struct RaftTuning {
     pub request_queue: usize,
 }
 
+/// The server's origin-failover defaults (tighter than the membership core's own, which the
+/// Raft simulator uses). An origin that dies is replaced after its lease runs out, and the
+/// Raft leader only hands the room to a node whose registry heartbeat is fresh — so the node
+/// TTL must be shorter than the lease minus one heartbeat interval, or the dead origin (whose
+/// last heartbeat may be younger than its last renewal) would be re-granted its own room and
+/// the failover would take a second lease period. 3000 / 1000 / 500 / 1800 ms: the room moves
+/// about 3-3.5 s after the origin's last renewal.
+pub const DEFAULT_LEASE_MS: u64 = 3_000;
+/// See [`DEFAULT_LEASE_MS`] (must be under half the lease).
+pub const DEFAULT_RENEW_EVERY_MS: u64 = 1_000;
+/// See [`DEFAULT_LEASE_MS`].
+pub const DEFAULT_NODE_HEARTBEAT_MS: u64 = 500;
+/// See [`DEFAULT_LEASE_MS`] (three missed heartbeats and a margin).
+pub const DEFAULT_NODE_TTL_MS: u64 = 1_800;
+
 impl Default for RaftTuning {
     fn default() -> Self {
         let n = NodeConfig::new(1);
@@ -168,11 +185,11 @@ impl Default for RaftTuning {
             tick_ms: n.tick_ms,
             election_ticks: n.election_ticks,
             heartbeat_ticks: n.heartbeat_ticks,
-            lease_ms: n.state.lease_ms,
-            renew_every_ms: n.renew_every_ms,
+            lease_ms: DEFAULT_LEASE_MS,
+            renew_every_ms: DEFAULT_RENEW_EVERY_MS,
             skew_margin_ms: n.skew_margin_ms,
-            node_heartbeat_ms: n.node_heartbeat_ms,
-            node_ttl_ms: n.node_ttl_ms,
+            node_heartbeat_ms: DEFAULT_NODE_HEARTBEAT_MS,
+            node_ttl_ms: DEFAULT_NODE_TTL_MS,
             proposal_timeout_ms: n.proposal_timeout_ms,
             compact_after_entries: n.compact_after_entries,
             max_pending_proposals: n.max_pending_proposals,
@@ -211,6 +228,14 @@ pub struct ClusterConfig {
     /// [`crate::fabric::DEFAULT_CROSS_REGION_RTT_MS`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub region_rtt: Vec<RegionRtt>,
+    /// QUIC idle timeout of the node-to-node connections, in ms: how long a peer may stay
+    /// silent before it is declared dead. Every room link and relayed track to that peer rides
+    /// on the connection, so this is how fast a relay node's children notice its death and
+    /// re-parent (the connection sends keep-alives every quarter of it, so a live but idle
+    /// peer never times out). Lower detects faster but needs a network that never stalls
+    /// this long.
+    #[serde(default = "default_link_idle_timeout_ms")]
+    pub link_idle_timeout_ms: u64,
 }
 
 /// One `[[region_rtt]]` entry: the measured round trip between two regions (symmetric).
@@ -230,6 +255,11 @@ fn default_region() -> String {
 }
 fn default_capacity() -> u32 {
     100
+}
+/// See [`ClusterConfig::link_idle_timeout_ms`].
+pub const DEFAULT_LINK_IDLE_TIMEOUT_MS: u64 = 1_500;
+fn default_link_idle_timeout_ms() -> u64 {
+    DEFAULT_LINK_IDLE_TIMEOUT_MS
 }
 
 impl ClusterConfig {
@@ -436,12 +466,15 @@ pub async fn start(cfg: ClusterConfig) -> anyhow::Result<ClusterHandle> {
         seed,
         service::wall_ms(),
     )?;
-    let transport = Transport::bind(TransportConfig::new(
-        cfg.node_id,
-        cfg.cluster_id.clone(),
-        cfg.quic_listen,
-        tls,
-    ))?;
+    if !(200..=60_000).contains(&cfg.link_idle_timeout_ms) {
+        bail!(
+            "link_idle_timeout_ms = {} is out of range (200..=60000)",
+            cfg.link_idle_timeout_ms
+        );
+    }
+    let mut tcfg = TransportConfig::new(cfg.node_id, cfg.cluster_id.clone(), cfg.quic_listen, tls);
+    tcfg.idle_timeout_ms = cfg.link_idle_timeout_ms;
+    let transport = Transport::bind(tcfg)?;
     let net = transport.net();
     let peers = cfg.peers.iter().map(|p| (p.id, p.quic_addr)).collect();
     let inner = service::spawn(
@@ -818,6 +851,7 @@ pub async fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
                         .collect(),
                     raft: RaftTuning::default(),
                     region_rtt: Vec::new(),
+                    link_idle_timeout_ms: DEFAULT_LINK_IDLE_TIMEOUT_MS,
                 };
                 write_private(
                     &out.join(format!("node-{id}.toml")),
@@ -896,6 +930,7 @@ pub async fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
                 peers,
                 raft: RaftTuning::default(),
                 region_rtt: Vec::new(),
+                link_idle_timeout_ms: DEFAULT_LINK_IDLE_TIMEOUT_MS,
             };
             write_private(&out, &toml::to_string_pretty(&cfg)?)?;
             println!("wrote {}", out.display());

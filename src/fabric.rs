@@ -235,14 +235,22 @@ impl Directory for ClusterDirectory {
     fn parent(&self, room: String, origin: u64) -> BoxFuture<Result<u64, String>> {
         let c = self.cluster.clone();
         let me = self.net.node_id();
+        let net = self.net.clone();
         let rtts = self.region_rtt.clone();
         let rooms = self.rooms.clone();
         Box::pin(async move {
             let status = c.status().await.map_err(|e| e.to_string())?;
+            // Liveness: a member whose QUIC connection to us is down (closed by the idle
+            // timeout, `link_idle_timeout_ms`, or never established) is left out of the plan,
+            // so a child of a dead relay gets a live parent. The registry itself keeps a dead
+            // node until it is removed, and its heartbeat goes stale only after `node_ttl_ms`;
+            // the connection knows sooner. The origin stays in (it comes from the lease, which
+            // the directory moves when the origin dies).
             let nodes: Vec<(u64, String)> = status
                 .members
                 .iter()
                 .filter(|m| !m.quic_addr.is_empty())
+                .filter(|m| m.id == me || m.id == origin || net.connection(m.id).is_some())
                 .map(|m| (m.id, m.region.clone()))
                 .collect();
             let planned = plan_tree(origin, &nodes, &rtts)?;
@@ -393,6 +401,69 @@ mod tests {
         let tree = plan_tree(5, &n, &rtts).expect("plan");
         assert_eq!(tree.get(&5), Some(&None));
         assert_eq!(tree.get(&4), Some(&Some(5)));
+    }
+
+    /// The topology of `tests/e2e/test_fabric.py::test_relay_death_children_reparent`: origin
+    /// 1 in `a`, relay 2 and edge 3 in the far region `d`, node 4 in `b`. Node 3 hangs below
+    /// node 2; with node 2 dead (left out of the plan, as `parent` does for members whose
+    /// connection is down) node 3 becomes region d's trunk below the origin.
+    #[test]
+    fn dead_relay_is_planned_around() {
+        let rtts = [rtt("a", "d", 120), rtt("a", "b", 40), rtt("b", "d", 120)];
+        let all = nodes(&[(1, "a"), (2, "d"), (3, "d"), (4, "b")]);
+        let tree = plan_tree(1, &all, &rtts).expect("plan");
+        let want: BTreeMap<u64, Option<u64>> =
+            [(1, None), (2, Some(1)), (3, Some(2)), (4, Some(1))]
+                .into_iter()
+                .collect();
+        assert_eq!(tree, want);
+        let live = nodes(&[(1, "a"), (3, "d"), (4, "b")]);
+        let tree = plan_tree(1, &live, &rtts).expect("plan");
+        assert_eq!(tree.get(&3), Some(&Some(1)));
+        assert!(!tree.contains_key(&2));
+    }
+
+    /// Nodes join the plan in id order and attach below members already in it, so every
+    /// parent is the origin or a node with a lower id. Two nodes that momentarily disagree
+    /// about who is alive therefore still never link in a cycle: along any chain of upstream
+    /// links the ids fall until the origin, which links nowhere.
+    #[test]
+    fn parents_have_lower_ids_or_are_the_origin() {
+        let regions = ["a", "b", "c", "d"];
+        let rtts = [
+            rtt("a", "b", 40),
+            rtt("a", "c", 90),
+            rtt("a", "d", 150),
+            rtt("b", "c", 60),
+            rtt("b", "d", 120),
+            rtt("c", "d", 30),
+        ];
+        // A small seeded generator (no dependency needed): xorshift64.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..300 {
+            let n = 2 + (next() % 12) as usize;
+            let mut list = Vec::new();
+            let mut id = 0u64;
+            for _ in 0..n {
+                id += 1 + next() % 3;
+                list.push((id, regions[(next() % 4) as usize].to_string()));
+            }
+            let origin = list[(next() % n as u64) as usize].0;
+            let tree = plan_tree(origin, &list, &rtts).expect("plan");
+            assert_eq!(tree.len(), n, "every node is planned");
+            for (node, parent) in &tree {
+                match parent {
+                    None => assert_eq!(*node, origin),
+                    Some(p) => assert!(*p == origin || p < node, "{node} below {p}: {tree:?}"),
+                }
+            }
+        }
     }
 
     /// One region: everybody links straight to the origin (the star the fabric had before).

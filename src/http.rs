@@ -186,6 +186,22 @@ async fn rtc(
     let Ok(ws) = ws else {
         return error(404, "not a WebSocket upgrade".into());
     };
+    if matches!(
+        query.get("reconnect").map(String::as_str),
+        Some("1") | Some("true")
+    ) {
+        // A resume: the client lost its signal connection (to this node, or to a node that died
+        // behind the same URL) and asks to continue its session. Arbor ends a session when its
+        // signal connection drops, so there is never one to resume here; LiveKit answers an
+        // unknown participant's resume with a `LeaveRequest` telling the client to reconnect in
+        // full, and SDKs then join afresh (through the same URL, which a load balancer may
+        // route to another node). The token is still checked: no reply to strangers.
+        if let Err(e) = state.auth.verify(token(&headers, &query)) {
+            return error(e.status(), e.to_string());
+        }
+        tracing::info!("resume for a session this node does not hold: asking for a full rejoin");
+        return ws.on_upgrade(signal::refuse_resume);
+    }
     let (params, room) = match admit(&state, &headers, &query).await {
         Ok(x) => x,
         Err((status, msg)) => {

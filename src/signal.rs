@@ -102,6 +102,29 @@ pub fn encode(msg: lk::signal_response::Message, json: bool) -> Message {
     }
 }
 
+/// Answers a resume (`reconnect=1`) of a session this node does not hold, as LiveKit does: a
+/// `LeaveRequest` with action `RECONNECT` (and `can_reconnect` for clients older than protocol
+/// 13), reason `STATE_MISMATCH`, then a normal close. The client's SDK falls back to a full
+/// rejoin.
+pub async fn refuse_resume(mut socket: WebSocket) {
+    let leave = lk::signal_response::Message::Leave(lk::LeaveRequest {
+        can_reconnect: true,
+        reason: lk::DisconnectReason::StateMismatch as i32,
+        action: lk::leave_request::Action::Reconnect as i32,
+        regions: None,
+    });
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = socket.send(encode(leave, false)).await;
+        let _ = socket
+            .send(Message::Close(Some(CloseFrame {
+                code: 1000,
+                reason: "unknown session: rejoin".into(),
+            })))
+            .await;
+    })
+    .await;
+}
+
 /// Run one signal session until either side ends it.
 pub async fn session(socket: WebSocket, state: AppState, params: JoinParams, room: Addr<Room>) {
     let room_span = room

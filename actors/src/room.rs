@@ -1522,6 +1522,16 @@ impl Handler<ConnQuality> for Room {
 
 /// How long an edge waits before retrying a failed upstream link.
 const LINK_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
+/// Re-parenting: how long after a new upstream link comes up the participants that were
+/// learned over the old (dead) one and that the new parent has not confirmed are declared
+/// gone. The new parent sends its full state the moment the link is up, so this only has to
+/// cover one round trip and a busy actor; waiting longer only delays the departure of the
+/// participants that really died with the old parent.
+const ORPHAN_SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
+/// Re-parenting: the longest the participants and relayed tracks of a dead upstream link are
+/// kept while no new upstream is up (the room's origin itself may be moving, which takes a
+/// lease period).
+const RELINK_GRACE: std::time::Duration = std::time::Duration::from_secs(8);
 
 /// A peer node opened a room link to this (origin or parent) room.
 #[derive(Message)]
@@ -1808,13 +1818,23 @@ impl Room {
             let metadata = self.info.metadata.clone();
             self.send_to(id, LinkMsg::RoomMetadata(wire::RoomMetadata { metadata }));
         }
+        if upstream
+            && self
+                .remotes
+                .values()
+                .any(|r| !self.links.contains_key(&r.link))
+        {
+            // Re-parented: the new parent's full state is on its way; whoever it does not
+            // confirm by then is gone.
+            ctx.run_later(ORPHAN_SETTLE, |room, _| room.sweep_orphans());
+        }
     }
 
     fn on_link_closed(&mut self, id: u64, ctx: &mut Context<Self>) {
         let Some(link) = self.links.remove(&id) else {
             return;
         };
-        tracing::info!(parent: &self.span, link = id, peer = link.peer, "room link down");
+        tracing::info!(parent: &self.span, link = id, peer = link.peer, upstream = link.upstream, "room link down");
         for t in link.wants.keys() {
             if let Some(te) = self.tracks.get(t) {
                 let _ = self.media.send(Command::RelayOut {
@@ -1826,12 +1846,18 @@ impl Room {
                 te.addr.do_send(RemoteNeed { link: id, rank: 0 });
             }
         }
-        let gone: Vec<String> = self
-            .remotes
-            .iter()
-            .filter(|(_, r)| r.link == id)
-            .map(|(sid, _)| sid.clone())
-            .collect();
+        // Below us, a closed link means its subtree is gone (or re-parents elsewhere, and
+        // re-announces itself there). Above us, it means our parent died: keep what we learned
+        // from it (see `sweep_orphans`).
+        let gone: Vec<String> = if link.upstream {
+            Vec::new()
+        } else {
+            self.remotes
+                .iter()
+                .filter(|(_, r)| r.link == id)
+                .map(|(sid, _)| sid.clone())
+                .collect()
+        };
         for sid in gone {
             if let Some(r) = self.remotes.get(&sid) {
                 let mut info = r.info.clone();
@@ -1848,7 +1874,11 @@ impl Room {
             if let Some(f) = &self.fabric {
                 f.directory.upstream(&self.info.name, None);
             }
-            ctx.run_later(LINK_RETRY, |room, ctx| room.connect_upstream(ctx));
+            // Re-parent at once (the planner now leaves the dead node out). The participants
+            // and relayed tracks learned upstream stay, orphaned, until the new parent confirms
+            // them; then their media continues on the new link.
+            self.connect_upstream(ctx);
+            ctx.run_later(RELINK_GRACE, |room, _| room.sweep_orphans());
         } else if self.members.is_empty() {
             let after = std::time::Duration::from_secs(self.info.departure_timeout.into());
             self.schedule_close(ctx, after);
@@ -1932,7 +1962,10 @@ impl Room {
             return;
         }
         if let Some(r) = self.remotes.get(&sid) {
-            if r.link != link || r.info.version > info.version {
+            // Known over another link: a live one is the only path to it (links form a tree),
+            // a dead one makes it an orphan that this link now adopts (re-parenting).
+            let adopt = r.link != link && !self.links.contains_key(&r.link);
+            if !adopt && (r.link != link || r.info.version > info.version) {
                 return;
             }
         }
@@ -1961,10 +1994,26 @@ impl Room {
                 self.remote_track_gone(t);
             }
         }
-        // New tracks and mute changes.
+        // New tracks, mute changes, and relayed tracks whose source moved to this link.
         let mut added = Vec::new();
+        let mut rebound = Vec::new();
         for t in &info.tracks {
-            if let Some(te) = self.tracks.get(&t.sid) {
+            if let Some(te) = self.tracks.get_mut(&t.sid) {
+                if let (Some(src), Some(flow)) = (te.source_link, flows.get(t.sid.as_str())) {
+                    if src != link {
+                        // Re-parented: same track, same local subscribers, new source.
+                        let cmd = Command::RelayRebind {
+                            track: te.key,
+                            node: peer,
+                            flow: *flow,
+                        };
+                        if self.media.send(cmd).is_ok() {
+                            te.source_link = Some(link);
+                            te.upstream_wanted = None;
+                            rebound.push(t.sid.clone());
+                        }
+                    }
+                }
                 let was = self
                     .remotes
                     .get(&sid)
@@ -2026,6 +2075,13 @@ impl Room {
         }
         let msg = LinkMsg::Participant(self.link_state(&info));
         self.flood(Some(link), msg);
+        if !rebound.is_empty() {
+            tracing::info!(parent: &self.span, participant = %sid, tracks = rebound.len(), "relayed tracks re-parented");
+        }
+        for t in &rebound {
+            // Ask the new source for what our viewers and downstream links need.
+            self.update_demand(t);
+        }
         if !added.is_empty() {
             self.apply_last_n();
             let subscribers: Vec<String> = self
@@ -2040,6 +2096,31 @@ impl Room {
                 }
                 // Downstream links may already want it (they learned it before we re-linked).
                 self.update_demand(t);
+            }
+        }
+    }
+
+    /// Re-parenting: participants still attached to a link that is gone were not confirmed by
+    /// the new parent (they died with the old one, or left meanwhile): they leave now, with
+    /// their tracks, as any departure (downstream links are told).
+    fn sweep_orphans(&mut self) {
+        let orphans: Vec<(String, u64)> = self
+            .remotes
+            .iter()
+            .filter(|(_, r)| !self.links.contains_key(&r.link))
+            .map(|(sid, r)| (sid.clone(), r.link))
+            .collect();
+        if orphans.is_empty() {
+            return;
+        }
+        tracing::info!(parent: &self.span, count = orphans.len(), "participants of a dead upstream not confirmed by the new one: gone");
+        for (sid, link) in orphans {
+            if let Some(r) = self.remotes.get(&sid) {
+                let mut info = r.info.clone();
+                info.state = lk::participant_info::State::Disconnected as i32;
+                info.disconnect_reason = lk::DisconnectReason::ServerShutdown as i32;
+                info.version += 1;
+                self.remove_remote(link, info);
             }
         }
     }

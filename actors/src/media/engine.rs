@@ -544,6 +544,9 @@ impl Engine {
                 self.tracks.insert(track, ft);
                 self.relay_in.insert((node, flow), track);
             }
+            Command::RelayRebind { track, node, flow } => {
+                self.relay_rebind(now, track, node, flow, out)
+            }
             Command::RelayOut {
                 track,
                 node,
@@ -580,6 +583,44 @@ impl Engine {
             Command::RelayConnection { .. } => {}
         }
         self.process_queue(now, out);
+    }
+
+    /// Re-parenting (`Command::RelayRebind`): feed relayed `track` from `(node, flow)` from now
+    /// on, keeping its subscribers and downstream links. Frames lost in the switch are never
+    /// repaired (the old link is gone), so local video subscribers wait for a keyframe and
+    /// one is requested from the new upstream at once (the per-layer throttle is reset: the
+    /// old requests went to a dead link).
+    fn relay_rebind(
+        &mut self,
+        now: Instant,
+        track: TrackKey,
+        node: u64,
+        flow: u64,
+        out: &mut dyn Output,
+    ) {
+        let Some(ft) = self.tracks.get_mut(&track) else {
+            return;
+        };
+        if ft.relay_src == Some((node, flow)) {
+            return;
+        }
+        if let Some(old) = ft.relay_src.replace((node, flow)) {
+            self.relay_in.remove(&old);
+        }
+        ft.receiver = Some(RelayReceiver::new(flow, self.relay_limits));
+        ft.last_keyframe_request.clear();
+        let video = ft.kind == MediaKind::Video;
+        for sub in &ft.subscribers {
+            if let Some(o) = self
+                .peers
+                .get_mut(sub)
+                .and_then(|p| p.media_out.iter_mut().find(|o| o.track == track))
+            {
+                o.need_keyframe = video;
+            }
+        }
+        self.relay_in.insert((node, flow), track);
+        self.request_keyframe(now, track, None, out);
     }
 
     /// One datagram from the relay connection of cluster node `node`.

@@ -110,6 +110,16 @@ pub enum Command {
         flow: u64,
         video: bool,
     },
+    /// Relay fabric (re-parenting): relayed `track` is now fed by flow `flow` of the room link
+    /// from node `node` (its old upstream died or was replaced). Unlike `RelayIn` this keeps
+    /// the track's subscribers and downstream links: the engine swaps the flow's receiver,
+    /// makes every local video subscriber wait for a keyframe, and asks the new upstream for
+    /// one, so viewers' decoders resume cleanly instead of decoding across the missing frames.
+    RelayRebind {
+        track: TrackKey,
+        node: u64,
+        flow: u64,
+    },
     /// Relay fabric: start (`on`) or stop sending `track` to node `node`: every simulcast
     /// layer up to `max_rank` (what the far side's viewers need; higher layers are shed).
     RelayOut {

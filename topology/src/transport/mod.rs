@@ -58,7 +58,8 @@ pub struct TransportConfig {
     pub inbound_queue: usize,
     /// Cap of the exponential redial backoff.
     pub redial_max_ms: u64,
-    /// QUIC idle timeout (a dead peer is noticed after this).
+    /// QUIC idle timeout (a dead peer is noticed after this). Keep-alives go out every
+    /// quarter of it, so a live peer never times out for lack of traffic.
     pub idle_timeout_ms: u64,
 }
 
@@ -262,7 +263,9 @@ impl Transport {
         let idle = quinn::IdleTimeout::try_from(Duration::from_millis(cfg.idle_timeout_ms))
             .map_err(|e| TransportError::Tls(e.to_string()))?;
         transport.max_idle_timeout(Some(idle));
-        transport.keep_alive_interval(Some(Duration::from_millis(cfg.idle_timeout_ms / 3)));
+        transport.keep_alive_interval(Some(Duration::from_millis(
+            (cfg.idle_timeout_ms / 4).max(1),
+        )));
         let transport = Arc::new(transport);
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(qs));
         server.transport_config(transport.clone());
