@@ -609,6 +609,8 @@ impl Handler<Join> for Room {
                 ctx,
             );
         }
+        // The identity came back here: what a dead upstream left of it is gone.
+        self.drop_orphans_named(&msg.info.identity, &msg.info.sid);
         let max = self.info.max_participants;
         if max > 0 && self.members.len() as u32 >= max {
             return Err(RoomError::RoomFull(max));
@@ -1810,7 +1812,14 @@ impl Room {
             .filter(|m| !m.hidden)
             .map(|m| self.link_state(&m.info))
             .collect();
-        states.extend(self.remotes.values().map(|r| self.link_state(&r.info)));
+        // Orphans (learned over a dead upstream, not yet confirmed) are not ours to vouch for:
+        // two nodes that both kept them would otherwise confirm them to each other forever.
+        states.extend(
+            self.remotes
+                .values()
+                .filter(|r| self.links.contains_key(&r.link))
+                .map(|r| self.link_state(&r.info)),
+        );
         for st in states {
             self.send_to(id, LinkMsg::Participant(st));
         }
@@ -1891,7 +1900,13 @@ impl Room {
             LinkMsg::Participant(st) => self.on_remote_state(id, st, ctx),
             LinkMsg::Gone(g) => {
                 if let Some(info) = g.info {
-                    if self.remotes.get(&info.sid).is_some_and(|r| r.link == id) {
+                    // From the link it is known over, or about an orphan (any live link's
+                    // word beats a dead one's).
+                    let known = self
+                        .remotes
+                        .get(&info.sid)
+                        .is_some_and(|r| r.link == id || !self.links.contains_key(&r.link));
+                    if known {
                         self.remove_remote(id, info);
                     }
                 }
@@ -1972,6 +1987,9 @@ impl Room {
         let Some(peer) = self.links.get(&link).map(|l| l.peer) else {
             return;
         };
+        if !self.remotes.contains_key(&sid) {
+            self.drop_orphans_named(&info.identity, &sid);
+        }
         let flows: BTreeMap<&str, u64> = st
             .flows
             .iter()
@@ -2096,6 +2114,31 @@ impl Room {
                 }
                 // Downstream links may already want it (they learned it before we re-linked).
                 self.update_demand(t);
+            }
+        }
+    }
+
+    /// An identity (re)appeared with session `sid` (a local join, or a new remote): an orphan
+    /// with the same identity and another sid is a session that died with the old upstream —
+    /// it leaves now, before the newcomer is announced (clients key participants by identity).
+    fn drop_orphans_named(&mut self, identity: &str, sid: &str) {
+        let stale: Vec<(String, u64)> = self
+            .remotes
+            .iter()
+            .filter(|(s, r)| {
+                r.info.identity == identity
+                    && s.as_str() != sid
+                    && !self.links.contains_key(&r.link)
+            })
+            .map(|(s, r)| (s.clone(), r.link))
+            .collect();
+        for (s, link) in stale {
+            if let Some(r) = self.remotes.get(&s) {
+                let mut info = r.info.clone();
+                info.state = lk::participant_info::State::Disconnected as i32;
+                info.disconnect_reason = lk::DisconnectReason::DuplicateIdentity as i32;
+                info.version += 1;
+                self.remove_remote(link, info);
             }
         }
     }

@@ -1947,6 +1947,86 @@ mod relay_tests {
         assert_eq!(rids_sent_to(&out, 3).len(), 3);
     }
 
+    /// Re-parenting: the track's upstream moves from node 1 (flow 11) to node 2 (flow 21). The
+    /// hop asks node 2 for a keyframe at once, ignores what still comes from the old flow, and
+    /// keeps relaying to node 3 on the same downstream flow, whose sequence continues.
+    #[test]
+    fn rebind_moves_the_source_and_keeps_the_downstream() {
+        let t0 = Instant::now();
+        let key = TrackKey(700);
+        let (mut e, mut out) = middle_hop(t0, key, 11, 1, 3, 3);
+        let mut old_up = RelaySender::new(11, RelayLimits::default());
+        let mut now = t0;
+        for i in 0..10u64 {
+            feed(&mut e, &mut old_up, i, now, &mut out, || false);
+            now += Duration::from_millis(33);
+            e.handle_timeout(now, &mut out);
+        }
+        let before = out.relayed.iter().filter(|(n, _)| *n == 3).count();
+        assert!(before > 0);
+        out.relayed.clear();
+        e.handle_command(
+            now,
+            Command::RelayRebind {
+                track: key,
+                node: 2,
+                flow: 21,
+            },
+            &mut out,
+        );
+        assert!(out
+            .relayed
+            .iter()
+            .any(|(n, d)| *n == 2 && matches!(decode(d), Ok(Datagram::Keyframe { flow: 21, .. }))));
+        // The old source is no longer listened to.
+        out.relayed.clear();
+        feed(&mut e, &mut old_up, 10, now, &mut out, || false);
+        assert_eq!(out.relayed.iter().filter(|(n, _)| *n == 3).count(), 0);
+        // The new source's frames (from node 2's own numbering) reach node 3.
+        let mut new_up = RelaySender::new(21, RelayLimits::default());
+        let params = vp8_params();
+        for i in 0..5u64 {
+            let f = RelayFrame {
+                rid: Some("q".into()),
+                time: (100 + i) * 3000,
+                ingest_us: 0,
+                keyframe: i == 0,
+                audio_level: None,
+                params: None,
+                payload: vec![i as u8; 800].into(),
+                contiguous: true,
+            };
+            for d in new_up.push(&f, Some(&params), 1200) {
+                e.handle_relay_datagram(now, 2, &d, &mut out);
+            }
+            now += Duration::from_millis(33);
+            e.handle_timeout(now, &mut out);
+        }
+        let flows: BTreeSet<u64> = out
+            .relayed
+            .iter()
+            .filter(|(n, _)| *n == 3)
+            .filter_map(|(_, d)| match decode(d) {
+                Ok(Datagram::Fragment(f)) => Some(f.flow),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(flows, [key.0].into_iter().collect());
+        // Rebinding to the same source again is a no-op (no new keyframe request).
+        out.relayed.clear();
+        now += Duration::from_secs(1);
+        e.handle_command(
+            now,
+            Command::RelayRebind {
+                track: key,
+                node: 2,
+                flow: 21,
+            },
+            &mut out,
+        );
+        assert!(out.relayed.is_empty());
+    }
+
     #[test]
     fn garbage_relay_datagrams_are_harmless() {
         let t0 = Instant::now();
