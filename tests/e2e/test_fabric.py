@@ -255,6 +255,8 @@ class Subscriber:
         self.data: list[tuple[str, bytes]] = []
         self.speakers: list[list[str]] = []
         self.metadata: dict[str, str] = {}
+        self.keep_resubscriptions = False
+        self.resubscribed: list[tuple[float, VideoReceiver]] = []
         self.room.on("track_subscribed", self._on_track)
         self.room.on("data_received", self._on_data)
         self.room.on(
@@ -270,6 +272,9 @@ class Subscriber:
             return
         if is_video(track) and "video" not in self.receivers:
             self.receivers["video"] = VideoReceiver(track)
+        elif is_video(track) and self.keep_resubscriptions:
+            # A new subscription to alice's video (after a rejoin): decode it from the start.
+            self.resubscribed.append((time.monotonic(), VideoReceiver(track)))
         if is_audio(track) and "audio" not in self.receivers:
             self.receivers["audio"] = ToneReceiver(track, TONE_HZ)
 
@@ -943,7 +948,6 @@ async def test_relay_death_children_reparent(results):
         alice = None
         e_sub = o_sub = r_sub = None
         front = None
-        r_receivers: list[VideoReceiver] = []
         video = None
         try:
             cl.start()
@@ -961,6 +965,7 @@ async def test_relay_death_children_reparent(results):
             # edge answers the unknown resume with "rejoin", and the SDK joins there afresh.
             front = await Front([(relay.host, relay.port), (edge.host, edge.port)]).start()
             r_sub = Subscriber("R")
+            r_sub.keep_resubscriptions = True
             await r_sub.connect(front.url, "viewer-r", room_name)
             for sub in (e_sub, o_sub, r_sub):
                 await wait_until(lambda: "video" in sub.receivers, 45, f"{sub.label} subscribed")
@@ -1014,16 +1019,13 @@ async def test_relay_death_children_reparent(results):
             # The viewer whose node died: resume refused by the edge, full rejoin there, its
             # new subscription decodes alice's video.
             def resubscribed():
-                found = r_sub.events.find(
-                    "track_subscribed",
-                    lambda t, pub, p: p.identity == "alice" and is_video(t),
-                )
-                return [e for e in found if e.t > t_kill]
+                return [rv for t, rv in r_sub.resubscribed if t > t_kill]
 
-            ev = await wait_until(resubscribed, 60, "the dead relay's viewer re-subscribed elsewhere")
-            rvid = VideoReceiver(ev[-1].args[0])
-            r_receivers.append(rvid)
-            await wait_until(lambda: len(rvid.counters()) >= 30, 60, "the dead relay's viewer decodes again")
+            await wait_until(resubscribed, 60, "the dead relay's viewer re-subscribed elsewhere")
+            await wait_until(
+                lambda: len(resubscribed()[-1].counters()) >= 30, 60, "the dead relay's viewer decodes again"
+            )
+            rvid = resubscribed()[-1]
             r_resumed = next(f.t for f in rvid.frames if f.counter is not None) - t_kill
             r_events = [e.name for e in r_sub.events.events if e.t > t_kill]
             results(
@@ -1036,7 +1038,7 @@ async def test_relay_death_children_reparent(results):
         finally:
             if video is not None:
                 await video.stop()
-            for rv in r_receivers:
+            for _, rv in r_sub.resubscribed if r_sub else []:
                 await rv.close()
             await disconnect_all(alice, *(s.room if s else None for s in (e_sub, o_sub, r_sub)))
             if front is not None:
