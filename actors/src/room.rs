@@ -69,6 +69,9 @@ struct TrackEntry {
 struct Remote {
     info: lk::ParticipantInfo,
     link: u64,
+    /// The latest state of it that arrived over another live link (a second path, while the
+    /// tree re-forms after a node died): where it is adopted from if `link` closes.
+    alt: Option<(u64, wire::ParticipantState)>,
 }
 
 /// One room link (see [`crate::fabric`]).
@@ -1855,29 +1858,28 @@ impl Room {
                 te.addr.do_send(RemoteNeed { link: id, rank: 0 });
             }
         }
-        // Below us, a closed link means its subtree is gone (or re-parents elsewhere, and
-        // re-announces itself there). Above us, it means our parent died: keep what we learned
-        // from it (see `sweep_orphans`).
-        let gone: Vec<String> = if link.upstream {
-            Vec::new()
-        } else {
-            self.remotes
-                .iter()
-                .filter(|(_, r)| r.link == id)
-                .map(|(sid, _)| sid.clone())
-                .collect()
-        };
-        for sid in gone {
-            if let Some(r) = self.remotes.get(&sid) {
-                let mut info = r.info.clone();
-                info.state = lk::participant_info::State::Disconnected as i32;
-                info.disconnect_reason = lk::DisconnectReason::ServerShutdown as i32;
-                info.version += 1;
-                self.remove_remote(id, info);
-            }
+        // What we learned over the link is not dropped at once: the node behind it may only be
+        // re-parenting (its subtree re-announces itself over another link within moments), or,
+        // for our upstream, our parent died and the rest of the room is still there. These
+        // participants become *orphans*: one that already arrived over another live link moves
+        // there now; the others wait for a link to confirm them (`on_remote_state` adopts
+        // them, relayed tracks and local subscriptions intact) and are swept as gone if none
+        // does (`sweep_orphans`). Nobody in the room sees a re-parenting as departures.
+        let moved: Vec<(u64, wire::ParticipantState)> = self
+            .remotes
+            .values()
+            .filter(|r| r.link == id)
+            .filter_map(|r| r.alt.clone())
+            .filter(|(l, _)| self.links.contains_key(l))
+            .collect();
+        for (l, st) in moved {
+            self.on_remote_state(l, st, ctx);
         }
         for t in link.wants.keys() {
             self.update_demand(t);
+        }
+        if !link.upstream && self.remotes.values().any(|r| r.link == id) {
+            ctx.run_later(ORPHAN_SETTLE, |room, _| room.sweep_orphans());
         }
         if link.upstream {
             if let Some(f) = &self.fabric {
@@ -1980,7 +1982,21 @@ impl Room {
             // Known over another link: a live one is the only path to it (links form a tree),
             // a dead one makes it an orphan that this link now adopts (re-parenting).
             let adopt = r.link != link && !self.links.contains_key(&r.link);
-            if !adopt && (r.link != link || r.info.version > info.version) {
+            if !adopt && r.link != link {
+                // A second path while the tree re-forms: remember it, in case the first
+                // closes (then the participant moves here without a departure).
+                if let Some(r) = self.remotes.get_mut(&sid) {
+                    r.alt = Some((
+                        link,
+                        wire::ParticipantState {
+                            info: Some(info),
+                            flows: st.flows,
+                        },
+                    ));
+                }
+                return;
+            }
+            if !adopt && r.info.version > info.version {
                 return;
             }
         }
@@ -2083,6 +2099,7 @@ impl Room {
             Remote {
                 info: info.clone(),
                 link,
+                alt: None,
             },
         );
         let update = Resp::Update(lk::ParticipantUpdate {

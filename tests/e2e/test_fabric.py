@@ -953,7 +953,7 @@ async def test_relay_death_children_reparent(results):
             cl.start()
             origin, relay, edge, other = cl.nodes
             room_name = "death-room"
-            alice, _ = await connect(origin.ws_url, make_token("alice", room_name), "A")
+            alice, alice_events = await connect(origin.ws_url, make_token("alice", room_name), "A")
             video = CounterVideoPublisher(320, 240, 30)
             await video.publish(alice)
             e_sub = Subscriber("E")
@@ -1007,8 +1007,13 @@ async def test_relay_death_children_reparent(results):
             assert all(x < y for x, y in zip(after, after[1:])), f"counters went backwards: {after[:60]}"
             assert f.get("upstream") == origin.id, f"edge re-linked to {f.get('upstream')}"
             assert str(relay.id) not in (f.get("planned") or {}), f"the dead relay is still planned: {f}"
-            # Subscriptions survived: alice never left the edge viewer's room, no re-subscribe.
+            # Subscriptions survived: alice never left the edge viewer's room, no re-subscribe;
+            # and the re-parenting was not seen as departures anywhere (the origin adopted the
+            # edge's participants when the edge re-linked to it).
             assert not e_sub.events.find("participant_disconnected", lambda p: p.identity == "alice")
+            assert not e_sub.events.find("participant_disconnected", lambda p: p.identity == "viewer-o")
+            assert not o_sub.events.find("participant_disconnected", lambda p: p.identity == "viewer-e")
+            assert not alice_events.find("participant_disconnected", lambda p: p.identity == "viewer-e")
             assert len(e_sub.events.find("track_subscribed", lambda *a: True)) == 1
             # Nobody else noticed: the other branch's viewer kept decoding at its normal pace.
             assert o_gap < 1.0, f"the viewer on another branch froze {o_gap:.2f} s"
