@@ -80,6 +80,10 @@ struct Link {
     tx: tokio::sync::mpsc::Sender<LinkMsg>,
     /// Towards the origin.
     upstream: bool,
+    /// A new upstream being brought up by a re-plan (make-before-break): it receives our
+    /// participants (so the tree above learns the new path) but not yet our demand or data,
+    /// until it has confirmed everything the old upstream told us (see `try_switch`).
+    candidate: bool,
     /// Tracks the other side wants from us, with the best layer rank it needs.
     wants: BTreeMap<String, u8>,
 }
@@ -129,6 +133,8 @@ pub struct Room {
     connecting: bool,
     /// The last upstream attempt failed: the next goes to the origin, not the planned parent.
     upstream_failed: bool,
+    /// A re-plan is asking the planner or bringing up a candidate upstream.
+    switching: bool,
 }
 
 /// A room's public summary.
@@ -213,6 +219,7 @@ impl Room {
             remote_levels: BTreeMap::new(),
             connecting: false,
             upstream_failed: false,
+            switching: false,
         }
     }
 
@@ -463,6 +470,9 @@ impl Actor for Room {
         });
         if self.is_edge() {
             self.connect_upstream(ctx);
+        }
+        if self.fabric.is_some() {
+            ctx.run_interval(REPLAN_EVERY, |room, ctx| room.replan(ctx));
         }
         ctx.run_interval(QUALITY_INTERVAL, |room, _| room.send_qualities());
     }
@@ -1537,6 +1547,16 @@ const ORPHAN_SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
 /// kept while no new upstream is up (the room's origin itself may be moving, which takes a
 /// lease period).
 const RELINK_GRACE: std::time::Duration = std::time::Duration::from_secs(8);
+/// How often an edge asks the planner again whether its parent is still the right one (a
+/// node joined, or came back): a different answer starts a make-before-break switch.
+const REPLAN_EVERY: std::time::Duration = std::time::Duration::from_secs(3);
+/// How often a switch checks whether the candidate upstream has confirmed everything.
+const SWITCH_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+/// A candidate upstream that has not confirmed the room within this is dropped (the old
+/// upstream stays; the next re-plan tries again).
+const SWITCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(6);
+/// A link id never used: a remote moved off a link it is no longer trusted on.
+const NO_LINK: u64 = u64::MAX;
 
 /// A peer node opened a room link to this (origin or parent) room.
 #[derive(Message)]
@@ -1549,7 +1569,7 @@ pub struct AttachLink {
 impl Handler<AttachLink> for Room {
     type Result = ();
     fn handle(&mut self, msg: AttachLink, ctx: &mut Self::Context) {
-        self.attach_link(msg.peer, msg.io, false, ctx);
+        self.attach_link(msg.peer, msg.io, false, false, ctx);
     }
 }
 
@@ -1593,8 +1613,9 @@ impl Room {
     /// Sends `msg` on every link but `except`. A link that cannot keep up is reset.
     fn flood(&mut self, except: Option<u64>, msg: LinkMsg) {
         let mut broken = Vec::new();
+        let data = matches!(msg, LinkMsg::Data(_));
         for (id, l) in &self.links {
-            if Some(*id) == except {
+            if Some(*id) == except || (data && l.candidate) {
                 continue;
             }
             if l.tx.try_send(msg.clone()).is_err() {
@@ -1770,7 +1791,7 @@ impl Room {
                                 if let Some(f) = &room.fabric {
                                     f.directory.upstream(&room.info.name, Some(parent));
                                 }
-                                room.attach_link(parent, io, true, ctx);
+                                room.attach_link(parent, io, true, false, ctx);
                             }
                             None => {
                                 tracing::info!(parent: &room.span, "this node is now the room's origin");
@@ -1787,7 +1808,14 @@ impl Room {
         ));
     }
 
-    fn attach_link(&mut self, peer: u64, io: LinkIo, upstream: bool, ctx: &mut Context<Self>) {
+    fn attach_link(
+        &mut self,
+        peer: u64,
+        io: LinkIo,
+        upstream: bool,
+        candidate: bool,
+        ctx: &mut Context<Self>,
+    ) -> u64 {
         let id = self.next_link;
         self.next_link += 1;
         if let Some(h) = self.close_timer.take() {
@@ -1799,7 +1827,8 @@ impl Room {
             Link {
                 peer,
                 tx: io.tx,
-                upstream,
+                upstream: upstream && !candidate,
+                candidate,
                 wants: BTreeMap::new(),
             },
         );
@@ -1817,10 +1846,15 @@ impl Room {
             .collect();
         // Orphans (learned over a dead upstream, not yet confirmed) are not ours to vouch for:
         // two nodes that both kept them would otherwise confirm them to each other forever.
+        // A new upstream gets only what lives below us (the rest of the room is above it).
         states.extend(
             self.remotes
                 .values()
-                .filter(|r| self.links.contains_key(&r.link))
+                .filter(|r| {
+                    self.links
+                        .get(&r.link)
+                        .is_some_and(|l| !(upstream && (l.upstream || l.candidate)))
+                })
                 .map(|r| self.link_state(&r.info)),
         );
         for st in states {
@@ -1840,6 +1874,7 @@ impl Room {
             // confirm by then is gone.
             ctx.run_later(ORPHAN_SETTLE, |room, _| room.sweep_orphans());
         }
+        id
     }
 
     fn on_link_closed(&mut self, id: u64, ctx: &mut Context<Self>) {
@@ -1881,14 +1916,29 @@ impl Room {
         if !link.upstream && self.remotes.values().any(|r| r.link == id) {
             ctx.run_later(ORPHAN_SETTLE, |room, _| room.sweep_orphans());
         }
+        if link.candidate {
+            self.switching = false;
+        }
         if link.upstream {
             if let Some(f) = &self.fabric {
                 f.directory.upstream(&self.info.name, None);
             }
-            // Re-parent at once (the planner now leaves the dead node out). The participants
-            // and relayed tracks learned upstream stay, orphaned, until the new parent confirms
-            // them; then their media continues on the new link.
-            self.connect_upstream(ctx);
+            if let Some((&cid, c)) = self.links.iter_mut().find(|(_, l)| l.candidate) {
+                // A switch was under way: the candidate is the upstream now.
+                c.candidate = false;
+                c.upstream = true;
+                let peer = c.peer;
+                self.switching = false;
+                if let Some(f) = &self.fabric {
+                    f.directory.upstream(&self.info.name, Some(peer));
+                }
+                self.promote(cid);
+            } else {
+                // Re-parent at once (the planner now leaves the dead node out). The
+                // participants and relayed tracks learned upstream stay, orphaned, until the
+                // new parent confirms them; then their media continues on the new link.
+                self.connect_upstream(ctx);
+            }
             ctx.run_later(RELINK_GRACE, |room, _| room.sweep_orphans());
         } else if self.members.is_empty() {
             let after = std::time::Duration::from_secs(self.info.departure_timeout.into());
@@ -1908,13 +1958,29 @@ impl Room {
                         .remotes
                         .get(&info.sid)
                         .is_some_and(|r| r.link == id || !self.links.contains_key(&r.link));
-                    if known {
+                    let alt = self
+                        .remotes
+                        .get(&info.sid)
+                        .filter(|r| r.link == id)
+                        .and_then(|r| r.alt.clone())
+                        .filter(|(l, _)| *l != id && self.links.contains_key(l));
+                    if let Some((l, st)) = alt {
+                        // Gone from one path but alive on another (the tree just re-formed
+                        // around it): it moves there, and the sender of the Gone learns it
+                        // anew from us.
+                        if let Some(r) = self.remotes.get_mut(&info.sid) {
+                            r.link = NO_LINK;
+                        }
+                        self.on_remote_state(l, st, ctx);
+                    } else if known {
                         self.remove_remote(id, info);
                     }
                 }
             }
             LinkMsg::Data(d) => {
-                if !self.remotes.contains_key(&d.from_sid) {
+                // Only over the link the sender is known by (during a switch, the same packet
+                // may also come over the other path).
+                if self.remotes.get(&d.from_sid).is_none_or(|r| r.link != id) {
                     METRICS.inc_dropped_data();
                     return;
                 }
@@ -2099,7 +2165,12 @@ impl Room {
             Remote {
                 info: info.clone(),
                 link,
-                alt: None,
+                // An update over the same link keeps the second path it may have.
+                alt: self
+                    .remotes
+                    .get(&sid)
+                    .filter(|r| r.link == link)
+                    .and_then(|r| r.alt.clone()),
             },
         );
         let update = Resp::Update(lk::ParticipantUpdate {
@@ -2133,6 +2204,127 @@ impl Room {
                 self.update_demand(t);
             }
         }
+    }
+
+    /// Every `REPLAN_EVERY`: an edge asks the planner for its parent again. If the answer
+    /// differs from the node its upstream link goes to (a node joined or came back), it
+    /// switches **make-before-break**: it opens a link to the new parent as a *candidate*,
+    /// which carries our participants up (so every node above learns the second path) and
+    /// brings the room's state down; once the candidate has confirmed every participant the
+    /// old upstream told us about (`try_switch`), the old link is closed, which moves every
+    /// participant to its second path and re-binds the relayed tracks (keyframe requested).
+    fn replan(&mut self, ctx: &mut Context<Self>) {
+        let Some(f) = &self.fabric else { return };
+        if !self.is_edge() || self.connecting || self.switching {
+            return;
+        }
+        let Some((&old_id, old)) = self.links.iter().find(|(_, l)| l.upstream) else {
+            return;
+        };
+        let old_peer = old.peer;
+        self.switching = true;
+        let dir = f.directory.clone();
+        let name = self.info.name.clone();
+        let origin = f.origin;
+        let fut = async move {
+            let parent = dir.parent(name.clone(), origin).await?;
+            if parent == old_peer || parent == dir.node_id() {
+                return Ok(None);
+            }
+            let io = dir.open_link(parent, name).await?;
+            Ok::<_, String>(Some((parent, io)))
+        };
+        ctx.spawn(actix::fut::wrap_future(fut).map(
+            move |res: Result<Option<(u64, LinkIo)>, String>, room: &mut Room, ctx| {
+                let still = room.links.get(&old_id).is_some_and(|l| l.upstream);
+                match res {
+                    Ok(Some((parent, io))) if still => {
+                        tracing::info!(parent: &room.span, from = old_peer, to = parent, "re-plan: bringing up a new upstream before dropping the old one");
+                        let cid = room.attach_link(parent, io, true, true, ctx);
+                        let deadline = std::time::Instant::now() + SWITCH_TIMEOUT;
+                        room.try_switch(old_id, cid, deadline, ctx);
+                    }
+                    Ok(_) => room.switching = false,
+                    Err(e) => {
+                        room.switching = false;
+                        tracing::debug!(parent: &room.span, error = %e, "re-plan failed; keeping the upstream");
+                    }
+                }
+            },
+        ));
+    }
+
+    /// Make-before-break, step two: switch to candidate `cid` once it has confirmed every
+    /// participant known over the old upstream `old_id` (each has a second path through it);
+    /// give the candidate up at `deadline`.
+    fn try_switch(
+        &mut self,
+        old_id: u64,
+        cid: u64,
+        deadline: std::time::Instant,
+        ctx: &mut Context<Self>,
+    ) {
+        let (Some(old), Some(c)) = (self.links.get(&old_id), self.links.get(&cid)) else {
+            self.switching = false;
+            return;
+        };
+        if !old.upstream || !c.candidate {
+            self.switching = false;
+            return;
+        }
+        let ready = self
+            .remotes
+            .values()
+            .filter(|r| r.link == old_id)
+            .all(|r| r.alt.as_ref().is_some_and(|(l, _)| *l == cid));
+        if !ready {
+            if std::time::Instant::now() >= deadline {
+                tracing::warn!(parent: &self.span, "re-plan: the new upstream did not confirm the room in time; keeping the old one");
+                self.close_link(cid, ctx);
+                self.switching = false;
+            } else {
+                ctx.run_later(SWITCH_POLL, move |room, ctx| {
+                    room.try_switch(old_id, cid, deadline, ctx)
+                });
+            }
+            return;
+        }
+        // Switch: the candidate becomes the upstream, the old link a plain one, closed now.
+        let peer = c.peer;
+        if let Some(c) = self.links.get_mut(&cid) {
+            c.candidate = false;
+            c.upstream = true;
+        }
+        if let Some(o) = self.links.get_mut(&old_id) {
+            o.upstream = false;
+        }
+        if let Some(f) = &self.fabric {
+            f.directory.upstream(&self.info.name, Some(peer));
+        }
+        tracing::info!(parent: &self.span, to = peer, "re-plan: switched upstream; closing the old link");
+        self.close_link(old_id, ctx);
+        self.promote(cid);
+        self.switching = false;
+    }
+
+    /// A link that just became our upstream: ask it for what our viewers and downstream links
+    /// need of the tracks it is the source of.
+    fn promote(&mut self, link: u64) {
+        let tracks: Vec<String> = self
+            .tracks
+            .iter()
+            .filter(|(_, t)| t.source_link == Some(link))
+            .map(|(s, _)| s.clone())
+            .collect();
+        for t in tracks {
+            self.update_demand(&t);
+        }
+    }
+
+    /// Closes a link from our side: dropping its queue ends the writer task, which ends the
+    /// stream (the peer sees the link close); our side is cleaned up like a peer-side close.
+    fn close_link(&mut self, id: u64, ctx: &mut Context<Self>) {
+        self.on_link_closed(id, ctx);
     }
 
     /// An identity (re)appeared with session `sid` (a local join, or a new remote): an orphan

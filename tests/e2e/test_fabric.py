@@ -169,6 +169,7 @@ class Cluster:
                 for (a, b), ms in self.region_rtt.items():
                     text += f'\n[[region_rtt]]\na = "{a}"\nb = "{b}"\nrtt_ms = {ms}\n'
                 path.write_text(text)
+        self.ports = ports
         for i in range(self.n):
             self.launch(i, ports[i])
         deadline = time.monotonic() + 60
@@ -207,6 +208,13 @@ class Cluster:
             proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=WORK)
         log.close()
         self.nodes.append(Node(i + 1, proc, host, http, admin, log_path))
+
+    def restart(self, i: int) -> Node:
+        """Starts node i + 1 again (same ports, config and Raft data) after it died."""
+        assert not self.nodes[i].alive()
+        self.launch(i, self.ports[i])
+        self.nodes[i] = self.nodes.pop()
+        return self.nodes[i]
 
     def stop(self) -> None:
         for node in self.nodes:
@@ -1040,6 +1048,36 @@ async def test_relay_death_children_reparent(results):
             )
             assert "resume for a session this node does not hold" in edge.log_text()
             assert front.served[-1] == (edge.host, edge.port)
+
+            # The relay comes back: the edge's planner puts it above the edge again, and the
+            # edge switches make-before-break (new link up and confirmed, then the old one
+            # closed). Its viewer sees at most a keyframe round trip.
+            disc_before = len(o_sub.events.find("participant_disconnected"))
+            relay = cl.restart(1)
+            t_back = time.monotonic()
+            await wait_until(
+                lambda: fabric(edge).get("upstream") == relay.id, 60, "the edge switched back to the relay"
+            )
+            t_switched = time.monotonic()
+            await wait_until(
+                lambda: sum(1 for f in evid.frames if f.t > t_switched + 0.5 and f.counter is not None) >= 60,
+                30,
+                "the viewer on the edge decodes after the switch",
+            )
+            sw_gap, _ = decode_gap(evid.frames, t_back, time.monotonic())
+            after_sw = [f.counter for f in evid.frames if f.t > t_back and f.counter is not None]
+            results(
+                f"fabric re-plan: the relay restarted; the edge switched back under it "
+                f"{t_switched - t_back:.1f} s later (make-before-break); the edge viewer's longest "
+                f"decode gap meanwhile {sw_gap * 1000:.0f} ms"
+            )
+            assert "re-plan: switched upstream" in edge.log_text()
+            assert sw_gap < 3.0, f"the switch froze the edge viewer {sw_gap:.2f} s"
+            assert all(x < y for x, y in zip(after_sw, after_sw[1:]))
+            assert len(o_sub.events.find("participant_disconnected")) == disc_before, (
+                "the switch was seen as a departure"
+            )
+            assert not e_sub.events.find("participant_disconnected", lambda p: p.identity == "alice")
         finally:
             if video is not None:
                 await video.stop()

@@ -617,7 +617,17 @@ async fn sender_loop(s: Arc<Shared>, peer: u64, addr: SocketAddr, mut rx: mpsc::
             continue;
         }
         loop {
-            let Some(frame) = rx.recv().await else { return };
+            // Watch the connection as well as the queue: when the peer dies (idle timeout),
+            // the dialling side must redial at once even if it has nothing to send (two
+            // followers exchange no Raft traffic, but the relay fabric needs their connection).
+            let frame = tokio::select! {
+                f = rx.recv() => f,
+                _ = conn.closed() => {
+                    remove_if_same(&s, peer, &conn);
+                    break;
+                }
+            };
+            let Some(frame) = frame else { return };
             if send.write_all(&frame).await.is_err() {
                 remove_if_same(&s, peer, &conn);
                 break;
