@@ -25,8 +25,12 @@ What is shown (the issue's tests, and where they stand):
   the same inputs (the unit test in src/fabric.rs), every edge's upstream link goes to its
   planned parent (node 5 links to node 4, which links to the origin), and the relay frame
   counters show one copy of each track per link.
-* Not shown: the re-parenting part of test 3 (killing a relay node below the origin; a child
-  whose parent is unreachable re-links to the origin, untested).
+* `test_relay_death_children_reparent` (issue test 3, relay part, emulated WAN): origin 1, relay
+  2 and edge 3 in a far region (3 below 2, as planned), node 4 elsewhere. The relay is
+  SIGKILLed: the edge re-plans without it, re-links to the origin and its viewer decodes again
+  (about 2 s; no departure, no re-subscription); the viewer on node 4 sees nothing. The relay's
+  own viewer, connected through a TCP `Front`, resumes, is told to rejoin, and decodes on the
+  edge. The relay restarts: the edge moves back under it make-before-break.
 """
 
 from __future__ import annotations
