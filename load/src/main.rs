@@ -13,6 +13,10 @@
 //!   added per step until loss exceeds `--max-loss` or `--steps` rooms are reached.
 //! * `churn`: one publisher and `--steps` subscribers that each live `--lifetime` seconds and
 //!   are replaced continuously; reports join times under churn.
+//! * `watch`: no publisher; `--steps` (one value) subscribers join the existing room `--room`
+//!   (exact name) on `--url` and watch whatever is published there: cheap viewers for
+//!   multi-node tests. After the window it prints one `TRACK` line per subscribed track
+//!   (packets received and expected in the window, loss) and a `WATCH` summary line.
 //!
 //! Each step waits for the new participants to join, lets things settle, then measures for
 //! `--step-secs`: server CPU (from `/proc/<server-pid>`), forwarded packets/s (what the
@@ -76,6 +80,7 @@ enum Scenario {
     Livestream,
     Conference,
     Churn,
+    Watch,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -606,6 +611,57 @@ async fn run(args: RunArgs) -> Result<Vec<Row>, LoadError> {
                 say(&pb, &report::table_row(&row));
                 rows.push(row);
             }
+        }
+        Scenario::Watch => {
+            let n = args.steps.first().copied().unwrap_or(1).max(1);
+            sw.pb.set_message(format!("starting {n} watchers"));
+            let before = sw.reg.per_track().len();
+            for _ in 0..n {
+                sw.spawn(&room, false, true, true);
+                tokio::time::sleep(gap).await;
+            }
+            sw.wait_joined(n as u64, gap * n as u32).await;
+            tokio::time::sleep(Duration::from_secs(args.settle_secs)).await;
+            let start = sw.reg.per_track();
+            let row = measure(&mut sw, &room, n, n, n * 2, baseline, None).await;
+            say(&pb, &report::table_row(&row));
+            let end = sw.reg.per_track();
+            let mut sum = (0u64, 0u64);
+            let mut min_received = u64::MAX;
+            for (i, (r1, e1)) in end.iter().enumerate().skip(before) {
+                let (r0, e0) = start.get(i).copied().unwrap_or((0, 0));
+                let (r, e) = (r1.saturating_sub(r0), e1.saturating_sub(e0));
+                sum = (sum.0 + r, sum.1 + e);
+                min_received = min_received.min(r);
+                let loss = if e > 0 {
+                    100.0 * e.saturating_sub(r) as f64 / e as f64
+                } else {
+                    0.0
+                };
+                say(
+                    &pb,
+                    &format!("TRACK {i} received={r} expected={e} loss_pct={loss:.2}"),
+                );
+            }
+            let tracks = end.len().saturating_sub(before);
+            let loss = if sum.1 > 0 {
+                100.0 * sum.1.saturating_sub(sum.0) as f64 / sum.1 as f64
+            } else {
+                0.0
+            };
+            say(
+                &pb,
+                &format!(
+                    "WATCH subscribers={n} joined={} join_failures={} tracks={tracks} received={} \
+                     expected={} loss_pct={loss:.2} min_track_received={}",
+                    sw.reg.joined.load(Ordering::Relaxed),
+                    sw.reg.join_failures.load(Ordering::Relaxed),
+                    sum.0,
+                    sum.1,
+                    if tracks == 0 { 0 } else { min_received },
+                ),
+            );
+            rows.push(row);
         }
         Scenario::Conference => {
             let max_rooms = args.steps.iter().copied().max().unwrap_or(1).max(1);

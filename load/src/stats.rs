@@ -77,6 +77,23 @@ impl Registry {
             .unwrap_or_default()
     }
 
+    /// `(received, expected)` of every track, in registration order (a track's index is
+    /// stable for the whole run, so two snapshots can be subtracted).
+    pub fn per_track(&self) -> Vec<(u64, u64)> {
+        match self.tracks.lock() {
+            Ok(t) => t
+                .iter()
+                .map(|c| {
+                    (
+                        c.received.load(Ordering::Relaxed),
+                        c.expected.load(Ordering::Relaxed),
+                    )
+                })
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
     /// Sums the counters of every track.
     pub fn totals(&self) -> Totals {
         let tracks = match self.tracks.lock() {

@@ -751,6 +751,34 @@ TREE_RTT_MS = {("a", "b"): 40, ("a", "c"): 40, ("b", "c"): 80, ("a", "d"): 120, 
 # Node 4 is region d's trunk; node 5 hangs below it, not below the origin.
 TREE_EXPECTED = {1: None, 2: 1, 3: 1, 4: 1, 5: 4}
 VIEWERS_PER_EDGE = 2
+# Cheap viewers (arbor-load `watch`, webrtc-rs clients that count packets) per edge, next to
+# the Python SDK viewers that prove decoding: 4 x (2 + 8) = the issue's 40 subscribers.
+LOAD_VIEWERS_PER_EDGE = 8
+LOAD_WINDOW_S = 10
+
+
+def load_binary() -> Path:
+    path = Path(os.environ.get("ARBOR_LOAD_BIN") or Path(__file__).resolve().parents[2] / "target" / "debug" / "arbor-load")
+    if not path.exists():
+        pytest.fail(f"arbor-load not found at {path}: run `cargo build -p arbor-load` or set ARBOR_LOAD_BIN")
+    return path
+
+
+async def start_watchers(url: str, room: str, n: int, bind_ip: str) -> asyncio.subprocess.Process:
+    """`arbor-load run --scenario watch`: n subscribers join `room` on `url`, measure for
+    LOAD_WINDOW_S and print per-track `TRACK` lines and a `WATCH` summary, then leave."""
+    return await asyncio.create_subprocess_exec(
+        str(load_binary()), "run", "--target", "arbor", "--scenario", "watch",
+        "--url", url, "--room", room, "--steps", str(n), "--bind-ip", bind_ip,
+        "--step-secs", str(LOAD_WINDOW_S), "--settle-secs", "2", "--join-rate", "10", "--quiet",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+
+
+def parse_watch(out: str) -> dict:
+    line = next((x for x in out.splitlines() if x.startswith("WATCH ")), None)
+    assert line is not None, f"arbor-load printed no WATCH line:\n{out[-3000:]}"
+    return {k: float(v) for k, v in (kv.split("=") for kv in line.split()[1:])}
 
 
 def site_region(site: str) -> str:
@@ -772,6 +800,7 @@ async def test_planner_tree_five_nodes(results):
         cl = Cluster("fabrictree", 5, wan, TREE_SITES, TREE_REGIONS, TREE_RTT_MS)
         alice = None
         subs: list[Subscriber] = []
+        watchers: list[tuple[Node, asyncio.subprocess.Process]] = []
         video = audio = None
         try:
             cl.start()
@@ -792,6 +821,13 @@ async def test_planner_tree_five_nodes(results):
                 await wait_until(
                     lambda: len(sub.receivers["video"].counters()) >= 60, 60, f"60 frames at {sub.label}"
                 )
+            # The rest of the 40 viewers: arbor-load watchers on every edge.
+            for node in cl.nodes[1:]:
+                watchers.append(
+                    (node, await start_watchers(node.ws_url, room_name, LOAD_VIEWERS_PER_EDGE, wan.ip("clients")))
+                )
+            # Let them join (10 per second) and settle before measuring the links.
+            await asyncio.sleep(LOAD_VIEWERS_PER_EDGE / 10 + 3)
 
             # The tree the nodes built: each node's planned tree and its actual upstream link.
             def fabric(node):
@@ -824,7 +860,7 @@ async def test_planner_tree_five_nodes(results):
             got = {i: s1[i][1] - s0[i][1] for i in s0}
             results(
                 "fabric planner tree (5 nodes, emulated WAN, "
-                f"{len(subs)} Python SDK viewers on 4 edges): tree {TREE_EXPECTED}; relayed frames in 10 s: "
+                f"{len(subs)} Python SDK viewers + {4 * LOAD_VIEWERS_PER_EDGE} arbor-load viewers on 4 edges): tree {TREE_EXPECTED}; relayed frames in 10 s: "
                 + ", ".join(f"node {i} sent {sent[i]:.0f} received {got[i]:.0f}" for i in sorted(sent))
             )
             per_link = got[2]
@@ -844,7 +880,33 @@ async def test_planner_tree_five_nodes(results):
                 await wait_until(
                     lambda: len(sub.receivers["video"].counters()) > n0, 10, f"{sub.label} still decoding"
                 )
+            # The cheap viewers: every one joined and received both tracks with little loss.
+            lines = []
+            for node, proc in watchers:
+                out, _ = await asyncio.wait_for(proc.communicate(), 120)
+                text = out.decode(errors="replace")
+                assert proc.returncode == 0, f"arbor-load on node {node.id} failed:\n{text[-3000:]}"
+                w = parse_watch(text)
+                lines.append(
+                    f"node {node.id}: {w['joined']:.0f} joined, {w['tracks']:.0f} tracks, "
+                    f"{w['received']:.0f} packets in {LOAD_WINDOW_S} s, loss {w['loss_pct']:.2f}%, "
+                    f"least per track {w['min_track_received']:.0f}"
+                )
+                assert w["joined"] == LOAD_VIEWERS_PER_EDGE and w["join_failures"] == 0, (node.id, w)
+                assert w["tracks"] == 2 * LOAD_VIEWERS_PER_EDGE, (node.id, w)
+                # Audio alone is 50 packets/s: a generous floor for every track.
+                assert w["min_track_received"] >= 10 * LOAD_WINDOW_S, (node.id, w)
+                assert w["loss_pct"] < 5, (node.id, w)
+            watchers.clear()
+            results(
+                f"fabric planner tree, {len(subs) + 4 * LOAD_VIEWERS_PER_EDGE} viewers "
+                f"({len(subs)} Python SDK + {4 * LOAD_VIEWERS_PER_EDGE} arbor-load): " + "; ".join(lines)
+            )
         finally:
+            for _, proc in watchers:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
             for pub in (video, audio):
                 if pub is not None:
                     await pub.stop()
