@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix::Addr;
-use arbor_actors::fabric::{BoxFuture, Directory, LinkIo, LINK_QUEUE};
+use arbor_actors::fabric::{BoxFuture, Directory, LinkIo, Resolved, LINK_QUEUE};
 use arbor_actors::manager::{AcceptLink, RoomManager};
 use arbor_actors::media::{Command, MediaHandle};
 use arbor_proto::relay::encode_link_frame;
@@ -216,19 +216,24 @@ impl Directory for ClusterDirectory {
         self.net.node_id()
     }
 
-    fn resolve(&self, room: String) -> BoxFuture<Result<u64, String>> {
+    fn resolve(&self, room: String) -> BoxFuture<Result<Resolved, String>> {
         let c = self.cluster.clone();
+        let resolved = |r: &crate::cluster::RoomEntry| Resolved {
+            origin: r.origin_node,
+            sid: r.sid.clone(),
+            created_ms: r.created_ms,
+        };
         Box::pin(async move {
             // The applied state usually knows the room; only new rooms cost a Raft write.
             let known = c.list_rooms().await.map_err(|e| e.to_string())?;
             if let Some(r) = known.iter().find(|r| r.name == room) {
-                return Ok(r.origin_node);
+                return Ok(resolved(r));
             }
             let (r, _) = c
                 .create_room_with(&room, None)
                 .await
                 .map_err(|e| e.to_string())?;
-            Ok(r.origin_node)
+            Ok(resolved(&r))
         })
     }
 

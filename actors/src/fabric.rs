@@ -39,13 +39,25 @@ pub struct LinkIo {
     pub rx: mpsc::Receiver<LinkMsg>,
 }
 
+/// A room as the directory knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    /// The node holding the room's origin lease.
+    pub origin: u64,
+    /// The room's sid, the same on every node (the directory derives it from the log position
+    /// that created the room); empty if the directory has none.
+    pub sid: String,
+    /// When the room was created (cluster time, ms since the Unix epoch).
+    pub created_ms: u64,
+}
+
 /// What a clustered room needs from its node.
 pub trait Directory: Send + Sync + 'static {
     /// This node's cluster id.
     fn node_id(&self) -> u64;
-    /// The node holding the room's origin lease (creating the room in the directory, with this
-    /// node as origin, if it does not exist).
-    fn resolve(&self, room: String) -> BoxFuture<Result<u64, String>>;
+    /// The room's origin and identity (creating the room in the directory, with this node as
+    /// origin, if it does not exist).
+    fn resolve(&self, room: String) -> BoxFuture<Result<Resolved, String>>;
     /// The node this node's room should link to (its parent in the room's relay tree, planned
     /// by the relay-tree planner; the origin when the plan has nothing better).
     fn parent(&self, room: String, origin: u64) -> BoxFuture<Result<u64, String>>;

@@ -7,6 +7,7 @@ use actix::prelude::*;
 
 use crate::config::RoomSettings;
 use crate::error::RoomError;
+use crate::fabric::Resolved;
 use crate::fabric::{Directory, LinkIo};
 use crate::media::MediaHandle;
 use crate::room::{AttachLink, FabricRole, Room, RoomSummary, Summarize};
@@ -44,7 +45,7 @@ impl RoomManager {
     fn create(
         &mut self,
         name: String,
-        origin: Option<u64>,
+        resolved: Option<Resolved>,
         ctx: &mut Context<Self>,
     ) -> Result<Addr<Room>, RoomError> {
         if let Some(a) = self.live(&name) {
@@ -53,10 +54,12 @@ impl RoomManager {
         if self.rooms.len() >= self.settings.max_rooms {
             return Err(RoomError::TooManyRooms(self.settings.max_rooms));
         }
-        let role = match (&self.fabric, origin) {
-            (Some(d), Some(origin)) => Some(FabricRole {
+        let role = match (&self.fabric, resolved) {
+            (Some(d), Some(r)) => Some(FabricRole {
                 directory: d.clone(),
-                origin,
+                origin: r.origin,
+                sid: r.sid,
+                created_ms: r.created_ms,
             }),
             _ => None,
         };
@@ -99,15 +102,15 @@ impl Handler<AcceptLink> for RoomManager {
         }
         let name = msg.room.clone();
         Box::pin(actix::fut::wrap_future(dir.resolve(name)).map(
-            move |origin, act: &mut Self, ctx| {
-                let origin = match origin {
-                    Ok(o) => o,
+            move |resolved, act: &mut Self, ctx| {
+                let resolved = match resolved {
+                    Ok(r) => r,
                     Err(e) => {
                         tracing::warn!(peer = msg.peer, error = %e, "room link refused: no origin");
                         return;
                     }
                 };
-                match act.create(msg.room, Some(origin), ctx) {
+                match act.create(msg.room, Some(resolved), ctx) {
                     Ok(room) => room.do_send(AttachLink {
                         peer: msg.peer,
                         io: msg.io,
@@ -164,9 +167,9 @@ impl Handler<GetRoom> for RoomManager {
         // origin if it is new); our room is the origin or an edge linked to it.
         let name = msg.name.clone();
         Box::pin(actix::fut::wrap_future(dir.resolve(name.clone())).map(
-            move |origin, act: &mut Self, ctx| {
-                let origin = origin.map_err(RoomError::Directory)?;
-                act.create(name, Some(origin), ctx)
+            move |resolved, act: &mut Self, ctx| {
+                let resolved = resolved.map_err(RoomError::Directory)?;
+                act.create(name, Some(resolved), ctx)
             },
         ))
     }

@@ -93,6 +93,10 @@ pub struct FabricRole {
     pub directory: Arc<dyn Directory>,
     /// The origin node (this node: the room is the origin).
     pub origin: u64,
+    /// The room's cluster-wide sid and creation time, from the directory (the sid is empty if
+    /// the directory had none: the room then makes up its own).
+    pub sid: String,
+    pub created_ms: u64,
 }
 
 /// One room. See the module documentation.
@@ -183,9 +187,17 @@ impl Room {
         manager: Addr<RoomManager>,
         fabric: Option<FabricRole>,
     ) -> Self {
-        let ms = now_ms();
+        // Clustered: the same sid and creation time on every node (from the directory), so
+        // clients, webhooks and the server API see one room whichever node they talk to.
+        let (sid, ms) = match &fabric {
+            Some(f) if !f.sid.is_empty() => (
+                f.sid.clone(),
+                i64::try_from(f.created_ms).unwrap_or_else(|_| now_ms()),
+            ),
+            _ => (new_sid("RM_"), now_ms()),
+        };
         let info = lk::Room {
-            sid: new_sid("RM_"),
+            sid,
             name,
             empty_timeout: settings.empty_timeout.as_secs() as u32,
             departure_timeout: settings.departure_timeout.as_secs() as u32,
@@ -1757,7 +1769,7 @@ impl Room {
         let name = self.info.name.clone();
         let use_planner = !self.upstream_failed;
         let fut = async move {
-            let origin = dir.resolve(name.clone()).await?;
+            let origin = dir.resolve(name.clone()).await?.origin;
             if origin == dir.node_id() {
                 return Ok((origin, origin, None));
             }

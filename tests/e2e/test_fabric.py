@@ -329,6 +329,10 @@ async def test_three_nodes_publisher_on_a_viewers_on_b_and_c(cluster3, results):
         await wait_until(lambda: "carol" in bob.room.remote_participants, 20, "B sees carol")
         await wait_until(lambda: "bob" in carol.room.remote_participants, 20, "C sees bob")
 
+        # One room, one sid: every node takes the room's sid from the Raft directory.
+        sids = {await asyncio.wait_for(r.sid, 10) for r in (alice, bob.room, carol.room)}
+        assert len(sids) == 1 and next(iter(sids)).startswith("RM_"), f"room sids differ per node: {sids}"
+
         # Media relayed A -> B and A -> C, decoded.
         for sub in (bob, carol):
             await wait_until(lambda: "video" in sub.receivers, 30, f"{sub.label} subscribed to alice's video")
