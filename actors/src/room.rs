@@ -471,9 +471,14 @@ impl Actor for Room {
             .rooms
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(parent: &self.span, "room started");
-        self.settings
-            .events
-            .emit(ev::ROOM_STARTED, &self.room_info(), None, None);
+        // Clustered: `room_started` and `room_finished` come from the room's origin only, so a
+        // webhook receiver sees one room however many nodes serve it (participant and track
+        // events come from the node the participant is on, so they are once per cluster too).
+        if !self.is_edge() {
+            self.settings
+                .events
+                .emit(ev::ROOM_STARTED, &self.room_info(), None, None);
+        }
         self.schedule_close(ctx, self.settings.empty_timeout);
         ctx.run_interval(SPEAKER_INTERVAL, |room, _| {
             room.send_speakers();
@@ -1032,7 +1037,9 @@ impl Room {
             };
             events.emit(event, &room, Some(&info), None);
         }
-        events.emit(ev::ROOM_FINISHED, &room, None, None);
+        if !self.is_edge() {
+            events.emit(ev::ROOM_FINISHED, &room, None, None);
+        }
     }
 
     /// Send `participant_joined` for a member that became active (once), then

@@ -139,7 +139,9 @@ class Cluster:
         sites: Optional[list[str]] = None,
         regions: Optional[list[str]] = None,
         region_rtt: Optional[dict[tuple[str, str], int]] = None,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
+        self.extra_args = extra_args
         self.regions = regions
         self.region_rtt = region_rtt or {}
         self.name = name
@@ -202,6 +204,7 @@ class Cluster:
         args = [
             binary, "--dev", "--bind", host, "--port", str(http),
             "--udp-port", str(udp), "--tcp-port", str(tcp), "--node-ip", node_ip,
+            *self.extra_args,
         ]
         log = open(log_path, "wb")
         log.write(f"$ ARBOR_CLUSTER_CONFIG={env['ARBOR_CLUSTER_CONFIG']} {' '.join(args)}\n".encode())
@@ -1158,3 +1161,66 @@ async def test_relay_death_children_reparent(results):
                 await front.close()
             cl.stop()
             cl.check_health(allow_dead={2})
+
+
+@pytest.mark.timeout(200)
+async def test_webhooks_once_per_cluster(results):
+    """Webhooks see one room, however many nodes serve it: `room_started` and `room_finished`
+    come from the origin only, participant events from the node each participant is on, and
+    every event carries the same room sid."""
+    from aiohttp import web
+
+    events: list[dict] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        events.append(json.loads(await request.text()))
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    hook_port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", hook_port).start()
+    cfg = WORK / f"fabric-webhooks-{os.getpid()}.yaml"
+    cfg.write_text(
+        "webhook:\n"
+        f"  urls: [http://127.0.0.1:{hook_port}/hook]\n"
+        "room:\n"
+        "  departure_timeout: 1\n"
+        "  empty_timeout: 2\n"
+    )
+    cl = Cluster("fabrichooks", 3, extra_args=("--config", str(cfg)))
+    rooms = []
+    try:
+        cl.start()
+        room_name = "hooked"
+        for node, who in zip(cl.nodes, ("alice", "bob", "carol")):
+            r, _ = await connect(node.ws_url, make_token(who, room_name), who)
+            rooms.append(r)
+        for r in rooms:
+            await wait_until(lambda: len(r.remote_participants) == 2, 20, "everyone sees everyone")
+        await disconnect_all(*rooms)
+        rooms = []
+
+        def finished():
+            return [e for e in events if e.get("event") == "room_finished"]
+
+        await wait_until(finished, 30, "room_finished")
+        await asyncio.sleep(3)  # anything duplicated would arrive by now
+        kinds = [e.get("event") for e in events]
+        joined = sorted(e["participant"]["identity"] for e in events if e.get("event") == "participant_joined")
+        left = sorted(e["participant"]["identity"] for e in events if e.get("event") == "participant_left")
+        sids = {e["room"]["sid"] for e in events if e.get("room")}
+        results(f"fabric webhooks (3 nodes, one room): {kinds}")
+        assert kinds.count("room_started") == 1, kinds
+        assert kinds.count("room_finished") == 1, kinds
+        assert kinds[0] == "room_started" and kinds[-1] == "room_finished", kinds
+        assert joined == ["alice", "bob", "carol"], joined
+        assert left == ["alice", "bob", "carol"], left
+        assert len(sids) == 1, f"room sids differ across nodes' webhooks: {sids}"
+    finally:
+        await disconnect_all(*rooms)
+        cl.stop()
+        await runner.cleanup()
+    cl.check_health()
