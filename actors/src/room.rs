@@ -1183,8 +1183,27 @@ pub struct RemoveParticipant {
 impl Handler<RemoveParticipant> for Room {
     type Result = Result<(), RoomError>;
     fn handle(&mut self, msg: RemoveParticipant, ctx: &mut Self::Context) -> Self::Result {
-        let sid = self.sid_of(&msg.identity)?;
         let reason = lk::DisconnectReason::ParticipantRemoved;
+        let sid = match self.sid_of(&msg.identity) {
+            Ok(sid) => sid,
+            Err(e) => {
+                // Served by another node: ask it, over the link the participant is known by.
+                let Some((sid, link)) = self
+                    .remotes
+                    .iter()
+                    .find(|(_, r)| r.info.identity == msg.identity)
+                    .map(|(sid, r)| (sid.clone(), r.link))
+                else {
+                    return Err(e);
+                };
+                let frame = LinkMsg::Remove(wire::RemoveParticipant {
+                    sid,
+                    reason: reason as i32,
+                });
+                self.send_to(link, frame);
+                return Ok(());
+            }
+        };
         if let Some(m) = self.members.get(&sid) {
             m.addr.do_send(Kick { reason });
         }
@@ -2042,6 +2061,24 @@ impl Room {
                         self.remote_levels
                             .insert(s.sid, (s.level.clamp(0.0, 1.0), s.active));
                     }
+                }
+            }
+            LinkMsg::Remove(r) => {
+                if self.members.contains_key(&r.sid) {
+                    let reason = lk::DisconnectReason::try_from(r.reason)
+                        .unwrap_or(lk::DisconnectReason::ParticipantRemoved);
+                    if let Some(m) = self.members.get(&r.sid) {
+                        m.addr.do_send(Kick { reason });
+                    }
+                    <Self as Handler<Leave>>::handle(self, Leave { sid: r.sid, reason }, ctx);
+                } else if let Some(next) = self
+                    .remotes
+                    .get(&r.sid)
+                    .map(|x| x.link)
+                    .filter(|l| *l != id)
+                {
+                    // Towards the participant's node (never back where it came from).
+                    self.send_to(next, LinkMsg::Remove(r));
                 }
             }
             LinkMsg::RoomMetadata(m) => {

@@ -35,7 +35,7 @@ pub enum RelayWireError {
 /// One frame on a room link.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct LinkFrame {
-    #[prost(oneof = "link_frame::Kind", tags = "1, 2, 3, 4, 5, 6, 7")]
+    #[prost(oneof = "link_frame::Kind", tags = "1, 2, 3, 4, 5, 6, 7, 8")]
     pub kind: Option<link_frame::Kind>,
 }
 
@@ -57,7 +57,21 @@ pub mod link_frame {
         Levels(super::Levels),
         #[prost(message, tag = "7")]
         RoomMetadata(super::RoomMetadata),
+        #[prost(message, tag = "8")]
+        Remove(super::RemoveParticipant),
     }
+}
+
+/// The server API removes a participant that another node serves: the frame travels, link by
+/// link, towards the node the participant is on, which disconnects it (its departure then
+/// floods back as usual).
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct RemoveParticipant {
+    #[prost(string, tag = "1")]
+    pub sid: String,
+    /// A LiveKit `DisconnectReason`.
+    #[prost(int32, tag = "2")]
+    pub reason: i32,
 }
 
 /// First frame from the opener: which room, which node (checked against its certificate).

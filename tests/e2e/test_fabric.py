@@ -1224,3 +1224,33 @@ async def test_webhooks_once_per_cluster(results):
         cl.stop()
         await runner.cleanup()
     cl.check_health()
+
+
+@pytest.mark.timeout(200)
+async def test_server_api_removes_a_participant_of_another_node(cluster3, results):
+    """RoomService `RemoveParticipant` on node A for a participant connected to node C: the
+    request travels over the room links to C, which disconnects it; everyone sees it leave."""
+    from livekit import api
+
+    from helpers import API_KEY, API_SECRET
+
+    a_node, _, c_node = cluster3.nodes
+    room_name = "twirp-fabric"
+    alice = carol = None
+    lk = api.LiveKitAPI(a_node.http_url, API_KEY, API_SECRET)
+    try:
+        alice, alice_events = await connect(a_node.ws_url, make_token("alice", room_name), "A")
+        carol, carol_events = await connect(c_node.ws_url, make_token("carol", room_name), "C")
+        await wait_until(lambda: "carol" in alice.remote_participants, 20, "alice sees carol")
+        listed = await lk.room.list_participants(api.ListParticipantsRequest(room=room_name))
+        assert {p.identity for p in listed.participants} == {"alice", "carol"}
+        t0 = time.monotonic()
+        await lk.room.remove_participant(api.RoomParticipantIdentity(room=room_name, identity="carol"))
+        await carol_events.wait("disconnected", timeout=20)
+        await alice_events.wait("participant_disconnected", lambda p: p.identity == "carol", timeout=20)
+        results(f"fabric server API: RemoveParticipant on node A removed a participant of node C in {time.monotonic() - t0:.2f} s")
+        with pytest.raises(api.TwirpError):
+            await lk.room.remove_participant(api.RoomParticipantIdentity(room=room_name, identity="nobody"))
+    finally:
+        await lk.aclose()
+        await disconnect_all(alice, carol)
