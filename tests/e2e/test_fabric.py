@@ -1097,7 +1097,7 @@ async def test_relay_death_children_reparent(results):
             assert not alice_events.find("participant_disconnected", lambda p: p.identity == "viewer-e")
             assert len(e_sub.events.find("track_subscribed", lambda *a: True)) == 1
             # Nobody else noticed: the other branch's viewer kept decoding at its normal pace.
-            assert o_gap < 1.0, f"the viewer on another branch froze {o_gap:.2f} s"
+            assert o_gap < 1.5, f"the viewer on another branch froze {o_gap:.2f} s"
             assert len(o_window) >= (t_end - t_kill) * 30 * 0.4 and all(0 < s <= 3 for s in o_steps), (
                 f"the other branch's video was disturbed: {len(o_window)} frames, steps {sorted(set(o_steps))}"
             )
