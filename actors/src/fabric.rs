@@ -15,6 +15,14 @@
 //! one ordered stream per link), speaker levels. Media takes the same tree in QUIC datagrams
 //! (see [`crate::media::relay`]), only where someone downstream `Want`s the track.
 //!
+//! Links come and go: a node dies (its children re-plan without it and link to a new parent),
+//! or a re-plan finds a better parent (the edge brings the new link up as a *candidate*, waits
+//! until it has confirmed the room, then closes the old one: make-before-break). What a room
+//! learned over a link that closed is not dropped: those participants become *orphans* until
+//! another link confirms them (they are then adopted, relayed tracks and local subscriptions
+//! intact) or a grace period ends. See `Room::on_link_closed`, `Room::replan` and
+//! `ARCHITECTURE.md` (*Failure and re-planning*).
+//!
 //! This module only defines what the room needs from the outside — [`Directory`] (who is the
 //! origin, open a link) and [`LinkIo`] (a link as two bounded queues). The binary implements
 //! them over the Raft service and quinn.
