@@ -16,12 +16,17 @@ What is shown (the issue's tests, and where they stand):
   60 and 40 ms one-way links): per-hop transit measured by the nodes (link delay + ~1 ms);
   2% loss on one link for 15 s is repaired by that hop's NACKs (counters in /metrics); an edge
   killed with SIGKILL disturbs nobody else (part of issue test 3).
-* `test_origin_death_lease_moves_publisher_reconnects` (issue test 3, origin part).
+* `test_origin_death_lease_moves_publisher_reconnects` (issue test 3, origin part) and
+  `test_origin_death_publisher_sdk_rejoins_through_front` (the same with the publisher's SDK
+  finding a live node by itself through a `Front`).
+* `test_webhooks_once_per_cluster`, `test_server_api_removes_a_participant_of_another_node`:
+  one room cluster-wide for webhooks (one sid, one room_started/room_finished) and the server
+  API.
 * `test_browser_publisher_on_a_rendered_on_c`, `test_browser_over_the_wan`: Chromium simulcast
   publisher and a Chromium page on different nodes (issue test 1's browser).
 * `test_planner_tree_five_nodes` (issue test 2, smallest version): five nodes on the emulated
   WAN (origin in a, one node each in b and c, two in the far region d); 8 Python SDK viewers on
-  the four edges. Every edge's planned tree (`/cluster/fabric`) equals the planner's output for
+  the four edges, plus 32 `arbor-load` watchers (40 viewers, the issue's full size). Every edge's planned tree (`/cluster/fabric`) equals the planner's output for
   the same inputs (the unit test in src/fabric.rs), every edge's upstream link goes to its
   planned parent (node 5 links to node 4, which links to the origin), and the relay frame
   counters show one copy of each track per link.
@@ -1254,3 +1259,64 @@ async def test_server_api_removes_a_participant_of_another_node(cluster3, result
     finally:
         await lk.aclose()
         await disconnect_all(alice, carol)
+
+
+@pytest.mark.timeout(300)
+async def test_origin_death_publisher_sdk_rejoins_through_front(cluster3, results):
+    """Issue 8 test 3, origin part, with nothing done by hand: the publisher reaches the
+    cluster through a front (it lands on node A, the origin). A is SIGKILLed: the publisher's
+    SDK resumes through the same URL, the front routes it to node B, B answers "rejoin", the
+    SDK joins B afresh and republishes its tracks by itself; the room's lease moves, the edges
+    re-link, and the viewers on B and C decode the republished video."""
+    a_node, b_node, c_node = cluster3.nodes
+    room_name = "front-failover"
+    front = await Front([(a_node.host, a_node.port), (b_node.host, b_node.port)]).start()
+    alice = None
+    bob = carol = None
+    video = None
+    try:
+        alice, alice_events = await connect(front.url, make_token("alice", room_name), "A")
+        video = CounterVideoPublisher(320, 240, 30)
+        await video.publish(alice)
+        bob = Subscriber("B")
+        carol = Subscriber("C")
+        for sub, node in ((bob, b_node), (carol, c_node)):
+            sub.keep_resubscriptions = True
+            await sub.connect(node.ws_url, sub.label.lower() + "-viewer", room_name)
+        for sub in (bob, carol):
+            await wait_until(lambda: "video" in sub.receivers, 30, f"{sub.label} subscribed")
+            await wait_until(lambda: len(sub.receivers["video"].counters()) >= 30, 60, f"frames at {sub.label}")
+
+        a_node.proc.kill()
+        t_kill = time.monotonic()
+        resumed = {}
+        for sub in (bob, carol):
+            def fresh():
+                return [rv for t, rv in sub.resubscribed if t > t_kill]
+
+            await wait_until(fresh, 60, f"{sub.label} re-subscribed to the republished video")
+            await wait_until(lambda: len(fresh()[-1].counters()) >= 30, 60, f"{sub.label} decodes it")
+            rv = fresh()[-1]
+            resumed[sub.label] = next(f.t for f in rv.frames if f.counter is not None) - t_kill
+        origins = json.loads(b_node.get("/cluster/rooms"))
+        origin = next(r["origin_node"] for r in origins if r["name"] == room_name)
+        results(
+            f"fabric origin death, publisher behind a front: room moved to node {origin}; the "
+            f"publisher's SDK rejoined on node {b_node.id} by itself (front connections "
+            f"{[p for _, p in front.served]}); viewers decoded the republished video "
+            f"{resumed['B']:.1f} s (B) and {resumed['C']:.1f} s (C) after the kill"
+        )
+        assert origin in (2, 3)
+        assert front.served[-1] == (b_node.host, b_node.port)
+        assert alice_events.find("reconnected") or alice_events.find("connection_state_changed")
+        assert max(resumed.values()) < 30, resumed
+    finally:
+        if video is not None:
+            await video.stop()
+        for sub in (bob, carol):
+            for _, rv in sub.resubscribed if sub else []:
+                await rv.close()
+        await disconnect_all(bob.room if bob else None, carol.room if carol else None)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(alice.disconnect(), 3) if alice else None
+        await front.close()
