@@ -1230,7 +1230,41 @@ impl Handler<AdminMuteTrack> for Room {
                 "remote unmute is disabled (room.enable_remote_unmute)".into(),
             ));
         }
-        let sid = self.sid_of(&msg.identity)?;
+        let sid = match self.sid_of(&msg.identity) {
+            Ok(sid) => sid,
+            Err(e) => {
+                // Served by another node: forward, and answer with the state it will have.
+                let Some((sid, link, track)) = self
+                    .remotes
+                    .iter()
+                    .find(|(_, r)| r.info.identity == msg.identity)
+                    .map(|(sid, r)| {
+                        let t = r
+                            .info
+                            .tracks
+                            .iter()
+                            .find(|t| t.sid == msg.track_sid)
+                            .cloned();
+                        (sid.clone(), r.link, t)
+                    })
+                else {
+                    return Err(e);
+                };
+                let Some(mut track) = track else {
+                    return Err(RoomError::TrackNotFound(msg.track_sid));
+                };
+                self.send_to(
+                    link,
+                    LinkMsg::Mute(wire::MuteTrack {
+                        sid,
+                        track_sid: msg.track_sid,
+                        muted: msg.muted,
+                    }),
+                );
+                track.muted = msg.muted;
+                return Ok(track);
+            }
+        };
         let addr = {
             let m = &self.members[&sid];
             if !m.info.tracks.iter().any(|t| t.sid == msg.track_sid) {
@@ -2061,6 +2095,35 @@ impl Room {
                         self.remote_levels
                             .insert(s.sid, (s.level.clamp(0.0, 1.0), s.active));
                     }
+                }
+            }
+            LinkMsg::Mute(m) => {
+                let owns = self
+                    .members
+                    .get(&m.sid)
+                    .filter(|x| x.info.tracks.iter().any(|t| t.sid == m.track_sid))
+                    .map(|x| x.addr.clone());
+                if let Some(addr) = owns {
+                    addr.do_send(SendSignal(Resp::Mute(lk::MuteTrackRequest {
+                        sid: m.track_sid.clone(),
+                        muted: m.muted,
+                    })));
+                    <Self as Handler<MuteTrack>>::handle(
+                        self,
+                        MuteTrack {
+                            sid: m.sid,
+                            track_sid: m.track_sid,
+                            muted: m.muted,
+                        },
+                        ctx,
+                    );
+                } else if let Some(next) = self
+                    .remotes
+                    .get(&m.sid)
+                    .map(|x| x.link)
+                    .filter(|l| *l != id)
+                {
+                    self.send_to(next, LinkMsg::Mute(m));
                 }
             }
             LinkMsg::Remove(r) => {

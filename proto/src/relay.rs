@@ -35,7 +35,7 @@ pub enum RelayWireError {
 /// One frame on a room link.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct LinkFrame {
-    #[prost(oneof = "link_frame::Kind", tags = "1, 2, 3, 4, 5, 6, 7, 8")]
+    #[prost(oneof = "link_frame::Kind", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9")]
     pub kind: Option<link_frame::Kind>,
 }
 
@@ -59,7 +59,22 @@ pub mod link_frame {
         RoomMetadata(super::RoomMetadata),
         #[prost(message, tag = "8")]
         Remove(super::RemoveParticipant),
+        #[prost(message, tag = "9")]
+        Mute(super::MuteTrack),
     }
+}
+
+/// The server API mutes (or unmutes) a track of a participant that another node serves:
+/// forwarded like [`RemoveParticipant`]; the participant's node tells the publisher and the
+/// new track state floods back as usual.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct MuteTrack {
+    #[prost(string, tag = "1")]
+    pub sid: String,
+    #[prost(string, tag = "2")]
+    pub track_sid: String,
+    #[prost(bool, tag = "3")]
+    pub muted: bool,
 }
 
 /// The server API removes a participant that another node serves: the frame travels, link by

@@ -19,12 +19,12 @@ What is shown (the issue's tests, and where they stand):
 * `test_origin_death_lease_moves_publisher_reconnects` (issue test 3, origin part) and
   `test_origin_death_publisher_sdk_rejoins_through_front` (the same with the publisher's SDK
   finding a live node by itself through a `Front`).
-* `test_webhooks_once_per_cluster`, `test_server_api_removes_a_participant_of_another_node`:
+* `test_webhooks_once_per_cluster`, `test_server_api_on_participants_of_other_nodes`:
   one room cluster-wide for webhooks (one sid, one room_started/room_finished) and the server
   API.
 * `test_browser_publisher_on_a_rendered_on_c`, `test_browser_over_the_wan`: Chromium simulcast
   publisher and a Chromium page on different nodes (issue test 1's browser).
-* `test_planner_tree_five_nodes` (issue test 2, smallest version): five nodes on the emulated
+* `test_planner_tree_five_nodes` (issue test 2 at full size): five nodes on the emulated
   WAN (origin in a, one node each in b and c, two in the far region d); 8 Python SDK viewers on
   the four edges, plus 32 `arbor-load` watchers (40 viewers, the issue's full size). Every edge's planned tree (`/cluster/fabric`) equals the planner's output for
   the same inputs (the unit test in src/fabric.rs), every edge's upstream link goes to its
@@ -1232,9 +1232,10 @@ async def test_webhooks_once_per_cluster(results):
 
 
 @pytest.mark.timeout(200)
-async def test_server_api_removes_a_participant_of_another_node(cluster3, results):
-    """RoomService `RemoveParticipant` on node A for a participant connected to node C: the
-    request travels over the room links to C, which disconnects it; everyone sees it leave."""
+async def test_server_api_on_participants_of_other_nodes(cluster3, results):
+    """RoomService on node A for a participant connected to node C: `ListParticipants` lists
+    it, `MutePublishedTrack` and `RemoveParticipant` travel over the room links to C, which mutes
+    its track (its SDK is told) and then disconnects it; everyone sees both."""
     from livekit import api
 
     from helpers import API_KEY, API_SECRET
@@ -1249,6 +1250,17 @@ async def test_server_api_removes_a_participant_of_another_node(cluster3, result
         await wait_until(lambda: "carol" in alice.remote_participants, 20, "alice sees carol")
         listed = await lk.room.list_participants(api.ListParticipantsRequest(room=room_name))
         assert {p.identity for p in listed.participants} == {"alice", "carol"}
+        # Mute carol's microphone through node A: her node tells her SDK, alice sees it muted.
+        tone = TonePublisher(TONE_HZ)
+        pub = await tone.publish(carol)
+        await alice_events.wait("track_published", lambda p, who: who.identity == "carol", timeout=20)
+        muted = await lk.room.mute_published_track(
+            api.MuteRoomTrackRequest(room=room_name, identity="carol", track_sid=pub.sid, muted=True)
+        )
+        assert muted.track.muted
+        await alice_events.wait("track_muted", lambda who, p: who.identity == "carol", timeout=20)
+        await carol_events.wait("track_muted", timeout=20)
+        await tone.stop()
         t0 = time.monotonic()
         await lk.room.remove_participant(api.RoomParticipantIdentity(room=room_name, identity="carol"))
         await carol_events.wait("disconnected", timeout=20)
