@@ -242,6 +242,27 @@ pub fn decode_link_frame(buf: &[u8]) -> Result<(link_frame::Kind, usize), RelayW
 mod tests {
     use super::*;
 
+    /// The server-API frames (forwarded towards a participant's node) survive the wire.
+    #[test]
+    fn admin_frames_round_trip() {
+        for kind in [
+            link_frame::Kind::Remove(RemoveParticipant {
+                sid: "PA_x".into(),
+                reason: lk::DisconnectReason::ParticipantRemoved as i32,
+            }),
+            link_frame::Kind::Mute(MuteTrack {
+                sid: "PA_x".into(),
+                track_sid: "TR_y".into(),
+                muted: true,
+            }),
+        ] {
+            let bytes = encode_link_frame(kind.clone()).expect("encode");
+            let (back, used) = decode_link_frame(&bytes).expect("decode");
+            assert_eq!(back, kind);
+            assert_eq!(used, bytes.len());
+        }
+    }
+
     #[test]
     fn frames_round_trip() {
         let kind = link_frame::Kind::Participant(ParticipantState {
