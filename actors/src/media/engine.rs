@@ -36,7 +36,7 @@ use str0m::media::{Direction, KeyframeRequestKind, MediaData, MediaKind, Mid, Ri
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output as RtcOutput, Rtc, RtcConfig};
 
-use crate::media::alloc::{allocate, AllocTrack, Decision};
+use crate::media::alloc::{allocate, next_step_bps, AllocTrack, Decision, Recovery};
 use crate::media::audio::{LevelConfig, LevelMeter};
 use crate::media::relay::{
     self, RelayFrame, RelayLimits, RelayReceiver, RelaySender, RELAY_METRICS,
@@ -206,6 +206,8 @@ struct Peer {
     nack_seen: HashMap<(Mid, Option<Rid>), (u64, u64)>,
     /// Packets and NACKs since the last loss estimate.
     window: (u64, u64),
+    /// Subscriber: when to restart the bandwidth estimator after a drop (`media::alloc`).
+    recovery: Recovery,
 }
 
 struct FwdTrack {
@@ -795,6 +797,7 @@ impl Engine {
             link: LinkStats::default(),
             nack_seen: HashMap::new(),
             window: (0, 0),
+            recovery: Recovery::default(),
         };
         Self::drain(id, &mut peer, &mut self.queue, out);
         self.peers.insert(id, peer);
@@ -1587,7 +1590,7 @@ impl Engine {
             _ => 0,
         };
         let mut keyframes = Vec::new();
-        for ((d, k), i) in decisions.into_iter().zip(keep).zip(idx) {
+        for ((d, k), &i) in decisions.into_iter().zip(keep).zip(&idx) {
             let o = &mut peer.media_out[i];
             let was = o.allowed_rank();
             let current = match o.alloc {
@@ -1637,8 +1640,29 @@ impl Engine {
         if peer.bwe_bps.is_some() && desired > 0 {
             // Probe beyond the need so that the need fits under the usable fraction.
             let target = (desired as f64 / BWE_USABLE * 1.2) as u64;
-            let min = Bitrate::bps(desired.min(budget) / 2);
-            peer.rtc.bwe().set_bitrate(min, Bitrate::bps(target));
+            // While bandwidth holds a track below what its subscriber asked for, pad towards
+            // the next upgrade (str0m caps padding at the estimate), so that the estimate is
+            // anchored to what the link carries, not to the lower layer (see `media::alloc`).
+            let finals: Vec<Decision> = idx.iter().map(|i| peer.media_out[*i].alloc).collect();
+            let step = next_step_bps(&inputs, &finals);
+            let min = step
+                .map_or(0, |s| (s as f64 / BWE_USABLE) as u64)
+                .min(target);
+            peer.rtc
+                .bwe()
+                .set_bitrate(Bitrate::bps(min), Bitrate::bps(target));
+            // Held back for a while on a clean link: restart the estimator from where it is,
+            // which makes str0m probe the path again (bounded by `Recovery`'s back-off).
+            if peer.recovery.on_round(now, step.is_some(), peer.link.loss) {
+                if let Some(b) = peer.bwe_bps {
+                    tracing::debug!(
+                        peer = id.0,
+                        estimate = b,
+                        "restarting the bandwidth estimator to probe upwards"
+                    );
+                    peer.rtc.bwe().reset(Bitrate::bps(b));
+                }
+            }
             Self::drain(id, peer, &mut self.queue, out);
         }
         for t in keyframes {
