@@ -561,3 +561,40 @@ fn limited_subscriber_climbs_back_on_a_loaded_machine() {
         "slowest climb back {worst:?}: {ups:?}"
     );
 }
+
+/// No flapping on a healthy link: an unimpaired subscriber on a loaded machine keeps the high
+/// layer (the downgrade rules that make the drop fast must not fire on scheduling noise).
+#[test]
+fn unimpaired_subscriber_stays_high_on_a_loaded_machine() {
+    for seed in 1..=4 {
+        let mut sim = Sim::new(seed, Load::MODERATE);
+        let high = sim.run_until_layer(3, 20, Duration::from_secs(30));
+        assert!(high.is_some(), "seed {seed}: never reached the high layer");
+        let from = sim.now - sim.t0;
+        sim.run_for(Duration::from_secs(30));
+        let frames: Vec<u8> = sim
+            .received
+            .iter()
+            .filter(|(t, _)| *t >= from)
+            .map(|(_, r)| *r)
+            .collect();
+        let at_high = frames.iter().filter(|r| **r == 3).count();
+        let switches = frames.windows(2).filter(|w| w[0] != w[1]).count();
+        println!(
+            "seed {seed}: {at_high}/{} frames at high, {switches} switches: {:?}",
+            frames.len(),
+            sim.layers_since(from)
+        );
+        assert!(
+            frames.len() >= 500,
+            "seed {seed}: only {} frames in 30 s",
+            frames.len()
+        );
+        assert!(
+            at_high * 10 >= frames.len() * 9,
+            "seed {seed}: only {at_high} of {} frames at high: {:?}",
+            frames.len(),
+            sim.layers_since(from)
+        );
+    }
+}

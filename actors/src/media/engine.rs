@@ -100,6 +100,12 @@ const DOWNGRADE_ROUNDS: u8 = 2;
 /// its budget is cut at once instead of waiting for the delay-based estimate.
 const OVERLOAD_LOSS: f32 = 0.10;
 
+/// str0m paces a subscriber's media at this multiple of its bandwidth estimate. A subscriber
+/// whose current layers need more than that is building a queue in the pacer with every
+/// frame (latency, then a burst of loss when the queue limit forces it out), so its
+/// downgrade is applied at once instead of after [`DOWNGRADE_ROUNDS`].
+const PACING_FACTOR: f64 = 1.1;
+
 /// How far into the future the engine may sleep when no peer has a deadline.
 const IDLE_TICK: Duration = Duration::from_millis(100);
 
@@ -1563,6 +1569,10 @@ impl Engine {
                 .unwrap_or(0);
             lowest_use += t.layers.first().map(|l| l.1).unwrap_or(0);
         }
+        // More than the pacer sends: every round spent on these layers adds to the queue.
+        let saturated = peer
+            .bwe_bps
+            .is_some_and(|b| current_use as f64 > b as f64 * PACING_FACTOR);
         // On an overloaded link (heavy loss) the delay-based estimate lags: budget what is
         // actually getting through, but never less than the lowest layers (pausing is the
         // estimator's call, not this heuristic's).
@@ -1601,13 +1611,16 @@ impl Engine {
                 // An upgrade, or the subscriber itself asked for less: apply at once.
                 o.down_votes = 0;
                 d
-            } else if rank_of(k) >= current && !overloaded {
+            } else if rank_of(k) >= current && !overloaded && !saturated {
                 // The current layer still fits the fuller budget: stay.
                 o.down_votes = 0;
                 o.alloc
             } else {
                 o.down_votes = o.down_votes.saturating_add(1);
-                if o.down_votes >= DOWNGRADE_ROUNDS || overloaded {
+                // A saturated pacer moves down at once, but pausing a track still takes two
+                // rounds: one low estimate is not enough to stop someone's video.
+                let urgent = overloaded || (saturated && rank_of(d) > 0);
+                if o.down_votes >= DOWNGRADE_ROUNDS || urgent {
                     o.down_votes = 0;
                     d
                 } else {
