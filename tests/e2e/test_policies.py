@@ -1,7 +1,9 @@
 """Issue 4, room policies (off by default): audio-only participants beyond a threshold, and
 last-N (only the video of the N most recent speakers is forwarded).
 
-Each test starts its own server with a config file setting one policy.
+Each test starts its own server with a config file: server-wide defaults (`room.last_n`,
+`room.audio_only_after`), or named per-room sets (`room.presets`) that `CreateRoom.room_preset`
+selects.
 """
 
 from __future__ import annotations
