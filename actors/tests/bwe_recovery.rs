@@ -590,8 +590,14 @@ fn unimpaired_subscriber_stays_high_on_a_loaded_machine() {
             "seed {seed}: only {} frames in 30 s",
             frames.len()
         );
+        // A dip (two switches) can happen; flapping cannot.
         assert!(
-            at_high * 10 >= frames.len() * 9,
+            switches <= 4,
+            "seed {seed}: {switches} layer switches: {:?}",
+            sim.layers_since(from)
+        );
+        assert!(
+            at_high * 10 >= frames.len() * 8,
             "seed {seed}: only {at_high} of {} frames at high: {:?}",
             frames.len(),
             sim.layers_since(from)

@@ -101,9 +101,9 @@ const DOWNGRADE_ROUNDS: u8 = 2;
 const OVERLOAD_LOSS: f32 = 0.10;
 
 /// str0m paces a subscriber's media at this multiple of its bandwidth estimate. A subscriber
-/// whose current layers need more than that is building a queue in the pacer with every
-/// frame (latency, then a burst of loss when the queue limit forces it out), so its
-/// downgrade is applied at once instead of after [`DOWNGRADE_ROUNDS`].
+/// whose current layers need more than that while its estimate falls is building a queue in
+/// the pacer with every frame (latency, then a burst of loss when the queue limit forces it
+/// out), so its downgrade is applied at once instead of after [`DOWNGRADE_ROUNDS`].
 const PACING_FACTOR: f64 = 1.1;
 
 /// How far into the future the engine may sleep when no peer has a deadline.
@@ -214,6 +214,8 @@ struct Peer {
     window: (u64, u64),
     /// Subscriber: when to restart the bandwidth estimator after a drop (`media::alloc`).
     recovery: Recovery,
+    /// Subscriber: the estimate the previous allocation round saw.
+    last_alloc_bwe: Option<u64>,
 }
 
 struct FwdTrack {
@@ -804,6 +806,7 @@ impl Engine {
             nack_seen: HashMap::new(),
             window: (0, 0),
             recovery: Recovery::default(),
+            last_alloc_bwe: None,
         };
         Self::drain(id, &mut peer, &mut self.queue, out);
         self.peers.insert(id, peer);
@@ -1569,10 +1572,15 @@ impl Engine {
                 .unwrap_or(0);
             lowest_use += t.layers.first().map(|l| l.1).unwrap_or(0);
         }
-        // More than the pacer sends: every round spent on these layers adds to the queue.
-        let saturated = peer
-            .bwe_bps
-            .is_some_and(|b| current_use as f64 > b as f64 * PACING_FACTOR);
+        // More than the pacer sends: every round spent on these layers adds to the queue. Only
+        // while the estimate is falling: a layer's measured bitrate also jumps for a round
+        // after a large keyframe, and that is no reason to move anyone down.
+        let falling = matches!((peer.bwe_bps, peer.last_alloc_bwe), (Some(b), Some(p)) if b < p);
+        let saturated = falling
+            && peer
+                .bwe_bps
+                .is_some_and(|b| current_use as f64 > b as f64 * PACING_FACTOR);
+        peer.last_alloc_bwe = peer.bwe_bps;
         // On an overloaded link (heavy loss) the delay-based estimate lags: budget what is
         // actually getting through, but never less than the lowest layers (pausing is the
         // estimator's call, not this heuristic's).
