@@ -99,6 +99,9 @@ pub struct RoomConfig {
     pub last_n: usize,
     /// Participants joining after this many receive audio only (0 = off).
     pub audio_only_after: usize,
+    /// Named policy sets for rooms created with `CreateRoom { room_preset: NAME }`:
+    /// `NAME: "last_n=4 audio_only_after=50"` (a policy left out is off).
+    pub presets: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -185,6 +188,7 @@ impl Default for RoomConfig {
             enable_remote_unmute: false,
             last_n: 0,
             audio_only_after: 0,
+            presets: BTreeMap::new(),
         }
     }
 }
@@ -292,6 +296,13 @@ impl Config {
                 return Err(invalid("keys", format!("missing secret for key `{k}`")));
             }
         }
+        for (name, text) in &self.room.presets {
+            if name.is_empty() {
+                return Err(invalid("room.presets", "empty preset name"));
+            }
+            arbor_actors::config::RoomPolicy::parse(text)
+                .map_err(|e| invalid("room.presets", format!("preset `{name}`: {e}")))?;
+        }
         if self.limit.max_signal_message_bytes < 4096 {
             return Err(invalid(
                 "limit.max_signal_message_bytes",
@@ -385,6 +396,17 @@ impl Config {
             ping_timeout: 15,
             last_n: self.room.last_n,
             audio_only_after: self.room.audio_only_after,
+            // Validated by `validate`; an unparsable preset is left out rather than guessed.
+            presets: self
+                .room
+                .presets
+                .iter()
+                .filter_map(|(name, text)| {
+                    arbor_actors::config::RoomPolicy::parse(text)
+                        .ok()
+                        .map(|p| (name.clone(), p))
+                })
+                .collect(),
             node_id,
             region: self.region.clone(),
             enable_remote_unmute: self.room.enable_remote_unmute,
@@ -417,8 +439,8 @@ const TOOLING_PREFIXES: [&str; 6] = [
     "ARBOR_BENCH_",
 ];
 
-/// Config keys whose value is a map (`keys`) rather than a section.
-const MAP_KEYS: [&str; 1] = ["keys"];
+/// Config keys whose value is a map of strings (`keys`, `room.presets`) rather than a section.
+const MAP_KEYS: [&str; 2] = ["keys", "room.presets"];
 
 /// Every overridable key path (`rtc.udp_port`, ...) and its default value.
 fn leaf_keys() -> Vec<(String, serde_yaml::Value)> {
@@ -796,6 +818,32 @@ mod tests {
             .contains("webhook.api_key"));
         c.webhook.api_key = "k2".into();
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn room_presets_from_file_and_env_are_validated() {
+        let c = Config::from_yaml(
+            "keys:\n  k: s\nroom:\n  presets:\n    webinar: \"last_n=4 audio_only_after=50\"\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let s = c.room_settings("n".into(), Default::default());
+        assert_eq!(s.presets["webinar"].last_n, 4);
+        assert_eq!(s.presets["webinar"].audio_only_after, 50);
+        // Off by default: no preset, no policy.
+        assert_eq!((s.last_n, s.audio_only_after), (0, 0));
+        let c = Config::load(
+            None,
+            true,
+            env(&[("ARBOR_ROOM_PRESETS", "a: last_n=2, b: audio_only_after=3")]),
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.room.presets.len(), 2);
+        let mut c = Config::dev();
+        c.room.presets.insert("bad".into(), "last_n=x".into());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("room.presets") && e.contains("bad"), "{e}");
     }
 
     #[test]

@@ -427,6 +427,29 @@ async fn create_room(
         return Err(TwirpError::new("invalid_argument", "`name` is required"));
     }
     check_metadata(state, req.metadata.len())?;
+    // Room policies per room: `room_preset` names an entry of the config's `room.presets`.
+    let policy = if req.room_preset.is_empty() {
+        None
+    } else {
+        match state.settings.presets.get(&req.room_preset) {
+            Some(p) => Some(*p),
+            None => {
+                let known: Vec<&str> = state.settings.presets.keys().map(String::as_str).collect();
+                return Err(TwirpError::new(
+                    "invalid_argument",
+                    format!(
+                        "unknown room_preset `{}` (room.presets has: {})",
+                        req.room_preset,
+                        if known.is_empty() {
+                            "none".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                ));
+            }
+        }
+    };
     let room = state
         .manager
         .send(GetRoom {
@@ -440,6 +463,7 @@ async fn create_room(
             departure_timeout: req.departure_timeout,
             max_participants: req.max_participants,
             metadata: req.metadata,
+            policy,
         })
         .await?;
     Ok(info)

@@ -1,6 +1,57 @@
 //! Control-plane settings handed to rooms and participants (filled from the server config).
 
+use std::collections::BTreeMap;
 use std::time::Duration;
+
+/// The media policies of one room (issue 4, "room policies"). Both are off (0) by default.
+///
+/// Server-wide defaults come from `room.last_n` / `room.audio_only_after`; a room created with
+/// LiveKit's `CreateRoom` and a `room_preset` naming an entry of `room.presets` uses that
+/// preset's values instead.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RoomPolicy {
+    /// Forward only the video of the N most recent speakers (0 = off).
+    pub last_n: usize,
+    /// Participants joining after this many receive audio only (0 = off).
+    pub audio_only_after: usize,
+}
+
+impl RoomPolicy {
+    /// Largest value accepted for either policy (a room never has more members than this).
+    pub const MAX: usize = 100_000;
+
+    /// Parses a preset's text, `last_n=4 audio_only_after=50` (space- or `;`-separated
+    /// `key=value` pairs; a key left out is off). Errors name the offending part.
+    pub fn parse(text: &str) -> Result<RoomPolicy, String> {
+        let mut p = RoomPolicy::default();
+        for item in text
+            .split([' ', ';'])
+            .map(str::trim)
+            .filter(|i| !i.is_empty())
+        {
+            let (k, v) = item
+                .split_once('=')
+                .ok_or_else(|| format!("expected `key=value`, got `{item}`"))?;
+            let n: usize = v
+                .trim()
+                .parse()
+                .map_err(|_| format!("`{k}` needs a whole number, got `{v}`"))?;
+            if n > Self::MAX {
+                return Err(format!("`{k}` = {n} is above {}", Self::MAX));
+            }
+            match k.trim() {
+                "last_n" => p.last_n = n,
+                "audio_only_after" => p.audio_only_after = n,
+                other => {
+                    return Err(format!(
+                        "unknown policy `{other}` (known: last_n, audio_only_after)"
+                    ))
+                }
+            }
+        }
+        Ok(p)
+    }
+}
 
 /// Room defaults and per-room / per-participant limits.
 #[derive(Debug, Clone)]
@@ -34,6 +85,9 @@ pub struct RoomSettings {
     /// Room policy: participants joining after this many receive audio only (0 = off,
     /// `room.audio_only_after`).
     pub audio_only_after: usize,
+    /// Named policy sets a room can be created with (`CreateRoom.room_preset`, config
+    /// `room.presets`).
+    pub presets: BTreeMap<String, RoomPolicy>,
     /// Node id and region reported to clients.
     pub node_id: String,
     pub region: String,
@@ -60,10 +114,40 @@ impl Default for RoomSettings {
             ping_timeout: 15,
             last_n: 0,
             audio_only_after: 0,
+            presets: BTreeMap::new(),
             node_id: "ND_local".into(),
             region: String::new(),
             enable_remote_unmute: false,
             events: crate::events::EventSink::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RoomPolicy;
+
+    #[test]
+    fn policy_text_parses_and_errors_name_the_part() {
+        assert_eq!(
+            RoomPolicy::parse("last_n=4 audio_only_after=50"),
+            Ok(RoomPolicy {
+                last_n: 4,
+                audio_only_after: 50
+            })
+        );
+        assert_eq!(RoomPolicy::parse("  "), Ok(RoomPolicy::default()));
+        assert_eq!(
+            RoomPolicy::parse("audio_only_after=2;last_n=0").map(|p| p.audio_only_after),
+            Ok(2)
+        );
+        assert!(RoomPolicy::parse("last_n")
+            .unwrap_err()
+            .contains("key=value"));
+        assert!(RoomPolicy::parse("last_n=-1")
+            .unwrap_err()
+            .contains("last_n"));
+        assert!(RoomPolicy::parse("bogus=1").unwrap_err().contains("bogus"));
+        assert!(RoomPolicy::parse("last_n=999999999").is_err());
     }
 }

@@ -14,7 +14,7 @@ use lk::signal_response::Message as Resp;
 
 use arbor_proto::relay::{self as wire, link_frame::Kind as LinkMsg};
 
-use crate::config::RoomSettings;
+use crate::config::{RoomPolicy, RoomSettings};
 use crate::error::RoomError;
 use crate::events::names as ev;
 use crate::fabric::{Directory, LinkEvent, LinkIo, LinkStream};
@@ -103,6 +103,8 @@ pub struct FabricRole {
 pub struct Room {
     info: lk::Room,
     settings: Arc<RoomSettings>,
+    /// This room's media policies: the server's defaults, or a `CreateRoom` preset.
+    policy: RoomPolicy,
     media: MediaHandle,
     manager: Addr<RoomManager>,
     members: BTreeMap<String, Member>,
@@ -209,6 +211,10 @@ impl Room {
         let span = tracing::info_span!("room", name = %info.name, sid = %info.sid);
         Room {
             info,
+            policy: RoomPolicy {
+                last_n: settings.last_n,
+                audio_only_after: settings.audio_only_after,
+            },
             settings,
             media,
             manager,
@@ -386,10 +392,20 @@ impl Room {
     }
 
     /// Room policy last-N: only the video of the N most recent speakers is forwarded (with
-    /// fewer speakers, the earliest joiners fill the remaining places). Off when N is 0.
+    /// fewer speakers, the earliest joiners fill the remaining places). Off when N is 0; a
+    /// room whose policy was just switched off releases the caps it had set.
     fn apply_last_n(&mut self) {
-        let n = self.settings.last_n;
+        let n = self.policy.last_n;
         if n == 0 {
+            for t in self.tracks.values_mut() {
+                if t.video && t.last_n_cap != 3 {
+                    t.last_n_cap = 3;
+                    t.addr.do_send(PolicyCap {
+                        participant_sid: None,
+                        cap: 3,
+                    });
+                }
+            }
             return;
         }
         let mut order: Vec<String> = self
@@ -657,7 +673,7 @@ impl Handler<Join> for Room {
             .chain(self.remotes.values().map(|r| r.info.clone()))
             .collect();
         tracing::info!(parent: &self.span, participant = %sid, identity = %msg.info.identity, "participant joined");
-        let after = self.settings.audio_only_after;
+        let after = self.policy.audio_only_after;
         let audio_only = after > 0 && self.members.len() >= after;
         let joined_seq = self.next_join_seq;
         self.next_join_seq += 1;
@@ -1133,6 +1149,10 @@ pub struct Configure {
     pub departure_timeout: u32,
     pub max_participants: u32,
     pub metadata: String,
+    /// The policies of the `room_preset` the room was created with (already resolved
+    /// against `room.presets` by the caller). Last-N applies from the next speaker round;
+    /// audio-only applies to participants who join from now on.
+    pub policy: Option<RoomPolicy>,
 }
 
 impl Handler<Configure> for Room {
@@ -1150,6 +1170,11 @@ impl Handler<Configure> for Room {
         }
         if msg.max_participants > 0 {
             self.info.max_participants = msg.max_participants;
+        }
+        if let Some(p) = msg.policy {
+            tracing::info!(parent: &self.span, last_n = p.last_n, audio_only_after = p.audio_only_after, "room policies from the CreateRoom preset");
+            self.policy = p;
+            self.apply_last_n();
         }
         if !msg.metadata.is_empty() && msg.metadata != self.info.metadata {
             self.info.metadata = msg.metadata;

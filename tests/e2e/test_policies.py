@@ -1,7 +1,9 @@
 """Issue 4, room policies (off by default): audio-only participants beyond a threshold, and
 last-N (only the video of the N most recent speakers is forwarded).
 
-Each test starts its own server with a config file setting one policy.
+Each test starts its own server with a config file: server-wide defaults (`room.last_n`,
+`room.audio_only_after`), or named per-room sets (`room.presets`) that `CreateRoom.room_preset`
+selects.
 """
 
 from __future__ import annotations
@@ -120,6 +122,78 @@ async def test_last_n_forwards_only_recent_speakers():
     finally:
         for d in recv.values():
             for r in d.values():
+                await r.close()
+        for p in pubs:
+            await p.stop()
+        await disconnect_all(*rooms)
+        text = server.log_text()
+        stop_arbor(server)
+        assert "panicked at" not in text
+
+
+@pytest.mark.timeout(240)
+async def test_policy_per_room_from_create_room_preset():
+    """Per room: `room.presets` names policy sets, and a room created with the server API's
+    `CreateRoom { room_preset }` uses its set. On the same server a room created without a
+    preset has the server defaults (here: every policy off), so its third participant gets
+    video; the preset room's third participant gets audio only. An unknown preset is refused."""
+    from livekit import api
+
+    server = server_with(
+        "policy_presets", "room:\n  presets:\n    webinar: \"audio_only_after=2\"\n"
+    )
+    rooms = []
+    pubs = []
+    got: dict = {}
+    try:
+        lk = api.LiveKitAPI(server.http_url, "devkey", "secret", failover=False)
+        try:
+            await lk.room.create_room(api.CreateRoomRequest(name="with-preset", room_preset="webinar"))
+            await lk.room.create_room(api.CreateRoomRequest(name="no-preset"))
+            with pytest.raises(api.TwirpError) as refused:
+                await lk.room.create_room(api.CreateRoomRequest(name="x", room_preset="nope"))
+            assert refused.value.code == "invalid_argument" and "nope" in refused.value.message, refused.value
+            names = {r.name for r in (await lk.room.list_rooms(api.ListRoomsRequest())).rooms}
+            assert "x" not in names, f"a refused CreateRoom created the room: {names}"
+        finally:
+            await lk.aclose()
+
+        for room_name in ("with-preset", "no-preset"):
+            a, _ = await connect(server.ws_url, make_token("alice", room_name), "A")
+            rooms.append(a)
+            video, audio = CounterVideoPublisher(320, 240, 15), TonePublisher(440.0)
+            pubs += [video, audio]
+            await video.publish(a)
+            await audio.publish(a)
+            for ident in ("bob", "carol"):
+                store: dict = {}
+                got[(room_name, ident)] = store
+                room = rtc.Room()
+                collect(room, "alice", store)
+                await asyncio.wait_for(room.connect(server.ws_url, make_token(ident, room_name)), 30)
+                rooms.append(room)
+
+        def frames(room_name: str, ident: str) -> int:
+            store = got[(room_name, ident)]
+            return len(store["video"].frames) if "video" in store else 0
+
+        await wait_until(lambda: frames("with-preset", "bob") >= 20, 40, "bob decodes video in the preset room")
+        await wait_until(lambda: frames("no-preset", "carol") >= 20, 40, "carol decodes video in the room without preset")
+        await wait_until(
+            lambda: "audio" in got[("with-preset", "carol")] and got[("with-preset", "carol")]["audio"].tone_seconds >= 1.0,
+            40, "carol hears audio in the preset room",
+        )
+        await asyncio.sleep(3)
+        assert frames("with-preset", "carol") == 0, (
+            f"third participant of the preset room decoded {frames('with-preset', 'carol')} video frames"
+        )
+        print(
+            f"RESULT: policies per room (CreateRoom room_preset): preset room 3rd participant 0 video frames, "
+            f"2nd {frames('with-preset', 'bob')}; room without preset 3rd participant {frames('no-preset', 'carol')} frames"
+        )
+    finally:
+        for store in got.values():
+            for r in store.values():
                 await r.close()
         for p in pubs:
             await p.stop()

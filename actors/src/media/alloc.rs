@@ -9,6 +9,32 @@
 //! the congestion controller can probe towards it.
 //!
 //! Pure and deterministic: same inputs, same output.
+//!
+//! # Climbing back after a drop (bug B6)
+//!
+//! The estimate that feeds the allocator comes from str0m's delay-based congestion control
+//! (GoogCC). When it sees queuing delay grow ("overuse") it cuts the estimate to 0.85 × the
+//! *acknowledged* bitrate, and it never raises the estimate above 1.5 × that bitrate without a
+//! probe. A subscriber that was dropped to the low layer therefore has its estimate anchored
+//! to the low layer's ~150–250 kbit/s. On an idle machine probes lift it within seconds. On a
+//! loaded machine the sender's and receiver's scheduling jitter looks like queuing delay, each
+//! false overuse cuts the estimate back to 0.85 × the low layer, and a probe's gain is undone
+//! before the allocator can use it: the subscriber stayed on low for a minute after its link
+//! was freed (reproduced in simulated time by `actors/tests/bwe_recovery.rs`). Two remedies
+//! live here and are applied by the engine:
+//!
+//! * [`next_step_bps`]: while a track is held below what its subscriber asked for, the engine
+//!   asks str0m to pad the link up to the bitrate of the next upgrade (str0m caps the padding
+//!   at the estimate). The acknowledged bitrate then follows the estimate rather than the low
+//!   layer, so a false overuse costs 15% of the estimate, not the estimate itself.
+//! * [`Recovery`]: if a subscriber stays held for [`RECOVERY_HOLD`] on a clean link (no
+//!   loss), the engine restarts the estimator from its current value. A fresh estimator runs
+//!   str0m's start-up probing (bursts at 3× and 6× the estimate), the same discovery that
+//!   finds the capacity of a new connection. The probes measure the path: on a link that is
+//!   still limited they find the limit and nothing changes. Retries back off from
+//!   [`RECOVERY_BACKOFF_MIN`] to [`RECOVERY_BACKOFF_MAX`].
+
+use std::time::{Duration, Instant};
 
 /// One subscribed video track, as the allocator sees it.
 #[derive(Debug, Clone, PartialEq)]
@@ -104,6 +130,93 @@ pub fn allocate(budget_bps: u64, tracks: &[AllocTrack]) -> (Vec<Decision>, u64) 
     (decisions, desired)
 }
 
+/// The bitrate (bits/s) the subscriber would use after the cheapest next upgrade: what it
+/// receives now under `decisions` plus the smallest step of one track to its next wanted
+/// layer (or from paused to its lowest layer). `None` when every track already has the best
+/// layer its subscriber asked for, i.e. nothing is held back by bandwidth.
+pub fn next_step_bps(tracks: &[AllocTrack], decisions: &[Decision]) -> Option<u64> {
+    let mut used = 0u64;
+    let mut step: Option<u64> = None;
+    for (t, d) in tracks.iter().zip(decisions) {
+        let wanted: Vec<(u8, u64)> = t
+            .layers
+            .iter()
+            .copied()
+            .filter(|(r, _)| *r <= t.max_rank)
+            .collect();
+        let wanted = if wanted.is_empty() {
+            t.layers.first().copied().into_iter().collect()
+        } else {
+            wanted
+        };
+        let (cur_bps, next_bps) = match d {
+            Decision::PausedBySubscriber => continue,
+            Decision::PausedByCongestion => (0, wanted.first().map(|l| l.1)),
+            Decision::Layer(r) => {
+                let cur = wanted.iter().rev().find(|(x, _)| x <= r).map_or(0, |l| l.1);
+                (cur, wanted.iter().find(|(x, _)| x > r).map(|l| l.1))
+            }
+        };
+        used += cur_bps;
+        if let Some(n) = next_bps {
+            let delta = n.saturating_sub(cur_bps);
+            step = Some(step.map_or(delta, |s| s.min(delta)));
+        }
+    }
+    step.map(|s| used + s)
+}
+
+/// How long a subscriber must be held below its wanted layers, on a clean link, before the
+/// engine restarts its bandwidth estimator.
+pub const RECOVERY_HOLD: Duration = Duration::from_secs(3);
+/// First wait between two estimator restarts of one subscriber.
+pub const RECOVERY_BACKOFF_MIN: Duration = Duration::from_secs(4);
+/// Longest wait between two estimator restarts (the back-off doubles up to this).
+pub const RECOVERY_BACKOFF_MAX: Duration = Duration::from_secs(32);
+/// Loss (fraction) at or above which a link is not clean: no restart while it lasts.
+pub const RECOVERY_MAX_LOSS: f32 = 0.02;
+
+/// Per-subscriber state of the climb back after a drop: decides when to restart the
+/// bandwidth estimator (see the module documentation). Sans-IO: fed once per allocation
+/// round with `now`.
+#[derive(Debug, Clone, Default)]
+pub struct Recovery {
+    /// Since when the subscriber has been held below its wanted layers on a clean link.
+    held_since: Option<Instant>,
+    /// No restart before this instant.
+    not_before: Option<Instant>,
+    /// The wait after the next restart.
+    backoff: Duration,
+}
+
+impl Recovery {
+    /// One allocation round. `held`: some track gets less than its subscriber asked for
+    /// because of bandwidth; `loss`: the link's current loss fraction. Returns true when the
+    /// estimator should be restarted now.
+    pub fn on_round(&mut self, now: Instant, held: bool, loss: f32) -> bool {
+        if !held {
+            // Everything fits: the next drop starts from scratch.
+            *self = Recovery::default();
+            return false;
+        }
+        if loss >= RECOVERY_MAX_LOSS {
+            // Congested: the estimate is right to be low. Wait for a clean stretch.
+            self.held_since = None;
+            return false;
+        }
+        let since = *self.held_since.get_or_insert(now);
+        if now.saturating_duration_since(since) < RECOVERY_HOLD
+            || self.not_before.is_some_and(|t| now < t)
+        {
+            return false;
+        }
+        let wait = self.backoff.max(RECOVERY_BACKOFF_MIN);
+        self.not_before = Some(now + wait);
+        self.backoff = (wait * 2).min(RECOVERY_BACKOFF_MAX);
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,5 +281,42 @@ mod tests {
                 .sum();
             assert!(used <= budget, "budget {budget} used {used}");
         }
+    }
+
+    #[test]
+    fn next_step_is_the_cheapest_upgrade_of_a_held_track() {
+        let tracks = [sim(3), sim(2)];
+        // Both at their wanted layer: nothing is held back.
+        let d = [Decision::Layer(3), Decision::Layer(2)];
+        assert_eq!(next_step_bps(&tracks, &d), None);
+        // Both on low: the cheaper step is either track to medium (+350 k).
+        let d = [Decision::Layer(1), Decision::Layer(1)];
+        assert_eq!(next_step_bps(&tracks, &d), Some(300_000 + 350_000));
+        // A paused track's next step is its lowest layer; a subscriber pause is not held.
+        let d = [Decision::PausedByCongestion, Decision::PausedBySubscriber];
+        assert_eq!(next_step_bps(&tracks, &d), Some(150_000));
+    }
+
+    #[test]
+    fn recovery_waits_for_a_clean_hold_and_backs_off() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut r = Recovery::default();
+        // Held on a lossy link: never.
+        for ms in (0..10_000).step_by(500) {
+            assert!(!r.on_round(at(ms), true, 0.2));
+        }
+        // Clean from 10 s: the first restart after RECOVERY_HOLD, then 4 s, 8 s, 16 s apart.
+        let mut restarts = Vec::new();
+        for ms in (10_000..60_000).step_by(500) {
+            if r.on_round(at(ms), true, 0.0) {
+                restarts.push(ms);
+            }
+        }
+        assert_eq!(restarts, vec![13_000, 17_000, 25_000, 41_000]);
+        // Not held any more: state cleared, the next drop waits the full hold again.
+        assert!(!r.on_round(at(60_000), false, 0.0));
+        assert!(!r.on_round(at(60_500), true, 0.0));
+        assert!(r.on_round(at(63_500), true, 0.0));
     }
 }

@@ -36,7 +36,7 @@ use str0m::media::{Direction, KeyframeRequestKind, MediaData, MediaKind, Mid, Ri
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output as RtcOutput, Rtc, RtcConfig};
 
-use crate::media::alloc::{allocate, AllocTrack, Decision};
+use crate::media::alloc::{allocate, next_step_bps, AllocTrack, Decision, Recovery};
 use crate::media::audio::{LevelConfig, LevelMeter};
 use crate::media::relay::{
     self, RelayFrame, RelayLimits, RelayReceiver, RelaySender, RELAY_METRICS,
@@ -99,6 +99,12 @@ const DOWNGRADE_ROUNDS: u8 = 2;
 /// Loss (fraction of packets NACKed) above which a subscriber's link counts as overloaded:
 /// its budget is cut at once instead of waiting for the delay-based estimate.
 const OVERLOAD_LOSS: f32 = 0.10;
+
+/// str0m paces a subscriber's media at this multiple of its bandwidth estimate. A subscriber
+/// whose current layers need more than that while its estimate falls is building a queue in
+/// the pacer with every frame (latency, then a burst of loss when the queue limit forces it
+/// out), so its downgrade is applied at once instead of after [`DOWNGRADE_ROUNDS`].
+const PACING_FACTOR: f64 = 1.1;
 
 /// How far into the future the engine may sleep when no peer has a deadline.
 const IDLE_TICK: Duration = Duration::from_millis(100);
@@ -206,6 +212,10 @@ struct Peer {
     nack_seen: HashMap<(Mid, Option<Rid>), (u64, u64)>,
     /// Packets and NACKs since the last loss estimate.
     window: (u64, u64),
+    /// Subscriber: when to restart the bandwidth estimator after a drop (`media::alloc`).
+    recovery: Recovery,
+    /// Subscriber: the estimate the previous allocation round saw.
+    last_alloc_bwe: Option<u64>,
 }
 
 struct FwdTrack {
@@ -836,6 +846,8 @@ impl Engine {
             link: LinkStats::default(),
             nack_seen: HashMap::new(),
             window: (0, 0),
+            recovery: Recovery::default(),
+            last_alloc_bwe: None,
         };
         Self::drain(id, &mut peer, &mut self.queue, out);
         self.peers.insert(id, peer);
@@ -1601,6 +1613,15 @@ impl Engine {
                 .unwrap_or(0);
             lowest_use += t.layers.first().map(|l| l.1).unwrap_or(0);
         }
+        // More than the pacer sends: every round spent on these layers adds to the queue. Only
+        // while the estimate is falling: a layer's measured bitrate also jumps for a round
+        // after a large keyframe, and that is no reason to move anyone down.
+        let falling = matches!((peer.bwe_bps, peer.last_alloc_bwe), (Some(b), Some(p)) if b < p);
+        let saturated = falling
+            && peer
+                .bwe_bps
+                .is_some_and(|b| current_use as f64 > b as f64 * PACING_FACTOR);
+        peer.last_alloc_bwe = peer.bwe_bps;
         // On an overloaded link (heavy loss) the delay-based estimate lags: budget what is
         // actually getting through, but never less than the lowest layers (pausing is the
         // estimator's call, not this heuristic's).
@@ -1628,7 +1649,7 @@ impl Engine {
             _ => 0,
         };
         let mut keyframes = Vec::new();
-        for ((d, k), i) in decisions.into_iter().zip(keep).zip(idx) {
+        for ((d, k), &i) in decisions.into_iter().zip(keep).zip(&idx) {
             let o = &mut peer.media_out[i];
             let was = o.allowed_rank();
             let current = match o.alloc {
@@ -1639,13 +1660,16 @@ impl Engine {
                 // An upgrade, or the subscriber itself asked for less: apply at once.
                 o.down_votes = 0;
                 d
-            } else if rank_of(k) >= current && !overloaded {
+            } else if rank_of(k) >= current && !overloaded && !saturated {
                 // The current layer still fits the fuller budget: stay.
                 o.down_votes = 0;
                 o.alloc
             } else {
                 o.down_votes = o.down_votes.saturating_add(1);
-                if o.down_votes >= DOWNGRADE_ROUNDS || overloaded {
+                // A saturated pacer moves down at once, but pausing a track still takes two
+                // rounds: one low estimate is not enough to stop someone's video.
+                let urgent = overloaded || (saturated && rank_of(d) > 0);
+                if o.down_votes >= DOWNGRADE_ROUNDS || urgent {
                     o.down_votes = 0;
                     d
                 } else {
@@ -1678,8 +1702,29 @@ impl Engine {
         if peer.bwe_bps.is_some() && desired > 0 {
             // Probe beyond the need so that the need fits under the usable fraction.
             let target = (desired as f64 / BWE_USABLE * 1.2) as u64;
-            let min = Bitrate::bps(desired.min(budget) / 2);
-            peer.rtc.bwe().set_bitrate(min, Bitrate::bps(target));
+            // While bandwidth holds a track below what its subscriber asked for, pad towards
+            // the next upgrade (str0m caps padding at the estimate), so that the estimate is
+            // anchored to what the link carries, not to the lower layer (see `media::alloc`).
+            let finals: Vec<Decision> = idx.iter().map(|i| peer.media_out[*i].alloc).collect();
+            let step = next_step_bps(&inputs, &finals);
+            let min = step
+                .map_or(0, |s| (s as f64 / BWE_USABLE) as u64)
+                .min(target);
+            peer.rtc
+                .bwe()
+                .set_bitrate(Bitrate::bps(min), Bitrate::bps(target));
+            // Held back for a while on a clean link: restart the estimator from where it is,
+            // which makes str0m probe the path again (bounded by `Recovery`'s back-off).
+            if peer.recovery.on_round(now, step.is_some(), peer.link.loss) {
+                if let Some(b) = peer.bwe_bps {
+                    tracing::debug!(
+                        peer = id.0,
+                        estimate = b,
+                        "restarting the bandwidth estimator to probe upwards"
+                    );
+                    peer.rtc.bwe().reset(Bitrate::bps(b));
+                }
+            }
             Self::drain(id, peer, &mut self.queue, out);
         }
         for t in keyframes {
