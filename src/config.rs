@@ -121,6 +121,9 @@ pub struct LimitConfig {
     pub max_metadata_bytes: usize,
     /// Largest accepted WebSocket message.
     pub max_signal_message_bytes: usize,
+    /// Read buffer (and write-buffer target) of each signal WebSocket. Signal messages are
+    /// small; larger ones are read in several chunks.
+    pub signal_buffer_bytes: usize,
     /// Responses queued to one client before it is dropped as too slow.
     pub signal_queue: usize,
     /// Peer connections per node (two per participant).
@@ -213,6 +216,7 @@ impl Default for LimitConfig {
             max_data_packet_bytes: 64 * 1024,
             max_metadata_bytes: 64 * 1024,
             max_signal_message_bytes: 256 * 1024,
+            signal_buffer_bytes: 16 * 1024,
             signal_queue: 1024,
             max_peers: 20_000,
             signal_rate: 100,
@@ -322,6 +326,9 @@ impl Config {
                 "limit.max_signal_message_bytes",
                 "must be at least 4096",
             ));
+        }
+        if !(1024..=1024 * 1024).contains(&self.limit.signal_buffer_bytes) {
+            return Err(invalid("limit.signal_buffer_bytes", "must be 1024-1048576"));
         }
         if self.limit.signal_queue == 0 {
             return Err(invalid("limit.signal_queue", "must be positive"));

@@ -282,6 +282,7 @@ fn run() -> anyhow::Result<()> {
             settings,
             arbiter: actix::Arbiter::current(),
             max_message_bytes: cfg.limit.max_signal_message_bytes,
+            ws_buffer_bytes: cfg.limit.signal_buffer_bytes,
             signal_rate: cfg.limit.signal_rate,
             signal_burst: cfg.limit.signal_burst,
         };

@@ -66,6 +66,8 @@ pub struct Metrics {
     pub udp_send_syscalls: AtomicU64,
     /// Messages that carried several datagrams to one destination (UDP GSO).
     pub udp_gso_messages: AtomicU64,
+    /// Timeout inputs given to peer connections (str0m timers: pacer, ICE, DTLS, SCTP, BWE).
+    pub peer_timeouts: AtomicU64,
 }
 
 /// The process's metrics.
@@ -95,6 +97,7 @@ pub static METRICS: Metrics = Metrics {
     nacks_received: AtomicU64::new(0),
     udp_send_syscalls: AtomicU64::new(0),
     udp_gso_messages: AtomicU64::new(0),
+    peer_timeouts: AtomicU64::new(0),
 };
 
 impl Metrics {
@@ -155,7 +158,12 @@ impl Metrics {
         for (name, help, v) in gauges {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         }
-        let counters: [(&str, &str, u64); 21] = [
+        let counters: [(&str, &str, u64); 22] = [
+            (
+                "arbor_peer_timeouts_total",
+                "Timer inputs given to peer connections (pacer, ICE, DTLS, SCTP, BWE).",
+                self.peer_timeouts.load(Relaxed),
+            ),
             (
                 "arbor_udp_send_syscalls_total",
                 "System calls that sent media datagrams (sendmmsg or sendto).",

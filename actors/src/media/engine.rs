@@ -567,6 +567,7 @@ impl Engine {
                 self.queue.timers.schedule(id, &mut peer.scheduled, next);
                 continue;
             }
+            METRICS.peer_timeouts.fetch_add(1, Relaxed);
             if let Err(e) = peer.rtc.handle_input(Input::Timeout(now)) {
                 tracing::debug!(peer = id.0, error = %e, "timeout input failed");
                 peer.rtc.disconnect();
