@@ -20,6 +20,7 @@ use std::time::Instant;
 use arbor_actors::media::engine::{Engine, EngineConfig, EngineLimits};
 use arbor_actors::media::{Command, PeerId, PeerRole};
 use harness::Room;
+use str0m::media::MediaKind;
 use str0m::Candidate;
 
 /// Counts live heap bytes on top of the system allocator.
@@ -53,7 +54,7 @@ static ALLOC: Counting = Counting;
 /// which live in the same process, are dropped before counting).
 fn engine_bytes(n: usize, limits: EngineLimits, secs: u64) -> isize {
     let before = LIVE.load(Relaxed);
-    let mut room = Room::with_limits(n, limits);
+    let mut room = Room::with_limits(n, limits, MediaKind::Video);
     for _ in 0..(secs * 50) {
         room.step(true);
     }

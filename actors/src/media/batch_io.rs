@@ -215,6 +215,11 @@ impl TxBatch {
             let r = self.sys.sendmmsg(fd);
             stats.syscalls += 1;
             match r {
+                Ok(0) => {
+                    // Not expected for a non-empty vector; never loop on it.
+                    stats.dropped += runs[0];
+                    i += runs[0];
+                }
                 Ok(done) => {
                     // `done` ≥ 1 messages went out: account them and continue after them.
                     for &n in &runs[..done.min(m)] {

@@ -2193,3 +2193,70 @@ mod relay_tests {
         }
     }
 }
+
+#[cfg(test)]
+mod lookup_tests {
+    //! The pure pieces of the engine's per-packet bookkeeping: the timer heap's lazy
+    //! invalidation and the STUN ufrag parser used to find a peer without scanning.
+    use super::*;
+
+    #[test]
+    fn timer_heap_pops_only_current_deadlines() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut q = TimerQueue::default();
+        let (a, b) = (PeerId(1), PeerId(2));
+        let (mut sa, mut sb) = (None, None);
+        q.schedule(a, &mut sa, ms(50));
+        q.schedule(a, &mut sa, ms(80)); // later: nothing pushed, the 50 ms entry stands
+        q.schedule(a, &mut sa, ms(10)); // earlier: pushed, the 50 ms entry is now stale
+        q.schedule(b, &mut sb, ms(30));
+        assert_eq!(q.heap.len(), 3);
+        assert_eq!((sa, sb), (Some(ms(10)), Some(ms(30))));
+        assert_eq!(q.peek(), Some(ms(10)));
+        let mut due = Vec::new();
+        q.pop_due(ms(40), &mut due);
+        assert_eq!(due, vec![(ms(10), a), (ms(30), b)]);
+        due.clear();
+        q.pop_due(ms(60), &mut due);
+        // The stale 50 ms entry of `a` comes out; `handle_timeout` skips it because it is not
+        // `a`'s scheduled deadline.
+        assert_eq!(due, vec![(ms(50), a)]);
+        assert!(q.heap.is_empty());
+    }
+
+    fn stun_request(username: &[u8]) -> Vec<u8> {
+        let mut attrs = Vec::new();
+        attrs.extend_from_slice(&0x0006u16.to_be_bytes());
+        attrs.extend_from_slice(&(username.len() as u16).to_be_bytes());
+        attrs.extend_from_slice(username);
+        while attrs.len() % 4 != 0 {
+            attrs.push(0);
+        }
+        let mut d = vec![0x00, 0x01];
+        d.extend_from_slice(&(attrs.len() as u16).to_be_bytes());
+        d.extend_from_slice(&[0x21, 0x12, 0xa4, 0x42]);
+        d.extend_from_slice(&[7; 12]);
+        d.extend_from_slice(&attrs);
+        d
+    }
+
+    #[test]
+    fn stun_ufrag_is_the_receiver_part_of_username() {
+        assert_eq!(stun_local_ufrag(&stun_request(b"srv1:cli2")), Some("srv1"));
+        assert_eq!(stun_local_ufrag(&stun_request(b"abc")), Some("abc"));
+        assert_eq!(stun_local_ufrag(&stun_request(b":x")), None);
+        // Not STUN: RTP (version 2), DTLS, short, wrong cookie, truncated attribute.
+        assert_eq!(stun_local_ufrag(&[0x80; 40]), None);
+        assert_eq!(stun_local_ufrag(&[22, 254, 253, 0, 0]), None);
+        let mut bad = stun_request(b"srv1:cli2");
+        bad[4] = 0;
+        assert_eq!(stun_local_ufrag(&bad), None);
+        let mut cut = stun_request(b"srv1:cli2");
+        cut.truncate(26);
+        assert_eq!(stun_local_ufrag(&cut), None);
+        let mut long = stun_request(b"srv1:cli2");
+        long[2] = 0xff; // length beyond the datagram
+        assert_eq!(stun_local_ufrag(&long), None);
+    }
+}
