@@ -80,6 +80,17 @@ pub struct RtcConfig {
     pub node_ip: Option<IpAddr>,
     /// Local address the media sockets bind to (default 0.0.0.0).
     pub bind: Option<IpAddr>,
+    /// Milliseconds a subscriber connection keeps each sent packet for retransmission
+    /// (NACK → RTX). Most of a subscription's memory is this history.
+    pub rtx_history_ms: u64,
+    /// Most packets kept for retransmission per outgoing video stream.
+    pub rtx_packets_video: usize,
+    /// Most packets kept for retransmission per outgoing audio stream.
+    pub rtx_packets_audio: usize,
+    /// Batched UDP I/O: `recvmmsg`, `sendmmsg` and UDP GSO where the kernel has it.
+    pub batch_io: bool,
+    /// Scans over all peers per second for non-STUN datagrams from unknown addresses.
+    pub unknown_source_scans_per_sec: u32,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -113,6 +124,9 @@ pub struct LimitConfig {
     pub max_metadata_bytes: usize,
     /// Largest accepted WebSocket message.
     pub max_signal_message_bytes: usize,
+    /// Read buffer (and write-buffer target) of each signal WebSocket. Signal messages are
+    /// small; larger ones are read in several chunks.
+    pub signal_buffer_bytes: usize,
     /// Responses queued to one client before it is dropped as too slow.
     pub signal_queue: usize,
     /// Peer connections per node (two per participant).
@@ -174,6 +188,11 @@ impl Default for RtcConfig {
             tcp_port: 7881,
             node_ip: None,
             bind: None,
+            rtx_history_ms: 1000,
+            rtx_packets_video: 512,
+            rtx_packets_audio: 64,
+            batch_io: true,
+            unknown_source_scans_per_sec: 20,
         }
     }
 }
@@ -201,6 +220,7 @@ impl Default for LimitConfig {
             max_data_packet_bytes: 64 * 1024,
             max_metadata_bytes: 64 * 1024,
             max_signal_message_bytes: 256 * 1024,
+            signal_buffer_bytes: 16 * 1024,
             signal_queue: 1024,
             max_peers: 20_000,
             signal_rate: 100,
@@ -285,6 +305,15 @@ impl Config {
         if self.rtc.udp_port == self.rtc.tcp_port {
             return Err(invalid("rtc.tcp_port", "must differ from rtc.udp_port"));
         }
+        if !(100..=10_000).contains(&self.rtc.rtx_history_ms) {
+            return Err(invalid("rtc.rtx_history_ms", "must be 100-10000"));
+        }
+        if self.rtc.rtx_packets_video == 0 || self.rtc.rtx_packets_video > 10_000 {
+            return Err(invalid("rtc.rtx_packets_video", "must be 1-10000"));
+        }
+        if self.rtc.rtx_packets_audio == 0 || self.rtc.rtx_packets_audio > 10_000 {
+            return Err(invalid("rtc.rtx_packets_audio", "must be 1-10000"));
+        }
         if self.keys.is_empty() {
             return Err(invalid("keys", "no API key configured (add `keys: {mykey: mysecret}`, use key_file, or run with --dev)"));
         }
@@ -308,6 +337,9 @@ impl Config {
                 "limit.max_signal_message_bytes",
                 "must be at least 4096",
             ));
+        }
+        if !(1024..=1024 * 1024).contains(&self.limit.signal_buffer_bytes) {
+            return Err(invalid("limit.signal_buffer_bytes", "must be 1024-1048576"));
         }
         if self.limit.signal_queue == 0 {
             return Err(invalid("limit.signal_queue", "must be positive"));

@@ -30,6 +30,9 @@ pub struct AppState {
     pub settings: Arc<RoomSettings>,
     pub arbiter: ArbiterHandle,
     pub max_message_bytes: usize,
+    /// WebSocket read buffer and write-buffer target per signal connection
+    /// (`limit.signal_buffer_bytes`; the library default is 128 KiB each).
+    pub ws_buffer_bytes: usize,
     /// Signal messages per second per participant (`limit.signal_rate`, 0 = unlimited).
     pub signal_rate: u32,
     /// Burst of the signal rate limit (`limit.signal_burst`).
@@ -212,5 +215,7 @@ async fn rtc(
     let max = state.max_message_bytes;
     ws.max_message_size(max)
         .max_frame_size(max)
+        .read_buffer_size(state.ws_buffer_bytes)
+        .write_buffer_size(state.ws_buffer_bytes)
         .on_upgrade(move |socket| signal::session(socket, state, params, room))
 }

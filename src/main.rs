@@ -20,6 +20,7 @@ use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 
 use arbor_actors::manager::RoomManager;
+use arbor_actors::media::engine::EngineLimits;
 use arbor_actors::media::{MediaHandle, MediaSettings};
 
 use crate::config::Config;
@@ -193,6 +194,13 @@ fn run() -> anyhow::Result<()> {
         node_ip,
         max_peers: cfg.limit.max_peers,
         command_queue: 8192,
+        limits: EngineLimits {
+            rtx_history: std::time::Duration::from_millis(cfg.rtc.rtx_history_ms),
+            rtx_packets_video: cfg.rtc.rtx_packets_video,
+            rtx_packets_audio: cfg.rtc.rtx_packets_audio,
+            fallback_scans_per_sec: cfg.rtc.unknown_source_scans_per_sec,
+        },
+        batch_io: cfg.rtc.batch_io,
     })
     .with_context(|| {
         format!(
@@ -274,6 +282,7 @@ fn run() -> anyhow::Result<()> {
             settings,
             arbiter: actix::Arbiter::current(),
             max_message_bytes: cfg.limit.max_signal_message_bytes,
+            ws_buffer_bytes: cfg.limit.signal_buffer_bytes,
             signal_rate: cfg.limit.signal_rate,
             signal_burst: cfg.limit.signal_burst,
         };

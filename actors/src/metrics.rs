@@ -61,6 +61,13 @@ pub struct Metrics {
     /// NACKs sent to publishers (for lost incoming packets) and received from subscribers.
     pub nacks_sent: AtomicU64,
     pub nacks_received: AtomicU64,
+    /// `sendmmsg`/`sendto` calls made by the media thread's UDP socket (datagrams per call =
+    /// `datagrams_sent / udp_send_syscalls`).
+    pub udp_send_syscalls: AtomicU64,
+    /// Messages that carried several datagrams to one destination (UDP GSO).
+    pub udp_gso_messages: AtomicU64,
+    /// Timeout inputs given to peer connections (str0m timers: pacer, ICE, DTLS, SCTP, BWE).
+    pub peer_timeouts: AtomicU64,
 }
 
 /// The process's metrics.
@@ -88,6 +95,9 @@ pub static METRICS: Metrics = Metrics {
     webhook_pending: AtomicI64::new(0),
     nacks_sent: AtomicU64::new(0),
     nacks_received: AtomicU64::new(0),
+    udp_send_syscalls: AtomicU64::new(0),
+    udp_gso_messages: AtomicU64::new(0),
+    peer_timeouts: AtomicU64::new(0),
 };
 
 impl Metrics {
@@ -102,6 +112,14 @@ impl Metrics {
     pub fn add_sent(&self, bytes: usize) {
         self.datagrams_sent.fetch_add(1, Relaxed);
         self.bytes_sent.fetch_add(bytes as u64, Relaxed);
+    }
+    /// One flush of the media thread's send batch: `datagrams` datagrams of `bytes` bytes in
+    /// `syscalls` system calls, `gso` of them GSO messages.
+    pub fn add_sent_batch(&self, datagrams: usize, bytes: usize, syscalls: usize, gso: usize) {
+        self.datagrams_sent.fetch_add(datagrams as u64, Relaxed);
+        self.bytes_sent.fetch_add(bytes as u64, Relaxed);
+        self.udp_send_syscalls.fetch_add(syscalls as u64, Relaxed);
+        self.udp_gso_messages.fetch_add(gso as u64, Relaxed);
     }
     pub fn inc_dropped_packets(&self) {
         self.packets_dropped.fetch_add(1, Relaxed);
@@ -140,7 +158,22 @@ impl Metrics {
         for (name, help, v) in gauges {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         }
-        let counters: [(&str, &str, u64); 19] = [
+        let counters: [(&str, &str, u64); 22] = [
+            (
+                "arbor_peer_timeouts_total",
+                "Timer inputs given to peer connections (pacer, ICE, DTLS, SCTP, BWE).",
+                self.peer_timeouts.load(Relaxed),
+            ),
+            (
+                "arbor_udp_send_syscalls_total",
+                "System calls that sent media datagrams (sendmmsg or sendto).",
+                self.udp_send_syscalls.load(Relaxed),
+            ),
+            (
+                "arbor_udp_gso_messages_total",
+                "Messages that carried several datagrams to one destination (UDP GSO).",
+                self.udp_gso_messages.load(Relaxed),
+            ),
             (
                 "arbor_nacks_sent_total",
                 "NACKs sent to publishers for lost packets.",

@@ -4,6 +4,7 @@
 //! ```text
 //! arbor-load run --target arbor --scenario livestream --steps 25,50,100 --server-pid <pid> ...
 //! arbor-load relay --bind 10.200.0.1:9100         # the plain SRTP relay baseline (server side)
+//! arbor-load relay --batch ...                     # the same with recvmmsg/sendmmsg/GSO
 //! arbor-load report --csv results.csv --svg plot.svg   # table + headline ratios + plot
 //! ```
 //!
@@ -103,6 +104,10 @@ enum Cmd {
         bind: SocketAddr,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Batched I/O like Arbor's media thread: recvmmsg, one sendmmsg per received batch,
+        /// UDP GSO where the kernel has it (the same code, `arbor_actors::media::batch_io`).
+        #[arg(long)]
+        batch: bool,
     },
     /// Print the table and headline ratios of a CSV; optionally plot it.
     Report {
@@ -178,6 +183,10 @@ struct RunArgs {
     /// Hide the progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Name of the target in the CSV and the table (default: the target kind), e.g.
+    /// `relay-batch` for the plain relay run with `--batch`.
+    #[arg(long)]
+    label: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -190,11 +199,15 @@ fn main() -> anyhow::Result<()> {
     }
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Relay { bind, seed } => {
+        Cmd::Relay { bind, seed, batch } => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(relay::serve(bind, seed))?;
+            if batch {
+                rt.block_on(relay::serve_batched(bind, seed))?;
+            } else {
+                rt.block_on(relay::serve(bind, seed))?;
+            }
             Ok(())
         }
         Cmd::Report { csv, svg } => {
@@ -252,7 +265,7 @@ fn summary(rows: &[Row]) -> String {
         .filter(|r| r.target == "arbor")
         .map(|r| r.step)
         .collect();
-    for other in ["relay", "janus"] {
+    for other in ["relay", "relay-batch", "janus"] {
         if let Some(step) = steps
             .iter()
             .copied()
@@ -468,7 +481,11 @@ fn end(
     let expected = t1.expected.saturating_sub(w.totals.expected);
     let mut joins = sw.reg.take_join_times();
     let mut row = Row {
-        target: format!("{:?}", sw.args.target).to_lowercase(),
+        target: sw
+            .args
+            .label
+            .clone()
+            .unwrap_or_else(|| format!("{:?}", sw.args.target).to_lowercase()),
         scenario: format!("{:?}", sw.args.scenario).to_lowercase(),
         step,
         participants,

@@ -24,7 +24,8 @@
 //! `poll_output` until it returns a timeout, before the next mutation of the same `Rtc`.
 //! [`Engine::drain`] is the only place that polls, and every mutation site calls it.
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -106,6 +107,9 @@ const OVERLOAD_LOSS: f32 = 0.10;
 /// out), so its downgrade is applied at once instead of after [`DOWNGRADE_ROUNDS`].
 const PACING_FACTOR: f64 = 1.1;
 
+/// Most source addresses remembered in the address → peer cache (each peer keeps at most 8).
+const MAX_ADDR_CACHE: usize = 65_536;
+
 /// How far into the future the engine may sleep when no peer has a deadline.
 const IDLE_TICK: Duration = Duration::from_millis(100);
 
@@ -186,6 +190,11 @@ struct Peer {
     role: PeerRole,
     /// Deadline returned by the last drain.
     next_timeout: Instant,
+    /// The earliest entry this peer has in the engine's [`TimerQueue`] (`None`: none that
+    /// counts). See [`TimerQueue`] for the lazy-invalidation rule.
+    scheduled: Option<Instant>,
+    /// Our ICE username fragment (indexes `Engine::by_ufrag`).
+    local_ufrag: String,
     /// Publisher: mid → published track.
     media_in: HashMap<Mid, TrackKey>,
     /// Subscriber: outgoing tracks.
@@ -311,6 +320,144 @@ enum Pending {
     Keyframe { sub: PeerId, mid: Mid },
 }
 
+/// Limits of the data path that are configuration, not protocol (`rtc.*` keys; see
+/// `deploy/config-sample.yaml`). The defaults suit the benchmark and typical rooms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineLimits {
+    /// How long a subscriber connection keeps each sent packet for retransmission (NACK →
+    /// RTX). This is most of a subscription's memory: every packet sent in this window is
+    /// held once per subscriber (str0m's default is 3 s). One second covers several
+    /// retransmission rounds at any round-trip time a call tolerates.
+    pub rtx_history: Duration,
+    /// Upper bound on packets kept for retransmission per outgoing video stream, whatever
+    /// the bitrate (str0m's default is 1000).
+    pub rtx_packets_video: usize,
+    /// The same for audio streams (str0m's default is 50).
+    pub rtx_packets_audio: usize,
+    /// Full scans over all peers (`Rtc::accepts`) allowed per second for non-STUN datagrams
+    /// from unknown source addresses. Known addresses and STUN requests (found by our ICE
+    /// ufrag) never scan; this bounds what garbage from the internet can cost.
+    pub fallback_scans_per_sec: u32,
+}
+
+impl Default for EngineLimits {
+    fn default() -> Self {
+        EngineLimits {
+            rtx_history: Duration::from_millis(1000),
+            rtx_packets_video: 512,
+            rtx_packets_audio: 64,
+            fallback_scans_per_sec: 20,
+        }
+    }
+}
+
+/// Share of retransmissions in a stream's traffic above which str0m drops queued resends
+/// (str0m's own default): a subscriber that NACKs everything cannot double its bitrate.
+const RTX_RATIO_CAP: f32 = 0.15;
+
+/// When each peer's `Rtc` next needs [`Input::Timeout`]: a min-heap of `(deadline, peer)`.
+///
+/// Waking up costs `O(due · log n)` instead of a scan over every peer. Entries are never
+/// updated in place; instead each peer remembers in `Peer::scheduled` the deadline of the one
+/// entry that counts, and:
+///
+/// * a new deadline earlier than the scheduled one pushes a new entry (the old one becomes
+///   stale);
+/// * a later one pushes nothing: when the earlier entry comes due the engine sees the peer's
+///   real `next_timeout` is still ahead and re-schedules it then;
+/// * a popped entry whose deadline is not the peer's `scheduled` (or whose peer is gone) is
+///   stale and skipped.
+///
+/// Stale entries are bounded: [`Engine::handle_timeout`] rebuilds the heap from the peers when
+/// it holds more than twice as many entries as there are peers (plus a constant).
+#[derive(Default)]
+struct TimerQueue {
+    heap: BinaryHeap<Reverse<(Instant, PeerId)>>,
+}
+
+impl TimerQueue {
+    /// Record that `id` needs a timeout at `at`; `scheduled` is the peer's current entry.
+    fn schedule(&mut self, id: PeerId, scheduled: &mut Option<Instant>, at: Instant) {
+        if scheduled.is_none_or(|s| at < s) {
+            self.heap.push(Reverse((at, id)));
+            *scheduled = Some(at);
+        }
+    }
+
+    /// The earliest deadline in the heap (possibly a stale entry: waking early is harmless).
+    fn peek(&self) -> Option<Instant> {
+        self.heap.peek().map(|Reverse((t, _))| *t)
+    }
+
+    /// Move every entry due at `now` into `due`.
+    fn pop_due(&mut self, now: Instant, due: &mut Vec<(Instant, PeerId)>) {
+        while let Some(Reverse((t, id))) = self.heap.peek().copied() {
+            if t > now {
+                break;
+            }
+            self.heap.pop();
+            due.push((t, id));
+        }
+    }
+}
+
+/// Everything draining a peer produces beyond its own `Rtc`: work that involves other peers
+/// (media to forward, keyframe requests), its next deadline, and whether it died.
+///
+/// [`Engine::drain`] takes this (not the whole engine) so that it can run while one peer is
+/// borrowed mutably.
+#[derive(Default)]
+struct WorkQueue {
+    pending: VecDeque<Pending>,
+    timers: TimerQueue,
+    /// Peers whose `Rtc` is no longer alive, reaped by the next [`Engine::handle_timeout`].
+    dead: Vec<PeerId>,
+    /// Scratch for [`TimerQueue::pop_due`], reused so waking up does not allocate.
+    due: Vec<(Instant, PeerId)>,
+}
+
+impl WorkQueue {
+    fn push_back(&mut self, p: Pending) {
+        self.pending.push_back(p);
+    }
+
+    fn pop_front(&mut self) -> Option<Pending> {
+        self.pending.pop_front()
+    }
+
+    /// Note that `id` died (once).
+    fn mark_dead(&mut self, id: PeerId) {
+        if !self.dead.contains(&id) {
+            self.dead.push(id);
+        }
+    }
+}
+
+/// The local ICE ufrag a STUN binding request is addressed to: the part of its USERNAME
+/// attribute before the colon (RFC 8445 §7.2.2: `<receiver ufrag>:<sender ufrag>`). `None` if
+/// `d` is not a STUN message or carries no well-formed USERNAME. Looks at the bytes only; the
+/// owning `Rtc` still authenticates the message.
+fn stun_local_ufrag(d: &[u8]) -> Option<&str> {
+    // STUN header: type (2, top two bits zero), length (2), magic cookie (4), id (12).
+    if d.len() < 20 || d[0] & 0xc0 != 0 || d[4..8] != [0x21, 0x12, 0xa4, 0x42] {
+        return None;
+    }
+    let len = u16::from_be_bytes([d[2], d[3]]) as usize;
+    let body = d.get(20..20 + len)?;
+    let mut at = 0;
+    while at + 4 <= body.len() {
+        let kind = u16::from_be_bytes([body[at], body[at + 1]]);
+        let alen = u16::from_be_bytes([body[at + 2], body[at + 3]]) as usize;
+        let value = body.get(at + 4..at + 4 + alen)?;
+        if kind == 0x0006 {
+            let user = std::str::from_utf8(value).ok()?;
+            return user.split(':').next().filter(|u| !u.is_empty());
+        }
+        at += 4 + alen.div_ceil(4) * 4;
+    }
+    None
+}
+
 /// Rank of a simulcast rid: higher is better quality. LiveKit uses q/h/f (also 0/1/2 reversed).
 fn rid_rank(rid: &Rid) -> u8 {
     match &**rid {
@@ -327,7 +474,15 @@ pub struct Engine {
     tracks: HashMap<TrackKey, FwdTrack>,
     /// Cache: remote address → peer, filled when a peer first accepts a datagram.
     by_addr: HashMap<SocketAddr, PeerId>,
-    queue: VecDeque<Pending>,
+    /// Our ICE ufrag → peer: a STUN request from a new address names the peer it is for.
+    by_ufrag: HashMap<String, PeerId>,
+    /// Work between peers, per-peer deadlines and peers to reap (see [`WorkQueue`]).
+    queue: WorkQueue,
+    /// Data-path limits (send history, lookup budget), see [`EngineLimits`].
+    limits: EngineLimits,
+    /// Fallback scans (non-STUN datagrams from unknown addresses) left in this second, and
+    /// when the budget refills.
+    scan_budget: (u32, Option<Instant>),
     /// Relayed tracks by (node, flow).
     relay_in: HashMap<(u64, u64), TrackKey>,
     relay_limits: RelayLimits,
@@ -344,13 +499,22 @@ impl Engine {
             peers: HashMap::new(),
             tracks: HashMap::new(),
             by_addr: HashMap::new(),
-            queue: VecDeque::with_capacity(256),
+            by_ufrag: HashMap::new(),
+            queue: WorkQueue::default(),
+            limits: EngineLimits::default(),
+            scan_budget: (0, None),
             relay_in: HashMap::new(),
             relay_limits: RelayLimits::default(),
             next_housekeeping: None,
             housekeeping_count: 0,
             level_config: LevelConfig::default(),
         }
+    }
+
+    /// The same engine with data-path limits other than the defaults.
+    pub fn with_limits(mut self, limits: EngineLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Wall-clock microseconds at `now` (from the configured anchor).
@@ -369,15 +533,18 @@ impl Engine {
     }
 
     /// The earliest instant at which [`Engine::handle_timeout`] must be called.
+    ///
+    /// `O(relayed tracks)`: the peers' deadlines come from the top of the timer heap.
     pub fn poll_timeout(&self, now: Instant) -> Instant {
+        if !self.queue.dead.is_empty() {
+            return now;
+        }
         let mut t = now + IDLE_TICK;
         if let Some(h) = self.next_housekeeping {
             t = t.min(h);
         }
-        for p in self.peers.values() {
-            if p.next_timeout < t {
-                t = p.next_timeout;
-            }
+        if let Some(p) = self.queue.timers.peek() {
+            t = t.min(p);
         }
         for k in self.relay_in.values() {
             if let Some(r) = self.tracks.get(k).and_then(|f| f.receiver.as_ref()) {
@@ -390,21 +557,36 @@ impl Engine {
     }
 
     /// Drive time forward: every peer whose deadline passed gets a timeout input.
+    ///
+    /// Only the peers due at `now` are touched (popped from the timer heap); a peer whose
+    /// deadline comes due again while this runs waits for the next call.
     pub fn handle_timeout(&mut self, now: Instant, out: &mut dyn Output) {
-        let due: Vec<PeerId> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| p.next_timeout <= now)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in due {
-            if let Some(peer) = self.peers.get_mut(&id) {
-                if let Err(e) = peer.rtc.handle_input(Input::Timeout(now)) {
-                    tracing::debug!(peer = id.0, error = %e, "timeout input failed");
-                    peer.rtc.disconnect();
-                }
-                Self::drain(id, peer, &mut self.queue, out);
+        let mut due = std::mem::take(&mut self.queue.due);
+        self.queue.timers.pop_due(now, &mut due);
+        for (at, id) in due.drain(..) {
+            let Some(peer) = self.peers.get_mut(&id) else {
+                continue; // the peer is gone: a stale entry
+            };
+            if peer.scheduled != Some(at) {
+                continue; // superseded by an earlier entry
             }
+            peer.scheduled = None;
+            if peer.next_timeout > now {
+                // The deadline moved later after this entry was pushed.
+                let next = peer.next_timeout;
+                self.queue.timers.schedule(id, &mut peer.scheduled, next);
+                continue;
+            }
+            METRICS.peer_timeouts.fetch_add(1, Relaxed);
+            if let Err(e) = peer.rtc.handle_input(Input::Timeout(now)) {
+                tracing::debug!(peer = id.0, error = %e, "timeout input failed");
+                peer.rtc.disconnect();
+            }
+            Self::drain(id, peer, &mut self.queue, out);
+        }
+        self.queue.due = due;
+        if self.queue.timers.heap.len() > 2 * self.peers.len() + 1024 {
+            self.rebuild_timers();
         }
         self.process_queue(now, out);
         self.poll_relays(now, out);
@@ -419,7 +601,25 @@ impl Engine {
         }
     }
 
+    /// Drop every stale timer entry: one fresh entry per peer. `O(n)`, rare.
+    fn rebuild_timers(&mut self) {
+        self.queue.timers.heap.clear();
+        for (id, p) in self.peers.iter_mut() {
+            p.scheduled = None;
+            self.queue
+                .timers
+                .schedule(*id, &mut p.scheduled, p.next_timeout);
+        }
+    }
+
     /// Feed one received datagram.
+    ///
+    /// The owning peer is found, cheapest first: the source-address cache (one hash lookup,
+    /// the case of nearly every packet); for a STUN request from a new address, the peer
+    /// whose ICE ufrag it names; for anything else from an unknown address, a scan over all
+    /// peers, allowed only `fallback_scans_per_sec` times per second (str0m accepts media
+    /// from an address only after ICE saw it, so this is the rare start-of-connection case
+    /// of a second candidate pair).
     pub fn handle_datagram(
         &mut self,
         now: Instant,
@@ -429,7 +629,8 @@ impl Engine {
         contents: &[u8],
         out: &mut dyn Output,
     ) {
-        let Ok(contents) = contents.try_into() else {
+        let ufrag = stun_local_ufrag(contents);
+        let Ok(parsed) = contents.try_into() else {
             METRICS.inc_dropped_packets();
             return;
         };
@@ -439,22 +640,37 @@ impl Engine {
                 proto,
                 source,
                 destination,
-                contents,
+                contents: parsed,
             },
         );
 
         let id = match self.by_addr.get(&source) {
             Some(id) if self.peers.get(id).is_some_and(|p| p.rtc.accepts(&input)) => *id,
             _ => {
-                let Some((id, _)) = self.peers.iter().find(|(_, p)| p.rtc.accepts(&input)) else {
+                let found = match ufrag {
+                    Some(u) => self
+                        .by_ufrag
+                        .get(u)
+                        .copied()
+                        .filter(|id| self.peers.get(id).is_some_and(|p| p.rtc.accepts(&input))),
+                    None if self.take_scan(now) => self
+                        .peers
+                        .iter()
+                        .find(|(_, p)| p.rtc.accepts(&input))
+                        .map(|(id, _)| *id),
+                    None => None,
+                };
+                let Some(id) = found else {
                     METRICS.inc_dropped_packets();
                     return;
                 };
-                let id = *id;
-                self.by_addr.insert(source, id);
+                // Cache the address only where remove_peer will find it again.
                 if let Some(p) = self.peers.get_mut(&id) {
                     if !p.remote_addrs.contains(&source) && p.remote_addrs.len() < 8 {
                         p.remote_addrs.push(source);
+                    }
+                    if p.remote_addrs.contains(&source) && self.by_addr.len() < MAX_ADDR_CACHE {
+                        self.by_addr.insert(source, id);
                     }
                 }
                 id
@@ -468,6 +684,20 @@ impl Engine {
             Self::drain(id, peer, &mut self.queue, out);
         }
         self.process_queue(now, out);
+    }
+
+    /// Take one fallback scan from this second's budget (`fallback_scans_per_sec`).
+    fn take_scan(&mut self, now: Instant) -> bool {
+        let (left, refill) = &mut self.scan_budget;
+        if refill.is_none_or(|r| now >= r) {
+            *left = self.limits.fallback_scans_per_sec;
+            *refill = Some(now + Duration::from_secs(1));
+        }
+        if *left == 0 {
+            return false;
+        }
+        *left -= 1;
+        true
     }
 
     /// Apply one control command.
@@ -819,7 +1049,9 @@ impl Engine {
             .set_ice_lite(true)
             .enable_opus(true, false)
             .set_stats_interval(Some(Duration::from_secs(1)))
-            .set_reordering_size_video(VIDEO_REORDER_PACKETS);
+            .set_reordering_size_video(VIDEO_REORDER_PACKETS)
+            .set_send_buffer_video(self.limits.rtx_packets_video.max(1))
+            .set_send_buffer_audio(self.limits.rtx_packets_audio.max(1));
         if role == PeerRole::Subscriber {
             cfg = cfg.enable_bwe(Some(Bitrate::kbps(BWE_INITIAL_KBPS)));
         }
@@ -827,10 +1059,13 @@ impl Engine {
         for c in &self.config.candidates {
             rtc.add_local_candidate(c.clone());
         }
+        let local_ufrag = rtc.direct_api().local_ice_credentials().ufrag;
         let mut peer = Peer {
             rtc,
             role,
             next_timeout: now,
+            scheduled: None,
+            local_ufrag,
             media_in: HashMap::new(),
             media_out: Vec::new(),
             pending: None,
@@ -850,6 +1085,7 @@ impl Engine {
             last_alloc_bwe: None,
         };
         Self::drain(id, &mut peer, &mut self.queue, out);
+        self.by_ufrag.insert(peer.local_ufrag.clone(), id);
         self.peers.insert(id, peer);
         if role == PeerRole::Subscriber {
             self.negotiate(id, out);
@@ -862,6 +1098,9 @@ impl Engine {
             return;
         };
         peer.rtc.disconnect();
+        if self.by_ufrag.get(&peer.local_ufrag) == Some(&id) {
+            self.by_ufrag.remove(&peer.local_ufrag);
+        }
         for a in &peer.remote_addrs {
             if self.by_addr.get(a) == Some(&id) {
                 self.by_addr.remove(a);
@@ -948,21 +1187,43 @@ impl Engine {
             .accept_answer(pending, answer)
             .map_err(|e| MediaError::Sdp(e.to_string()))?;
         let mut opened = Vec::new();
+        let mut opened_mids = Vec::new();
         for o in &mut peer.media_out {
             if let OutState::Negotiating(m) = o.state {
                 o.state = OutState::Open(m);
                 o.need_keyframe = o.kind == MediaKind::Video;
                 opened.push(o.track);
+                opened_mids.push((m, o.kind));
             }
         }
         peer.media_out
             .retain(|o| !matches!(o.state, OutState::NegotiatingStop(_)));
+        Self::limit_send_history(peer, &opened_mids, &self.limits);
         Self::drain(id, peer, &mut self.queue, out);
         for track in opened {
             self.request_keyframe(now, track, None, out);
         }
         self.negotiate(id, out);
         Ok(())
+    }
+
+    /// Bound the retransmission history of a subscriber's outgoing streams by time
+    /// (`rtx_history`; str0m keeps 3 s) as well as by count (`rtx_packets_*`, set when the
+    /// `Rtc` was built). The history is most of what a subscription costs in memory.
+    /// Re-applying it to a stream empties that stream's history, so only streams whose
+    /// m-line just opened are touched (their history is empty anyway).
+    fn limit_send_history(peer: &mut Peer, opened: &[(Mid, MediaKind)], limits: &EngineLimits) {
+        let mut api = peer.rtc.direct_api();
+        for &(mid, kind) in opened {
+            let packets = if kind == MediaKind::Audio {
+                limits.rtx_packets_audio
+            } else {
+                limits.rtx_packets_video
+            };
+            if let Some(tx) = api.stream_tx_by_mid(mid, None) {
+                tx.set_rtx_cache(packets.max(1), limits.rtx_history, Some(RTX_RATIO_CAP));
+            }
+        }
     }
 
     fn subscribe(
@@ -1197,15 +1458,16 @@ impl Engine {
     }
 
     /// Poll one peer until it has nothing more to say. The only place that calls `poll_output`.
-    fn drain(id: PeerId, peer: &mut Peer, queue: &mut VecDeque<Pending>, out: &mut dyn Output) {
+    fn drain(id: PeerId, peer: &mut Peer, queue: &mut WorkQueue, out: &mut dyn Output) {
         loop {
             if !peer.rtc.is_alive() {
-                peer.next_timeout = Instant::now();
+                queue.mark_dead(id);
                 return;
             }
             match peer.rtc.poll_output() {
                 Ok(RtcOutput::Timeout(t)) => {
                     peer.next_timeout = t;
+                    queue.timers.schedule(id, &mut peer.scheduled, t);
                     return;
                 }
                 Ok(RtcOutput::Transmit(t)) => {
@@ -1733,15 +1995,18 @@ impl Engine {
     }
 
     /// Remove peers whose `Rtc` died (ICE timeout, DTLS failure) and tell their owners.
+    ///
+    /// Only the peers [`Engine::drain`] found dead are looked at: every `Rtc` mutation is
+    /// followed by a drain, so a peer cannot die unnoticed.
     fn reap_dead(&mut self, out: &mut dyn Output) {
-        let dead: Vec<PeerId> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| !p.rtc.is_alive())
-            .map(|(id, _)| *id)
-            .collect();
+        if self.queue.dead.is_empty() {
+            return;
+        }
+        let dead = std::mem::take(&mut self.queue.dead);
         for id in dead {
-            self.remove_peer(id, out);
+            if self.peers.get(&id).is_some_and(|p| !p.rtc.is_alive()) {
+                self.remove_peer(id, out);
+            }
         }
     }
 }
@@ -2092,5 +2357,72 @@ mod relay_tests {
             now += Duration::from_millis(1);
             e.handle_timeout(now, &mut out);
         }
+    }
+}
+
+#[cfg(test)]
+mod lookup_tests {
+    //! The pure pieces of the engine's per-packet bookkeeping: the timer heap's lazy
+    //! invalidation and the STUN ufrag parser used to find a peer without scanning.
+    use super::*;
+
+    #[test]
+    fn timer_heap_pops_only_current_deadlines() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut q = TimerQueue::default();
+        let (a, b) = (PeerId(1), PeerId(2));
+        let (mut sa, mut sb) = (None, None);
+        q.schedule(a, &mut sa, ms(50));
+        q.schedule(a, &mut sa, ms(80)); // later: nothing pushed, the 50 ms entry stands
+        q.schedule(a, &mut sa, ms(10)); // earlier: pushed, the 50 ms entry is now stale
+        q.schedule(b, &mut sb, ms(30));
+        assert_eq!(q.heap.len(), 3);
+        assert_eq!((sa, sb), (Some(ms(10)), Some(ms(30))));
+        assert_eq!(q.peek(), Some(ms(10)));
+        let mut due = Vec::new();
+        q.pop_due(ms(40), &mut due);
+        assert_eq!(due, vec![(ms(10), a), (ms(30), b)]);
+        due.clear();
+        q.pop_due(ms(60), &mut due);
+        // The stale 50 ms entry of `a` comes out; `handle_timeout` skips it because it is not
+        // `a`'s scheduled deadline.
+        assert_eq!(due, vec![(ms(50), a)]);
+        assert!(q.heap.is_empty());
+    }
+
+    fn stun_request(username: &[u8]) -> Vec<u8> {
+        let mut attrs = Vec::new();
+        attrs.extend_from_slice(&0x0006u16.to_be_bytes());
+        attrs.extend_from_slice(&(username.len() as u16).to_be_bytes());
+        attrs.extend_from_slice(username);
+        while attrs.len() % 4 != 0 {
+            attrs.push(0);
+        }
+        let mut d = vec![0x00, 0x01];
+        d.extend_from_slice(&(attrs.len() as u16).to_be_bytes());
+        d.extend_from_slice(&[0x21, 0x12, 0xa4, 0x42]);
+        d.extend_from_slice(&[7; 12]);
+        d.extend_from_slice(&attrs);
+        d
+    }
+
+    #[test]
+    fn stun_ufrag_is_the_receiver_part_of_username() {
+        assert_eq!(stun_local_ufrag(&stun_request(b"srv1:cli2")), Some("srv1"));
+        assert_eq!(stun_local_ufrag(&stun_request(b"abc")), Some("abc"));
+        assert_eq!(stun_local_ufrag(&stun_request(b":x")), None);
+        // Not STUN: RTP (version 2), DTLS, short, wrong cookie, truncated attribute.
+        assert_eq!(stun_local_ufrag(&[0x80; 40]), None);
+        assert_eq!(stun_local_ufrag(&[22, 254, 253, 0, 0]), None);
+        let mut bad = stun_request(b"srv1:cli2");
+        bad[4] = 0;
+        assert_eq!(stun_local_ufrag(&bad), None);
+        let mut cut = stun_request(b"srv1:cli2");
+        cut.truncate(26);
+        assert_eq!(stun_local_ufrag(&cut), None);
+        let mut long = stun_request(b"srv1:cli2");
+        long[2] = 0xff; // length beyond the datagram
+        assert_eq!(stun_local_ufrag(&long), None);
     }
 }

@@ -3,6 +3,7 @@
 //! * [`engine`] — the sans-IO core: peers, forwarding table, negotiation state.
 //! * [`shell`] — a dedicated thread that owns the UDP socket (and ICE-TCP listener), feeds the
 //!   engine, and carries [`Command`]s in and [`PeerEvent`]s out.
+//! * [`batch_io`] — the shell's batched UDP system calls (`recvmmsg`, `sendmmsg`, UDP GSO).
 //!
 //! The control plane (actors) talks to the data plane only through [`MediaHandle`]: bounded
 //! command queue in, one bounded event queue per peer out. Media packets never leave the shard
@@ -10,6 +11,7 @@
 
 pub mod alloc;
 pub mod audio;
+pub mod batch_io;
 pub mod engine;
 pub mod relay;
 pub mod sdp;

@@ -14,15 +14,20 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, oneshot};
 
-use super::engine::{Engine, EngineConfig, Output};
+use super::batch_io::{self, FlushStats, RxBatch, TxBatch};
+use super::engine::{Engine, EngineConfig, EngineLimits, Output};
 use super::{Command, PeerEvent, PeerId, PeerRole, TrackKey};
 use crate::error::MediaError;
 use crate::metrics::METRICS;
 
 /// Largest datagram we read. WebRTC keeps packets under the path MTU; 2 KiB is ample.
-const MAX_DATAGRAM: usize = 2048;
-/// Datagrams read per wake-up before the loop looks at commands and timers again.
+const MAX_DATAGRAM: usize = batch_io::MAX_DATAGRAM;
+/// Datagrams read per wake-up (one `recvmmsg`) before the loop looks at commands and timers
+/// again.
 const RECV_BATCH: usize = 64;
+/// Datagrams queued for sending in one loop iteration before an early flush. A publisher
+/// packet fans out to every subscriber, so one step can produce hundreds.
+const SEND_BATCH: usize = 1024;
 /// Outgoing frames queued per ICE-TCP connection before frames are dropped.
 const TCP_WRITE_QUEUE: usize = 512;
 /// Relay datagrams read from QUIC connections and queued for the engine (all nodes) before
@@ -42,6 +47,11 @@ pub struct MediaSettings {
     pub max_peers: usize,
     /// Capacity of the control command queue.
     pub command_queue: usize,
+    /// Data-path limits of the engine (retransmission history, lookup budget).
+    pub limits: EngineLimits,
+    /// Send with `sendmmsg` and UDP GSO (`rtc.batch_io`; off: one `sendto` per datagram and
+    /// one `recvfrom` per datagram read, for comparison).
+    pub batch_io: bool,
 }
 
 /// The control plane's handle to the media plane. Cheap to clone.
@@ -89,6 +99,7 @@ impl MediaHandle {
             max_peers: settings.max_peers,
             wall_anchor: (Instant::now(), wall),
         };
+        let (limits, batch) = (settings.limits, settings.batch_io);
         let (tx, rx) = mpsc::channel(settings.command_queue.max(16));
         std::thread::Builder::new()
             .name("arbor-media".into())
@@ -103,7 +114,7 @@ impl MediaHandle {
                         return;
                     }
                 };
-                rt.block_on(run(config, udp, tcp, tcp_local, rx));
+                rt.block_on(run(config, limits, batch, udp, tcp, tcp_local, rx));
             })?;
         Ok(MediaHandle { tx })
     }
@@ -161,11 +172,33 @@ impl MediaHandle {
 }
 
 /// Engine outputs, carried to sockets and event queues.
+///
+/// UDP datagrams are not sent here: they are queued in the loop's [`TxBatch`] and sent
+/// together when the loop iteration ends ([`flush`]), or earlier if the batch fills.
 struct ShellOut<'a> {
     udp: &'a UdpSocket,
+    tx: &'a mut TxBatch,
     tcp_conns: &'a HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>,
     sinks: &'a mut HashMap<PeerId, mpsc::Sender<PeerEvent>>,
     relays: &'a HashMap<u64, quinn::Connection>,
+}
+
+/// Send what `tx` holds and count it.
+fn flush(udp: &UdpSocket, tx: &mut TxBatch) {
+    if tx.is_empty() {
+        return;
+    }
+    let FlushStats {
+        sent,
+        bytes,
+        dropped,
+        syscalls,
+        gso_messages,
+    } = tx.flush(udp);
+    METRICS.add_sent_batch(sent, bytes, syscalls, gso_messages);
+    for _ in 0..dropped {
+        METRICS.inc_dropped_packets();
+    }
 }
 
 impl Output for ShellOut<'_> {
@@ -177,10 +210,14 @@ impl Output for ShellOut<'_> {
         contents: &[u8],
     ) {
         match proto {
-            Protocol::Udp => match self.udp.try_send_to(contents, destination) {
-                Ok(_) => METRICS.add_sent(contents.len()),
-                Err(_) => METRICS.inc_dropped_packets(),
-            },
+            Protocol::Udp => {
+                if self.tx.is_full() {
+                    flush(self.udp, self.tx);
+                }
+                if !self.tx.push(destination, contents) {
+                    METRICS.inc_dropped_packets();
+                }
+            }
             Protocol::Tcp => {
                 let Some(tx) = self.tcp_conns.get(&destination) else {
                     METRICS.inc_dropped_packets();
@@ -263,8 +300,14 @@ enum TcpIn {
     Closed(SocketAddr),
 }
 
+/// The media thread's loop: wait for a command, datagrams, relay datagrams, ICE-TCP frames or
+/// the engine's next deadline; hand them to the engine; then send everything the engine
+/// produced in this iteration with one flush of the [`TxBatch`].
+#[allow(clippy::too_many_arguments)]
 async fn run(
     config: EngineConfig,
+    limits: EngineLimits,
+    batch: bool,
     udp: std::net::UdpSocket,
     tcp: Option<std::net::TcpListener>,
     tcp_local: Option<SocketAddr>,
@@ -287,14 +330,18 @@ async fn run(
             Err(e) => tracing::error!(error = %e, "ICE-TCP listener unusable"),
         }
     }
-    let mut engine = Engine::new(config);
+    let mut engine = Engine::new(config).with_limits(limits);
     let mut sinks: HashMap<PeerId, mpsc::Sender<PeerEvent>> = HashMap::new();
     let mut tcp_conns: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>> = HashMap::new();
-    let mut buf = vec![0u8; MAX_DATAGRAM];
+    // Batched I/O: with `batch` off, one datagram per send and per read (the old behaviour,
+    // kept for comparison).
+    let gso = batch && batch_io::gso_supported(&udp);
+    let mut txb = TxBatch::new(if batch { SEND_BATCH } else { 1 }, gso);
+    let mut rxb = RxBatch::new(if batch { RECV_BATCH } else { 1 });
     let mut relays: HashMap<u64, quinn::Connection> = HashMap::new();
     let mut relay_tasks: HashMap<u64, tokio::task::JoinHandle<()>> = HashMap::new();
     let (relay_tx, mut relay_rx) = mpsc::channel::<(u64, bytes::Bytes)>(RELAY_IN_QUEUE);
-    tracing::info!(udp = %udp_local, tcp = ?tcp_local, "media engine running");
+    tracing::info!(udp = %udp_local, tcp = ?tcp_local, batch, gso, "media engine running");
 
     loop {
         let deadline = engine.poll_timeout(Instant::now());
@@ -317,7 +364,7 @@ async fn run(
                             }
                         }
                     }
-                    let mut out = ShellOut { udp: &udp, tcp_conns: &tcp_conns, sinks: &mut sinks, relays: &relays };
+                    let mut out = ShellOut { udp: &udp, tx: &mut txb, tcp_conns: &tcp_conns, sinks: &mut sinks, relays: &relays };
                     engine.handle_command(Instant::now(), cmd, &mut out);
                     n += 1;
                     if n < RECV_BATCH {
@@ -325,28 +372,32 @@ async fn run(
                     }
                 }
             }
-            r = udp.recv_from(&mut buf) => {
-                let mut r = r;
-                for _ in 0..RECV_BATCH {
-                    match r {
-                        Ok((len, source)) => {
-                            let mut out = ShellOut { udp: &udp, tcp_conns: &tcp_conns, sinks: &mut sinks, relays: &relays };
-                            engine.handle_datagram(Instant::now(), Protocol::Udp, source, udp_local, &buf[..len], &mut out);
+            r = udp.readable() => {
+                if r.is_ok() {
+                    // One recvmmsg; WouldBlock clears tokio's readiness for the next wait.
+                    match udp.try_io(tokio::io::Interest::READABLE, || rxb.recv(&udp)) {
+                        Ok(n) => {
+                            let now = Instant::now();
+                            let mut out = ShellOut { udp: &udp, tx: &mut txb, tcp_conns: &tcp_conns, sinks: &mut sinks, relays: &relays };
+                            for i in 0..n {
+                                if let Some((d, source)) = rxb.get(i) {
+                                    engine.handle_datagram(now, Protocol::Udp, source, udp_local, d, &mut out);
+                                }
+                            }
                         }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                         Err(e) => {
                             // ICMP errors (port unreachable) surface here on Linux; harmless.
                             tracing::trace!(error = %e, "udp recv error");
                         }
                     }
-                    r = udp.try_recv_from(&mut buf);
                 }
             }
             d = relay_rx.recv() => {
                 let mut next = d;
                 let mut n = 0;
                 while let Some((node, d)) = next.take() {
-                    let mut out = ShellOut { udp: &udp, tcp_conns: &tcp_conns, sinks: &mut sinks, relays: &relays };
+                    let mut out = ShellOut { udp: &udp, tx: &mut txb, tcp_conns: &tcp_conns, sinks: &mut sinks, relays: &relays };
                     engine.handle_relay_datagram(Instant::now(), node, &d, &mut out);
                     n += 1;
                     if n < RECV_BATCH {
@@ -358,7 +409,7 @@ async fn run(
                 match t {
                     Some(TcpIn::Frame(source, data)) => {
                         if let Some(local) = tcp_local {
-                            let mut out = ShellOut { udp: &udp, tcp_conns: &tcp_conns, sinks: &mut sinks, relays: &relays };
+                            let mut out = ShellOut { udp: &udp, tx: &mut txb, tcp_conns: &tcp_conns, sinks: &mut sinks, relays: &relays };
                             engine.handle_datagram(Instant::now(), Protocol::Tcp, source, local, &data, &mut out);
                         }
                     }
@@ -373,12 +424,14 @@ async fn run(
         if engine.poll_timeout(now) <= now {
             let mut out = ShellOut {
                 udp: &udp,
+                tx: &mut txb,
                 tcp_conns: &tcp_conns,
                 sinks: &mut sinks,
                 relays: &relays,
             };
             engine.handle_timeout(now, &mut out);
         }
+        flush(&udp, &mut txb);
     }
     tracing::info!("media engine stopped");
 }
