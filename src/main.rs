@@ -193,6 +193,7 @@ fn run() -> anyhow::Result<()> {
         node_ip,
         max_peers: cfg.limit.max_peers,
         command_queue: 8192,
+        rtp_mode: cfg.rtc.rtp_mode,
     })
     .with_context(|| {
         format!(

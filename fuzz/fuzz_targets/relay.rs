@@ -34,6 +34,7 @@ fuzz_target!(|data: &[u8]| {
         udp_local: local,
         max_peers: 4,
         wall_anchor: (now, 1_700_000_000_000_000),
+        rtp_mode: false,
     });
     for (video, flow) in [(true, 7u64), (false, 8u64)] {
         engine.handle_command(

@@ -12,6 +12,7 @@ pub mod alloc;
 pub mod audio;
 pub mod engine;
 pub mod relay;
+pub mod rtp;
 pub mod sdp;
 pub mod shell;
 

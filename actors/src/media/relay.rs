@@ -55,10 +55,14 @@ const KIND_FRAGMENT: u8 = 1;
 const KIND_NACK: u8 = 2;
 const KIND_KEYFRAME: u8 = 3;
 const KIND_CONGESTION: u8 = 4;
+const KIND_RTP: u8 = 5;
+const KIND_PARAMS: u8 = 6;
 
 const FLAG_KEYFRAME: u8 = 1;
 const FLAG_PARAMS: u8 = 2;
 const FLAG_LEVEL: u8 = 4;
+const FLAG_MARKER: u8 = 8;
+const FLAG_VOICE: u8 = 16;
 
 /// Largest number of sequence numbers in one NACK datagram.
 pub const MAX_NACK_SEQS: usize = 128;
@@ -79,6 +83,8 @@ const CONGESTION_MIN_PACKETS: u64 = 20;
 pub const PARAMS_EVERY: u32 = 64;
 /// Fixed header bytes of a fragment before the optional parts.
 const FRAGMENT_HEADER: usize = 1 + 8 + 4 + 4 + 2 + 2 + 1 + 8 + 8 + 1;
+/// Fixed header bytes of an RTP datagram (kind .. ingest, the level byte and rid length).
+const RTP_HEADER: usize = 1 + 8 + 4 + 1 + 1 + 8 + 4 + 8 + 1 + 1;
 
 /// Errors decoding relay datagrams.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -265,9 +271,66 @@ pub struct RelayFrame {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Datagram<'a> {
     Fragment(Fragment<'a>),
-    Nack { flow: u64, seqs: Vec<u32> },
-    Keyframe { flow: u64, rank: u8 },
-    Congestion { flow: u64, loss_permille: u16 },
+    Nack {
+        flow: u64,
+        seqs: Vec<u32>,
+    },
+    Keyframe {
+        flow: u64,
+        rank: u8,
+    },
+    Congestion {
+        flow: u64,
+        loss_permille: u16,
+    },
+    /// RTP mode: one RTP packet of a relayed track.
+    Rtp(RtpDatagram<'a>),
+    /// RTP mode: the codec parameters (str0m `PayloadParams`, JSON) of payload type `pt`.
+    Params {
+        flow: u64,
+        seq: u32,
+        pt: u8,
+        params: &'a [u8],
+    },
+}
+
+/// One relayed RTP packet: the publisher's RTP header fields the next hop needs (its
+/// extended sequence number and timestamp, so every hop's rewriters see the source's own
+/// numbering), the flow's link sequence number (for NACKs on this hop), and the payload,
+/// byte for byte.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RtpDatagram<'a> {
+    pub flow: u64,
+    /// Per-flow, per-link sequence number (NACKed on this hop).
+    pub seq: u32,
+    /// The publisher's payload type; its codec parameters travel in [`Datagram::Params`].
+    pub pt: u8,
+    /// Extended RTP sequence number of the packet in its source stream.
+    pub rtp_seq: u64,
+    pub rtp_ts: u32,
+    pub marker: bool,
+    /// First packet of a keyframe.
+    pub keyframe: bool,
+    pub ingest_us: u64,
+    pub audio_level: Option<i8>,
+    pub voice_activity: Option<bool>,
+    pub rid: Option<&'a str>,
+    pub payload: &'a [u8],
+}
+
+/// An RTP packet as the engine hands it to a [`RelaySender`].
+#[derive(Debug, Clone)]
+pub struct RelayRtp<'a> {
+    pub pt: u8,
+    pub rtp_seq: u64,
+    pub rtp_ts: u32,
+    pub marker: bool,
+    pub keyframe: bool,
+    pub ingest_us: u64,
+    pub audio_level: Option<i8>,
+    pub voice_activity: Option<bool>,
+    pub rid: Option<Rid>,
+    pub payload: &'a [u8],
 }
 
 /// One fragment of a frame.
@@ -405,6 +468,69 @@ pub fn decode(buf: &[u8]) -> Result<Datagram<'_>, RelayError> {
                 loss_permille,
             })
         }
+        KIND_RTP => {
+            let flow = r.u64()?;
+            let seq = r.u32()?;
+            let flags = r.u8()?;
+            let pt = r.u8()?;
+            if pt > 127 {
+                return Err(RelayError::Invalid("payload type"));
+            }
+            let rtp_seq = r.u64()?;
+            let rtp_ts = r.u32()?;
+            let ingest_us = r.u64()?;
+            let audio_level = if flags & FLAG_LEVEL != 0 {
+                let l = r.u8()? as i8;
+                if !(-127..=0).contains(&l) {
+                    return Err(RelayError::Invalid("audio level"));
+                }
+                Some(l)
+            } else {
+                None
+            };
+            let rid_len = r.u8()? as usize;
+            if rid_len > MAX_RID {
+                return Err(RelayError::Invalid("rid length"));
+            }
+            let rid = if rid_len == 0 {
+                None
+            } else {
+                Some(
+                    std::str::from_utf8(r.take(rid_len)?)
+                        .map_err(|_| RelayError::Invalid("rid"))?,
+                )
+            };
+            Ok(Datagram::Rtp(RtpDatagram {
+                flow,
+                seq,
+                pt,
+                rtp_seq,
+                rtp_ts,
+                marker: flags & FLAG_MARKER != 0,
+                keyframe: flags & FLAG_KEYFRAME != 0,
+                ingest_us,
+                audio_level,
+                voice_activity: (flags & FLAG_LEVEL != 0).then_some(flags & FLAG_VOICE != 0),
+                rid,
+                payload: r.0,
+            }))
+        }
+        KIND_PARAMS => {
+            let flow = r.u64()?;
+            let seq = r.u32()?;
+            let pt = r.u8()?;
+            let n = r.u16()? as usize;
+            if n > MAX_PARAMS_BYTES || pt > 127 {
+                return Err(RelayError::Invalid("params"));
+            }
+            let params = r.take(n)?;
+            Ok(Datagram::Params {
+                flow,
+                seq,
+                pt,
+                params,
+            })
+        }
         k => Err(RelayError::UnknownKind(k)),
     }
 }
@@ -449,6 +575,8 @@ pub struct RelaySender {
     next_seq: u32,
     next_frame: u32,
     frames_since_params: u32,
+    /// RTP mode: the payload type whose parameters were sent last.
+    params_pt: Option<u8>,
     /// (seq, datagram), oldest first, at most `limits.cache_packets`.
     cache: VecDeque<(u32, Arc<[u8]>)>,
     limits: RelayLimits,
@@ -461,6 +589,7 @@ impl RelaySender {
             next_seq: 0,
             next_frame: 0,
             frames_since_params: PARAMS_EVERY,
+            params_pt: None,
             cache: VecDeque::new(),
             limits,
         }
@@ -558,6 +687,82 @@ impl RelaySender {
         }
         RELAY_METRICS.frames_sent.fetch_add(1, Relaxed);
         out
+    }
+
+    /// RTP mode: encodes one RTP packet for this link (after the codec parameters of its
+    /// payload type when they are due: the first packet, a change of payload type, every
+    /// keyframe, and every [`PARAMS_EVERY`]th packet), caches what it emits for NACKs and
+    /// hands each datagram to `emit`, in order. A packet that does not fit `max_datagram` is
+    /// dropped and counted.
+    pub fn push_rtp(
+        &mut self,
+        p: &RelayRtp<'_>,
+        params: Option<&[u8]>,
+        max_datagram: usize,
+        mut emit: impl FnMut(&[u8]),
+    ) {
+        let rid: &str = p.rid.as_deref().unwrap_or("");
+        let rid = &rid[..rid.len().min(MAX_RID)];
+        if RTP_HEADER + rid.len() + p.payload.len() > max_datagram {
+            RELAY_METRICS.datagrams_dropped.fetch_add(1, Relaxed);
+            return;
+        }
+        let due =
+            p.keyframe || self.frames_since_params >= PARAMS_EVERY || self.params_pt != Some(p.pt);
+        if let Some(params) = params.filter(|b| due && b.len() <= MAX_PARAMS_BYTES) {
+            let mut d = Vec::with_capacity(16 + params.len());
+            d.push(KIND_PARAMS);
+            d.extend_from_slice(&self.flow.to_be_bytes());
+            d.extend_from_slice(&self.next_seq.to_be_bytes());
+            d.push(p.pt);
+            d.extend_from_slice(&(params.len() as u16).to_be_bytes());
+            d.extend_from_slice(params);
+            self.params_pt = Some(p.pt);
+            self.frames_since_params = 0;
+            self.store(d.into(), &mut emit);
+        }
+        self.frames_since_params = self.frames_since_params.saturating_add(1);
+        let mut flags = 0;
+        if p.keyframe {
+            flags |= FLAG_KEYFRAME;
+        }
+        if p.marker {
+            flags |= FLAG_MARKER;
+        }
+        if p.audio_level.is_some() {
+            flags |= FLAG_LEVEL;
+            if p.voice_activity == Some(true) {
+                flags |= FLAG_VOICE;
+            }
+        }
+        let mut d = Vec::with_capacity(RTP_HEADER + rid.len() + p.payload.len());
+        d.push(KIND_RTP);
+        d.extend_from_slice(&self.flow.to_be_bytes());
+        d.extend_from_slice(&self.next_seq.to_be_bytes());
+        d.push(flags);
+        d.push(p.pt & 0x7f);
+        d.extend_from_slice(&p.rtp_seq.to_be_bytes());
+        d.extend_from_slice(&p.rtp_ts.to_be_bytes());
+        d.extend_from_slice(&p.ingest_us.to_be_bytes());
+        if let Some(l) = p.audio_level {
+            d.push(l.clamp(-127, 0) as u8);
+        }
+        d.push(rid.len() as u8);
+        d.extend_from_slice(rid.as_bytes());
+        d.extend_from_slice(p.payload);
+        self.store(d.into(), &mut emit);
+        RELAY_METRICS.frames_sent.fetch_add(1, Relaxed);
+    }
+
+    /// Numbers, caches and emits one datagram whose sequence number is `self.next_seq`.
+    fn store(&mut self, d: Arc<[u8]>, emit: &mut impl FnMut(&[u8])) {
+        let seq = self.next_seq;
+        self.next_seq = self.next_seq.wrapping_add(1);
+        emit(&d);
+        self.cache.push_back((seq, d));
+        while self.cache.len() > self.limits.cache_packets {
+            self.cache.pop_front();
+        }
     }
 
     /// Datagrams to resend for a NACK (those still cached).
@@ -678,9 +883,10 @@ impl RelayReceiver {
         self.params.as_ref()
     }
 
-    /// Takes one fragment.
-    pub fn on_fragment(&mut self, now: Instant, f: &Fragment<'_>) {
-        let seq = extend(self.highest, f.seq);
+    /// Records the arrival of link sequence number `seq`: notes the gap before it (to be
+    /// NACKed) or fills one. Returns false for a duplicate.
+    fn on_seq(&mut self, seq: u32) -> bool {
+        let seq = extend(self.highest, seq);
         self.window.0 += 1;
         match self.highest {
             None => self.highest = Some(seq),
@@ -704,16 +910,34 @@ impl RelayReceiver {
                 self.highest = Some(seq);
             }
             Some(_) => {
+                self.window.0 -= 1;
                 if self.missing.remove(&seq).is_none() {
-                    self.window.0 -= 1;
-                    return; // a duplicate
+                    return false; // a duplicate
                 }
                 // A repair: counted as missing when the gap was seen, not as received.
-                self.window.0 -= 1;
             }
         }
         while self.missing.len() > self.limits.max_missing {
             self.missing.pop_first();
+        }
+        true
+    }
+
+    /// RTP mode: takes one relayed RTP packet (or codec-parameter datagram) by its link
+    /// sequence number. Packets are released at once, in arrival order (the subscribers'
+    /// jitter buffers reorder); returns false for a duplicate, which must not be forwarded.
+    pub fn on_rtp_seq(&mut self, seq: u32) -> bool {
+        let fresh = self.on_seq(seq);
+        if fresh {
+            RELAY_METRICS.frames_received.fetch_add(1, Relaxed);
+        }
+        fresh
+    }
+
+    /// Takes one fragment.
+    pub fn on_fragment(&mut self, now: Instant, f: &Fragment<'_>) {
+        if !self.on_seq(f.seq) {
+            return;
         }
         let frame = extend(
             self.next_frame.or(self.frames.keys().next().copied()),

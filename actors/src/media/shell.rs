@@ -42,6 +42,8 @@ pub struct MediaSettings {
     pub max_peers: usize,
     /// Capacity of the control command queue.
     pub command_queue: usize,
+    /// Forward in str0m's RTP mode (see [`EngineConfig::rtp_mode`]).
+    pub rtp_mode: bool,
 }
 
 /// The control plane's handle to the media plane. Cheap to clone.
@@ -88,6 +90,7 @@ impl MediaHandle {
             udp_local,
             max_peers: settings.max_peers,
             wall_anchor: (Instant::now(), wall),
+            rtp_mode: settings.rtp_mode,
         };
         let (tx, rx) = mpsc::channel(settings.command_queue.max(16));
         std::thread::Builder::new()
