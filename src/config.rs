@@ -80,8 +80,9 @@ pub struct RtcConfig {
     pub node_ip: Option<IpAddr>,
     /// Local address the media sockets bind to (default 0.0.0.0).
     pub bind: Option<IpAddr>,
-    /// Forward RTP packets with rewritten headers (str0m RTP mode) instead of depacketised
-    /// frames (str0m frame mode). Every node of a cluster must use the same setting.
+    /// Forward RTP packets with rewritten headers (str0m RTP mode, the default) instead of
+    /// depacketised frames (str0m frame mode). Every node of a cluster must use the same
+    /// setting.
     pub rtp_mode: bool,
 }
 
@@ -174,7 +175,7 @@ impl Default for RtcConfig {
             tcp_port: 7881,
             node_ip: None,
             bind: None,
-            rtp_mode: false,
+            rtp_mode: true,
         }
     }
 }

@@ -10,11 +10,19 @@
 //!
 //! 1. The shell receives a datagram and calls [`Engine::handle_datagram`].
 //! 2. The engine finds the publisher's [`Rtc`] (by cached source address, else by
-//!    `Rtc::accepts`), hands the datagram to it and drains it. str0m decrypts the SRTP, reorders,
-//!    depacketises and emits `Event::MediaData` (its payload is an `Arc<[u8]>`).
-//! 3. The engine looks up the forwarding entry for `(publisher peer, mid)` and, for every
-//!    subscriber of that track, writes the same `Arc` payload into the subscriber's `Rtc`
-//!    (a reference-count increment, no copy) and drains it, which encrypts and transmits.
+//!    `Rtc::accepts`), hands the datagram to it and drains it. str0m decrypts the SRTP, NACKs
+//!    gaps, unwraps retransmissions and emits the media:
+//!    * in **RTP mode** ([`EngineConfig::rtp_mode`]) as `Event::RtpPacket`, one per packet,
+//!      payload an `Arc<[u8]>`. The engine reads the payload once (keyframe start, VP8
+//!      descriptor: [`super::rtp`]), then for every subscriber of the track picks the layer,
+//!      rewrites sequence number / timestamp / picture id with that subscriber's
+//!      [`Rewriter`] and writes the packet with `StreamTx::write_rtp` (the same `Arc`, a
+//!      reference-count increment; VP8 fields patched by str0m while it serialises);
+//!    * in **frame mode** as `Event::MediaData` (reordered, depacketised frames), which the
+//!      engine writes into every subscriber's `Rtc` (again the same `Arc`), which packetises
+//!      it anew.
+//! 3. Each write is followed by a drain of the subscriber's `Rtc`, which encrypts and
+//!    transmits.
 //!
 //! Nothing on that path goes through an actor mailbox or takes a lock.
 //!
@@ -680,6 +688,16 @@ impl Engine {
                 return;
             }
         };
+        // A cluster runs one forwarding mode; the other mode's media datagrams are refused.
+        let media_in_other_mode = match &d {
+            relay::Datagram::Fragment(_) => self.config.rtp_mode,
+            relay::Datagram::Rtp(_) | relay::Datagram::Params { .. } => !self.config.rtp_mode,
+            _ => false,
+        };
+        if media_in_other_mode {
+            RELAY_METRICS.garbage.fetch_add(1, Relaxed);
+            return;
+        }
         match d {
             relay::Datagram::Fragment(f) => {
                 let Some(track) = self.relay_in.get(&(node, f.flow)).copied() else {
@@ -2129,7 +2147,7 @@ mod relay_tests {
     use super::*;
     use crate::media::relay::{decode, Datagram, RelayReceiver};
     use rand::{Rng, SeedableRng};
-    use std::collections::BTreeSet;
+    use std::collections::{BTreeMap, BTreeSet};
     use str0m::format::{Codec, CodecSpec, FormatParams};
     use str0m::media::Pt;
 
@@ -2149,13 +2167,17 @@ mod relay_tests {
     }
 
     fn engine(now: Instant) -> Engine {
+        engine_in(now, false)
+    }
+
+    fn engine_in(now: Instant, rtp_mode: bool) -> Engine {
         let local: SocketAddr = "127.0.0.1:7882".parse().unwrap();
         Engine::new(EngineConfig {
             candidates: vec![],
             udp_local: local,
             max_peers: 4,
             wall_anchor: (now, 1_700_000_000_000_000),
-            rtp_mode: false,
+            rtp_mode,
         })
     }
 
@@ -2179,7 +2201,19 @@ mod relay_tests {
         down: u64,
         max_rank: u8,
     ) -> (Engine, Sink) {
-        let mut e = engine(now);
+        middle_hop_in(now, track, flow, up, down, max_rank, false)
+    }
+
+    fn middle_hop_in(
+        now: Instant,
+        track: TrackKey,
+        flow: u64,
+        up: u64,
+        down: u64,
+        max_rank: u8,
+        rtp_mode: bool,
+    ) -> (Engine, Sink) {
+        let mut e = engine_in(now, rtp_mode);
         let mut out = Sink::default();
         e.handle_command(
             now,
@@ -2270,6 +2304,76 @@ mod relay_tests {
             .filter(|(n, d)| *n == 1 && matches!(decode(d), Ok(Datagram::Keyframe { .. })))
             .count();
         assert_eq!(upstream_requests, 1);
+    }
+
+    /// RTP mode: a middle hop relays RTP packets (with their codec parameters) of the layers
+    /// the far side needs, unchanged and in order, answers NACKs from its own cache and
+    /// coalesces keyframe requests upstream.
+    #[test]
+    fn rtp_mode_middle_hop_relays_packets_of_needed_layers() {
+        let t0 = Instant::now();
+        let (key, flow) = (TrackKey(700), 12u64);
+        let (mut e, mut out) = middle_hop_in(t0, key, flow, 1, 3, 2, true);
+        out.relayed.clear();
+        let params = vp8_params();
+        let mut upstream = RelaySender::new(flow, RelayLimits::default());
+        let mut now = t0;
+        for i in 0..40u64 {
+            for (k, rid) in ["q", "h", "f"].into_iter().enumerate() {
+                // A VP8 descriptor with a 15-bit picture id; a keyframe first.
+                let payload = [0x90, 0x80, 0x80, i as u8, u8::from(i != 0), 7, 7, 7];
+                let p = RelayRtp {
+                    pt: 96,
+                    rtp_seq: 1000 * k as u64 + i,
+                    rtp_ts: (i * 3000) as u32,
+                    marker: true,
+                    keyframe: i == 0,
+                    ingest_us: 1_700_000_000_000_000,
+                    audio_level: None,
+                    voice_activity: None,
+                    rid: Some(rid.into()),
+                    payload: &payload,
+                };
+                let mut ds = Vec::new();
+                upstream.push_rtp(&p, Some(&params), 1200, |d| ds.push(d.to_vec()));
+                for d in ds {
+                    e.handle_relay_datagram(now, 1, &d, &mut out);
+                }
+            }
+            now += Duration::from_millis(33);
+            e.handle_timeout(now, &mut out);
+        }
+        let mut seqs: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        let mut params_seen = 0;
+        for (n, d) in &out.relayed {
+            assert_eq!(*n, 3, "only node 3 is relayed to");
+            match decode(d) {
+                Ok(Datagram::Rtp(r)) => {
+                    assert_eq!(r.payload.len(), 8);
+                    seqs.entry(r.rid.unwrap_or("").to_string())
+                        .or_default()
+                        .push(r.rtp_seq);
+                }
+                Ok(Datagram::Params { .. }) => params_seen += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(params_seen >= 1);
+        assert_eq!(seqs.keys().cloned().collect::<Vec<_>>(), ["h", "q"]);
+        assert_eq!(seqs["q"], (0..40).collect::<Vec<_>>());
+        assert_eq!(seqs["h"], (1000..1040).collect::<Vec<_>>());
+        // NACKs from node 3 are answered from this hop's cache.
+        out.relayed.clear();
+        e.handle_relay_datagram(now, 3, &relay::encode_nack(key.0, &[1, 2, 5]), &mut out);
+        assert_eq!(out.relayed.len(), 3);
+        // Keyframe requests from node 3 go upstream once per interval.
+        out.relayed.clear();
+        now += Duration::from_secs(1);
+        for _ in 0..5 {
+            e.handle_relay_datagram(now, 3, &relay::encode_keyframe(key.0, 2), &mut out);
+        }
+        let up: Vec<_> = out.relayed.iter().filter(|(n, _)| *n == 1).collect();
+        assert_eq!(up.len(), 1);
     }
 
     /// Sends one frame of each layer of `flow` into `e` from node 1, dropping every datagram

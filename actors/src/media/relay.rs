@@ -1,11 +1,18 @@
-//! Media on relay links: frames in QUIC datagrams, with per-hop loss repair. Sans-IO.
+//! Media on relay links: RTP packets (or frames) in QUIC datagrams, with per-hop loss repair.
+//! Sans-IO.
 //!
-//! The engine runs in str0m's *frame mode* (str0m depacketises what publishers send), so what a
-//! node relays is **frames**, not RTP packets: each frame of a relayed track is cut into
-//! fragments that fit one QUIC datagram, each tagged with the track's *flow id* (the sending
-//! node's data-plane key for it) and a per-flow packet sequence number. The receiving node
-//! reassembles frames and hands them to its engine, which re-packetises them for its own
-//! subscribers (and relays them further down the tree).
+//! What a node relays depends on the engine's forwarding mode (the same on every node):
+//!
+//! * **RTP mode**: each RTP packet of a relayed track becomes one datagram tagged with the
+//!   track's *flow id* (the sending node's data-plane key for it) and a per-flow, per-link
+//!   sequence number, carrying the source's own RTP sequence number and timestamp and the
+//!   payload byte for byte ([`RelaySender::push_rtp`]); codec parameters travel in `params`
+//!   datagrams of the same sequence. The receiving node forwards each packet as it arrives,
+//!   exactly like a local publisher's.
+//! * **Frame mode**: str0m depacketised what publishers sent, so each frame is cut into
+//!   fragments that fit one QUIC datagram, tagged with the flow id and a per-flow sequence
+//!   number; the receiving node reassembles frames and hands them to its engine, which
+//!   re-packetises them for its own subscribers (and relays them further down the tree).
 //!
 //! Per hop, independently of the other hops:
 //!
@@ -29,6 +36,10 @@
 //! kind u8 = 2 (nack)      flow u64 | n u16 | n × seq u32            (n ≤ MAX_NACK_SEQS)
 //! kind u8 = 3 (keyframe)  flow u64 | rank u8 (0: every layer)
 //! kind u8 = 4 (congestion) flow u64 | loss u16 (per mille, before repair)
+//! kind u8 = 5 (rtp)       flow u64 | seq u32 | flags u8 | pt u8 | rtp_seq u64 | rtp_ts u32
+//!   | ingest u64 | [level i8 if flags&4] | rid_len u8 | rid | payload
+//!   flags: 1 keyframe start, 4 audio level, 8 marker, 16 voice activity
+//! kind u8 = 6 (params)    flow u64 | seq u32 | pt u8 | len u16 | PayloadParams JSON
 //! ```
 //!
 //! # Congestion on a link
@@ -1151,6 +1162,93 @@ mod tests {
             let junk: Vec<u8> = (0..n).map(|_| rng.random()).collect();
             let _ = decode(&junk);
         }
+    }
+
+    fn rtp(i: u64, key: bool, payload: &[u8]) -> RelayRtp<'_> {
+        RelayRtp {
+            pt: 96,
+            rtp_seq: 70_000 + i,
+            rtp_ts: (i * 3000) as u32,
+            marker: i % 2 == 1,
+            keyframe: key,
+            ingest_us: 5 + i,
+            audio_level: (i % 3 == 0).then_some(-30),
+            voice_activity: (i % 3 == 0).then_some(true),
+            rid: Some("f".into()),
+            payload,
+        }
+    }
+
+    /// RTP mode: a packet crosses a link byte for byte with its header fields; the codec
+    /// parameters go first (first packet, keyframes, every PARAMS_EVERY packets) and take a
+    /// link sequence number of their own, so NACKs repair them too.
+    #[test]
+    fn rtp_datagrams_round_trip_with_their_parameters() {
+        let mut s = RelaySender::new(9, RelayLimits::default());
+        let payload: Vec<u8> = (0..1000).map(|b| b as u8).collect();
+        let mut got: Vec<Vec<u8>> = Vec::new();
+        for i in 0..(PARAMS_EVERY as u64 + 2) {
+            s.push_rtp(&rtp(i, i == 0, &payload), Some(b"{\"pt\":96}"), 1200, |d| {
+                got.push(d.to_vec())
+            });
+        }
+        // params, packet 0, ..., packet 63, params, packet 64, packet 65
+        assert_eq!(got.len(), PARAMS_EVERY as usize + 4);
+        let Ok(Datagram::Params {
+            flow,
+            seq,
+            pt,
+            params,
+        }) = decode(&got[0])
+        else {
+            panic!("parameters first");
+        };
+        assert_eq!((flow, seq, pt, params), (9, 0, 96, &b"{\"pt\":96}"[..]));
+        let Ok(Datagram::Rtp(r)) = decode(&got[1]) else {
+            panic!("then the packet");
+        };
+        assert_eq!(
+            (r.flow, r.seq, r.pt, r.rtp_seq, r.rtp_ts, r.marker, r.keyframe),
+            (9, 1, 96, 70_000, 0, false, true)
+        );
+        assert_eq!(
+            (r.audio_level, r.voice_activity, r.rid),
+            (Some(-30), Some(true), Some("f"))
+        );
+        assert_eq!(r.payload, &payload[..]);
+        let Ok(Datagram::Rtp(r)) = decode(&got[2]) else {
+            panic!("a packet");
+        };
+        assert_eq!(
+            (r.rtp_seq, r.marker, r.keyframe, r.audio_level),
+            (70_001, true, false, None)
+        );
+        assert!(matches!(
+            decode(&got[PARAMS_EVERY as usize + 1]),
+            Ok(Datagram::Params { .. })
+        ));
+        // NACKs are answered from the cache, parameters included.
+        assert_eq!(s.on_nack(&[0, 1]).len(), 2);
+        // A packet too large for the link is dropped, never cut.
+        let big = vec![0u8; 1300];
+        let mut n = 0;
+        s.push_rtp(&rtp(99, false, &big), None, 1200, |_| n += 1);
+        assert_eq!(n, 0);
+        // Truncations and junk in RTP/params datagrams are errors, never panics.
+        for d in &got[..3] {
+            for cut in 0..d.len().min(60) {
+                assert!(decode(&d[..cut]).is_err() || cut >= RTP_HEADER - 1);
+            }
+        }
+        // The receiver side: duplicates are refused, gaps NACKed.
+        let mut rx = RelayReceiver::new(9, RelayLimits::default());
+        assert!(rx.on_rtp_seq(0));
+        assert!(rx.on_rtp_seq(3));
+        assert!(!rx.on_rtp_seq(3));
+        let t = Instant::now();
+        assert_eq!(rx.poll_nacks(t), vec![1, 2]);
+        assert!(rx.on_rtp_seq(2));
+        assert!(!rx.on_rtp_seq(2));
     }
 
     /// Two relay endpoints wired in memory through a lossy, delaying link (seeded): every frame

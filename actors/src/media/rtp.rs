@@ -312,7 +312,7 @@ impl Rewriter {
             self.tl0_off = 0;
             return;
         };
-        self.seq_off = (last.seq + 1).wrapping_sub(first.seq);
+        self.seq_off = last.seq.wrapping_add(1).wrapping_sub(first.seq);
         let hz = u64::from(first.clock.max(1));
         let elapsed = now.saturating_duration_since(last.at).as_micros() as u64;
         let gap = (elapsed.saturating_mul(hz) / 1_000_000).max(hz / 30).max(1);
