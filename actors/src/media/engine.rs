@@ -1825,6 +1825,12 @@ impl Engine {
         }
         let header = p.header();
         let video = ft.kind == MediaKind::Video;
+        // str0m's view of the VP8 descriptor (for patches), parsed once for all subscribers.
+        let vp8_patchable = p
+            .vp8
+            .and_then(|_| str0m::rtp::Vp8Descriptor::parse(&p.payload).ok());
+        let in_pid = p.vp8.and_then(|d| d.picture_id).map(|(v, _)| v);
+        let in_tl0 = p.vp8.and_then(|d| d.tl0_pic_idx);
         let mut want_keyframe: Option<Option<Rid>> = None;
         for sub in &ft.subscribers {
             let Some(peer) = self.peers.get_mut(sub) else {
@@ -1898,20 +1904,19 @@ impl Engine {
                 .marker(p.marker)
                 .nackable(video)
                 .ext_vals(ext);
-            if h.picture_id.is_some() || h.tl0_pic_idx.is_some() {
-                // Patch the shared payload's descriptor while str0m serialises this copy.
-                let patch = str0m::rtp::Vp8Descriptor::parse(&p.payload)
-                    .ok()
-                    .and_then(|d| {
-                        let mut b = d.patch();
-                        if let (Some(v), Some(_)) = (h.picture_id, d.picture_id()) {
-                            b = b.picture_id(v);
-                        }
-                        if let (Some(v), Some(_)) = (h.tl0_pic_idx, d.tl0_pic_idx()) {
-                            b = b.tl0_pic_idx(v);
-                        }
-                        b.build().ok()
-                    });
+            if h.picture_id != in_pid || h.tl0_pic_idx != in_tl0 {
+                // Patch the shared payload's descriptor while str0m serialises this copy (only
+                // when the rewrite changed it: a subscriber on its first source needs none).
+                let patch = vp8_patchable.and_then(|d| {
+                    let mut b = d.patch();
+                    if let (Some(v), Some(_)) = (h.picture_id, d.picture_id()) {
+                        b = b.picture_id(v);
+                    }
+                    if let (Some(v), Some(_)) = (h.tl0_pic_idx, d.tl0_pic_idx()) {
+                        b = b.tl0_pic_idx(v);
+                    }
+                    b.build().ok()
+                });
                 if let Some(patch) = patch {
                     w = w.vp8_patch(patch);
                 }
