@@ -2171,10 +2171,6 @@ mod relay_tests {
         }
     }
 
-    fn engine(now: Instant) -> Engine {
-        engine_in(now, false)
-    }
-
     fn engine_in(now: Instant, rtp_mode: bool) -> Engine {
         let local: SocketAddr = "127.0.0.1:7882".parse().unwrap();
         Engine::new(EngineConfig {

@@ -1172,8 +1172,8 @@ mod tests {
             marker: i % 2 == 1,
             keyframe: key,
             ingest_us: 5 + i,
-            audio_level: (i % 3 == 0).then_some(-30),
-            voice_activity: (i % 3 == 0).then_some(true),
+            audio_level: i.is_multiple_of(3).then_some(-30),
+            voice_activity: i.is_multiple_of(3).then_some(true),
             rid: Some("f".into()),
             payload,
         }

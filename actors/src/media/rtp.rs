@@ -237,6 +237,9 @@ fn av1_keyframe_start(p: &[u8]) -> bool {
     p.first().is_some_and(|h| h & 0x08 != 0 && h & 0x80 == 0)
 }
 
+/// A VP8 packet's picture id (value, 15 bits wide?) and TL0PICIDX, each if present.
+pub type Vp8Ids = (Option<(u16, bool)>, Option<u8>);
+
 /// What the rewriter needs to know about one incoming packet.
 #[derive(Debug, Clone, Copy)]
 pub struct InHeader {
@@ -247,7 +250,7 @@ pub struct InHeader {
     /// The codec's clock rate (Hz).
     pub clock: u32,
     /// VP8 picture id (with its width) and TL0PICIDX, if present.
-    pub vp8: Option<(Option<(u16, bool)>, Option<u8>)>,
+    pub vp8: Option<Vp8Ids>,
 }
 
 /// The rewritten header fields of one outgoing packet.
