@@ -91,6 +91,10 @@ pub struct RtcConfig {
     pub batch_io: bool,
     /// Scans over all peers per second for non-STUN datagrams from unknown addresses.
     pub unknown_source_scans_per_sec: u32,
+    /// Forward RTP packets with rewritten headers (str0m RTP mode, the default) instead of
+    /// depacketised frames (str0m frame mode). Every node of a cluster must use the same
+    /// setting.
+    pub rtp_mode: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -193,6 +197,7 @@ impl Default for RtcConfig {
             rtx_packets_audio: 64,
             batch_io: true,
             unknown_source_scans_per_sec: 20,
+            rtp_mode: true,
         }
     }
 }

@@ -201,6 +201,7 @@ fn run() -> anyhow::Result<()> {
             fallback_scans_per_sec: cfg.rtc.unknown_source_scans_per_sec,
         },
         batch_io: cfg.rtc.batch_io,
+        rtp_mode: cfg.rtc.rtp_mode,
     })
     .with_context(|| {
         format!(

@@ -75,6 +75,7 @@ fn idle_peer_bytes(n: usize, role: PeerRole) -> isize {
         udp_local: server,
         max_peers: n + 1,
         wall_anchor: (now, 0),
+        rtp_mode: true,
     });
     let mut sink = harness::Wire::default();
     let mut queues = Vec::new();

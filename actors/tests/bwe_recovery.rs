@@ -219,6 +219,7 @@ impl Sim {
             udp_local: server,
             max_peers: 8,
             wall_anchor: (now, 1_700_000_000_000_000),
+            rtp_mode: true,
         });
         let pub_addr = addr(PUBLISHER);
         let sub_addr = addr(SUBSCRIBER);

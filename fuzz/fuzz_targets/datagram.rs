@@ -30,6 +30,7 @@ fuzz_target!(|data: &[u8]| {
         udp_local: local,
         max_peers: 4,
         wall_anchor: (Instant::now(), 1_700_000_000_000_000),
+        rtp_mode: true,
     });
     let now = Instant::now();
     for (i, role) in [PeerRole::Publisher, PeerRole::Subscriber]

@@ -104,6 +104,7 @@ fn setup() -> Option<Setup> {
         udp_local: server_addr,
         max_peers: 4,
         wall_anchor: (now, 1_700_000_000_000_000),
+        rtp_mode: true,
     });
     let mut wire = Wire::default();
     let (events, _rx) = tokio::sync::mpsc::channel(64);

@@ -29,11 +29,14 @@ fuzz_target!(|data: &[u8]| {
     let _ = relay::decode(data);
     let local: SocketAddr = "10.200.0.1:7882".parse().unwrap();
     let now = Instant::now();
+    // Both forwarding modes: frame fragments and RTP datagrams reach different code.
+    let rtp_mode = data.first().is_some_and(|b| b & 1 == 1);
     let mut engine = Engine::new(EngineConfig {
         candidates: vec![str0m::Candidate::host(local, "udp").unwrap()],
         udp_local: local,
         max_peers: 4,
         wall_anchor: (now, 1_700_000_000_000_000),
+        rtp_mode,
     });
     for (video, flow) in [(true, 7u64), (false, 8u64)] {
         engine.handle_command(

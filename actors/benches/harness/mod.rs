@@ -91,6 +91,7 @@ impl Room {
             udp_local: server,
             max_peers: n + 8,
             wall_anchor: (now, 1_700_000_000_000_000),
+            rtp_mode: true,
         })
         .with_limits(limits);
         let mut room = Room {

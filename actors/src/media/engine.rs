@@ -10,11 +10,19 @@
 //!
 //! 1. The shell receives a datagram and calls [`Engine::handle_datagram`].
 //! 2. The engine finds the publisher's [`Rtc`] (by cached source address, else by
-//!    `Rtc::accepts`), hands the datagram to it and drains it. str0m decrypts the SRTP, reorders,
-//!    depacketises and emits `Event::MediaData` (its payload is an `Arc<[u8]>`).
-//! 3. The engine looks up the forwarding entry for `(publisher peer, mid)` and, for every
-//!    subscriber of that track, writes the same `Arc` payload into the subscriber's `Rtc`
-//!    (a reference-count increment, no copy) and drains it, which encrypts and transmits.
+//!    `Rtc::accepts`), hands the datagram to it and drains it. str0m decrypts the SRTP, NACKs
+//!    gaps, unwraps retransmissions and emits the media:
+//!    * in **RTP mode** ([`EngineConfig::rtp_mode`]) as `Event::RtpPacket`, one per packet,
+//!      payload an `Arc<[u8]>`. The engine reads the payload once (keyframe start, VP8
+//!      descriptor: [`super::rtp`]), then for every subscriber of the track picks the layer,
+//!      rewrites sequence number / timestamp / picture id with that subscriber's
+//!      [`Rewriter`] and writes the packet with `StreamTx::write_rtp` (the same `Arc`, a
+//!      reference-count increment; VP8 fields patched by str0m while it serialises);
+//!    * in **frame mode** as `Event::MediaData` (reordered, depacketised frames), which the
+//!      engine writes into every subscriber's `Rtc` (again the same `Arc`), which packetises
+//!      it anew.
+//! 3. Each write is followed by a drain of the subscriber's `Rtc`, which encrypts and
+//!    transmits.
 //!
 //! Nothing on that path goes through an actor mailbox or takes a lock.
 //!
@@ -40,13 +48,16 @@ use str0m::{Candidate, Event, IceConnectionState, Input, Output as RtcOutput, Rt
 use crate::media::alloc::{allocate, next_step_bps, AllocTrack, Decision, Recovery};
 use crate::media::audio::{LevelConfig, LevelMeter};
 use crate::media::relay::{
-    self, RelayFrame, RelayLimits, RelayReceiver, RelaySender, RELAY_METRICS,
+    self, RelayFrame, RelayLimits, RelayReceiver, RelayRtp, RelaySender, RELAY_METRICS,
 };
+use crate::media::rtp::{self as rtpfwd, InHeader, PayloadKind, Rewriter};
 use crate::quality::LinkStats;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use str0m::format::{CodecExtra, PayloadParams};
+use str0m::media::Pt;
 use str0m::media::{ExtensionValues, Frequency};
+use str0m::rtp::{RtpPacket, RtpWrite, SeqNo, Ssrc, VideoOrientation};
 
 use crate::error::MediaError;
 use crate::media::{Command, PeerEvent, PeerId, PeerRole, TrackKey};
@@ -125,6 +136,10 @@ pub struct EngineConfig {
     /// Wall clock at one instant: `(instant, microseconds since the Unix epoch)`. Relay frames
     /// carry wall-clock ingest times derived from it.
     pub wall_anchor: (Instant, u64),
+    /// Forward RTP packets (str0m's RTP mode: headers rewritten per subscriber, payloads
+    /// never depacketised) instead of frames (str0m's frame mode: depacketise, repacketise
+    /// per subscriber). Every node of a relay fabric must use the same mode.
+    pub rtp_mode: bool,
 }
 
 /// A subscriber-side outgoing track and the state of its m-line negotiation.
@@ -151,6 +166,10 @@ struct OutTrack {
     last_out: Option<(u64, Instant)>,
     /// Consecutive allocation rounds that wanted a lower layer than the current one.
     down_votes: u8,
+    /// RTP mode: sequence number, timestamp and VP8 picture id rewriting.
+    rw: Rewriter,
+    /// RTP mode: the publisher's payload type → this subscriber's (None: no match).
+    pt_map: Vec<(Pt, Option<Pt>)>,
 }
 
 impl OutTrack {
@@ -225,6 +244,8 @@ struct Peer {
     recovery: Recovery,
     /// Subscriber: the estimate the previous allocation round saw.
     last_alloc_bwe: Option<u64>,
+    /// RTP mode, publisher: incoming SSRC → (mid, rid), learned from str0m's receive streams.
+    ssrcs: Vec<(Ssrc, Mid, Option<Rid>)>,
 }
 
 struct FwdTrack {
@@ -249,6 +270,52 @@ struct FwdTrack {
     /// Nodes this track is relayed to, each with its sending state and the best layer rank it
     /// needs (higher simulcast layers are not sent).
     relay_outs: Vec<OutLink>,
+    /// RTP mode: the publisher's payload types with their codec parameters, how to read their
+    /// payloads, and (for relay links) the parameters as JSON.
+    pts: Vec<PtInfo>,
+}
+
+/// RTP mode: one payload type of a forwarded track.
+#[derive(Debug, Clone)]
+struct PtInfo {
+    pt: Pt,
+    params: PayloadParams,
+    kind: PayloadKind,
+    json: Option<Arc<[u8]>>,
+}
+
+/// Payload types remembered per track (a track normally uses one or two).
+const MAX_PTS: usize = 8;
+/// SSRCs remembered per publisher connection (three simulcast layers per video track).
+const MAX_SSRCS: usize = 64;
+
+/// RTP mode: one packet on its way to subscribers and relay links, whether it came from a
+/// local publisher or a relay link. Built once per packet; every subscriber shares `payload`.
+struct RtpIn {
+    rid: Option<Rid>,
+    pt: Pt,
+    params: PayloadParams,
+    kind: PayloadKind,
+    seq: u64,
+    ts: u32,
+    marker: bool,
+    keyframe: bool,
+    vp8: Option<rtpfwd::Vp8Descriptor>,
+    audio_level: Option<i8>,
+    voice_activity: Option<bool>,
+    video_orientation: Option<VideoOrientation>,
+    payload: Arc<[u8]>,
+}
+
+impl RtpIn {
+    fn header(&self) -> InHeader {
+        InHeader {
+            seq: self.seq,
+            ts: self.ts,
+            clock: self.params.spec().clock_rate.get(),
+            vp8: self.vp8.map(|d| (d.picture_id, d.tl0_pic_idx)),
+        }
+    }
 }
 
 /// One downstream link of a track.
@@ -285,6 +352,7 @@ impl FwdTrack {
             receiver: None,
             params: None,
             relay_outs: Vec::new(),
+            pts: Vec::new(),
         }
     }
 }
@@ -317,6 +385,7 @@ impl FwdTrack {
 #[allow(clippy::large_enum_variant)]
 enum Pending {
     Media { from: PeerId, data: MediaData },
+    Rtp { from: PeerId, pkt: RtpPacket },
     Keyframe { sub: PeerId, mid: Mid },
 }
 
@@ -465,6 +534,26 @@ fn rid_rank(rid: &Rid) -> u8 {
         "h" | "1" => 2,
         _ => 1,
     }
+}
+
+/// The simulcast layer a subscriber allowed up to `allowed` should get now: the best live
+/// layer at or below it, else the lowest live layer.
+fn best_layer(layers: &[(Rid, Instant)], allowed: u8, now: Instant) -> Option<Rid> {
+    let mut best_fit: Option<(u8, Rid)> = None;
+    let mut lowest: Option<(u8, Rid)> = None;
+    for (r, seen) in layers {
+        if now.saturating_duration_since(*seen) >= LAYER_IDLE {
+            continue;
+        }
+        let rank = rid_rank(r);
+        if rank <= allowed && best_fit.is_none_or(|(b, _)| rank > b) {
+            best_fit = Some((rank, *r));
+        }
+        if lowest.is_none_or(|(l, _)| rank < l) {
+            lowest = Some((rank, *r));
+        }
+    }
+    best_fit.or(lowest).map(|(_, r)| r)
 }
 
 /// The media engine of one shard. See the module documentation.
@@ -880,6 +969,16 @@ impl Engine {
                 return;
             }
         };
+        // A cluster runs one forwarding mode; the other mode's media datagrams are refused.
+        let media_in_other_mode = match &d {
+            relay::Datagram::Fragment(_) => self.config.rtp_mode,
+            relay::Datagram::Rtp(_) | relay::Datagram::Params { .. } => !self.config.rtp_mode,
+            _ => false,
+        };
+        if media_in_other_mode {
+            RELAY_METRICS.garbage.fetch_add(1, Relaxed);
+            return;
+        }
         match d {
             relay::Datagram::Fragment(f) => {
                 let Some(track) = self.relay_in.get(&(node, f.flow)).copied() else {
@@ -892,6 +991,97 @@ impl Engine {
                 {
                     r.on_fragment(now, &f);
                 }
+                self.poll_relay(now, track, out);
+            }
+            relay::Datagram::Params {
+                flow,
+                seq,
+                pt,
+                params,
+            } => {
+                let Some(track) = self.relay_in.get(&(node, flow)).copied() else {
+                    return;
+                };
+                let Some(ft) = self.tracks.get_mut(&track) else {
+                    return;
+                };
+                if let Some(r) = ft.receiver.as_mut() {
+                    r.on_rtp_seq(seq);
+                }
+                let pt = Pt::new_with_value(pt);
+                if ft
+                    .pts
+                    .iter()
+                    .any(|i| i.pt == pt && i.json.as_deref() == Some(params))
+                {
+                    return;
+                }
+                match serde_json::from_slice::<PayloadParams>(params) {
+                    Ok(p) => {
+                        ft.pts.retain(|i| i.pt != pt);
+                        if ft.pts.len() >= MAX_PTS {
+                            ft.pts.remove(0);
+                        }
+                        ft.pts.push(PtInfo {
+                            pt,
+                            params: p,
+                            kind: PayloadKind::of(p.spec().codec),
+                            json: Some(params.into()),
+                        });
+                    }
+                    Err(e) => {
+                        RELAY_METRICS.garbage.fetch_add(1, Relaxed);
+                        tracing::debug!(error = %e, "bad relayed codec parameters");
+                    }
+                }
+            }
+            relay::Datagram::Rtp(r) => {
+                let Some(track) = self.relay_in.get(&(node, r.flow)).copied() else {
+                    return;
+                };
+                let Some(ft) = self.tracks.get_mut(&track) else {
+                    return;
+                };
+                let fresh = ft.receiver.as_mut().is_none_or(|rx| rx.on_rtp_seq(r.seq));
+                if !fresh {
+                    return;
+                }
+                let pt = Pt::new_with_value(r.pt);
+                let Some(info) = ft.pts.iter().find(|i| i.pt == pt) else {
+                    // No codec parameters yet: they come with the next keyframe.
+                    self.request_keyframe(now, track, None, out);
+                    self.poll_relay(now, track, out);
+                    return;
+                };
+                let (params, kind) = (info.params, info.kind);
+                let vp8 = if kind == PayloadKind::Vp8 {
+                    rtpfwd::vp8_descriptor(r.payload)
+                } else {
+                    None
+                };
+                let input = RtpIn {
+                    rid: r.rid.map(Rid::from),
+                    pt,
+                    params,
+                    kind,
+                    seq: r.rtp_seq,
+                    ts: r.rtp_ts,
+                    marker: r.marker,
+                    keyframe: r.keyframe,
+                    vp8,
+                    audio_level: r.audio_level,
+                    voice_activity: r.voice_activity,
+                    video_orientation: None,
+                    payload: r.payload.into(),
+                };
+                let wall = self.wall_us(now);
+                if r.ingest_us > 0 && wall >= r.ingest_us && wall - r.ingest_us < 60_000_000 {
+                    RELAY_METRICS.transit_count.fetch_add(1, Relaxed);
+                    RELAY_METRICS
+                        .transit_us_sum
+                        .fetch_add(wall - r.ingest_us, Relaxed);
+                }
+                self.forward_rtp(now, track, &input, Some(r.ingest_us), out);
                 self.poll_relay(now, track, out);
             }
             relay::Datagram::Nack { flow, seqs } => {
@@ -1051,7 +1241,8 @@ impl Engine {
             .set_stats_interval(Some(Duration::from_secs(1)))
             .set_reordering_size_video(VIDEO_REORDER_PACKETS)
             .set_send_buffer_video(self.limits.rtx_packets_video.max(1))
-            .set_send_buffer_audio(self.limits.rtx_packets_audio.max(1));
+            .set_send_buffer_audio(self.limits.rtx_packets_audio.max(1))
+            .set_rtp_mode(self.config.rtp_mode);
         if role == PeerRole::Subscriber {
             cfg = cfg.enable_bwe(Some(Bitrate::kbps(BWE_INITIAL_KBPS)));
         }
@@ -1083,6 +1274,7 @@ impl Engine {
             window: (0, 0),
             recovery: Recovery::default(),
             last_alloc_bwe: None,
+            ssrcs: Vec::new(),
         };
         Self::drain(id, &mut peer, &mut self.queue, out);
         self.by_ufrag.insert(peer.local_ufrag.clone(), id);
@@ -1266,6 +1458,8 @@ impl Engine {
             ts_offset: 0,
             last_out: None,
             down_votes: 0,
+            rw: Rewriter::default(),
+            pt_map: Vec::new(),
         });
         let _ = now;
         self.negotiate(sub, out);
@@ -1382,7 +1576,14 @@ impl Engine {
                 }
             }
             ft.last_keyframe_request.insert(r, now);
-            if let Some(mut w) = peer.rtc.writer(ft.mid) {
+            if self.config.rtp_mode {
+                // RTP mode has no `Writer`: ask the receive stream of the layer directly.
+                let mut api = peer.rtc.direct_api();
+                if let Some(rx) = api.stream_rx_by_mid(ft.mid, r) {
+                    rx.request_keyframe(KeyframeRequestKind::Pli);
+                    METRICS.inc_plis();
+                }
+            } else if let Some(mut w) = peer.rtc.writer(ft.mid) {
                 if w.request_keyframe(r, KeyframeRequestKind::Pli).is_ok() {
                     METRICS.inc_plis();
                 }
@@ -1484,6 +1685,9 @@ impl Engine {
                     Event::MediaData(data) if peer.role == PeerRole::Publisher => {
                         queue.push_back(Pending::Media { from: id, data });
                     }
+                    Event::RtpPacket(pkt) if peer.role == PeerRole::Publisher => {
+                        queue.push_back(Pending::Rtp { from: id, pkt });
+                    }
                     Event::KeyframeRequest(req) => {
                         queue.push_back(Pending::Keyframe {
                             sub: id,
@@ -1574,6 +1778,7 @@ impl Engine {
         while let Some(p) = self.queue.pop_front() {
             match p {
                 Pending::Media { from, data } => self.forward(now, from, data, out),
+                Pending::Rtp { from, pkt } => self.forward_rtp_from(now, from, pkt, out),
                 Pending::Keyframe { sub, mid } => {
                     let Some(peer) = self.peers.get(&sub) else {
                         continue;
@@ -1765,6 +1970,278 @@ impl Engine {
                     METRICS.inc_dropped_packets();
                 }
             }
+            Self::drain(*sub, peer, &mut self.queue, out);
+        }
+        if let Some(rid) = want_keyframe {
+            self.request_keyframe(now, track, rid, out);
+        }
+    }
+
+    /// RTP mode: one RTP packet from a local publisher. Finds its track (by the SSRC's mid)
+    /// and codec (by payload type, from the publisher's negotiated codecs), reads what the
+    /// forwarder needs from the payload once, and forwards it.
+    fn forward_rtp_from(
+        &mut self,
+        now: Instant,
+        from: PeerId,
+        pkt: RtpPacket,
+        out: &mut dyn Output,
+    ) {
+        let Some(publisher) = self.peers.get_mut(&from) else {
+            return;
+        };
+        let ssrc = pkt.header.ssrc;
+        let (mid, rid) = match publisher.ssrcs.iter().find(|(s, _, _)| *s == ssrc) {
+            Some(&(_, mid, rid)) => (mid, rid),
+            None => {
+                let mut api = publisher.rtc.direct_api();
+                let Some((mid, rid)) = api.stream_rx(&ssrc).map(|s| (s.mid(), s.rid())) else {
+                    return;
+                };
+                if publisher.ssrcs.len() >= MAX_SSRCS {
+                    publisher.ssrcs.remove(0);
+                }
+                publisher.ssrcs.push((ssrc, mid, rid));
+                (mid, rid)
+            }
+        };
+        let Some(track) = publisher.media_in.get(&mid).copied() else {
+            return;
+        };
+        let Some(ft) = self.tracks.get_mut(&track) else {
+            return;
+        };
+        let pt = pkt.header.payload_type;
+        let info = match ft.pts.iter().find(|i| i.pt == pt) {
+            Some(i) => (i.params, i.kind),
+            None => {
+                let Some(params) = publisher.rtc.codec_config().find(|p| p.pt() == pt).copied()
+                else {
+                    METRICS.inc_dropped_packets();
+                    return;
+                };
+                let kind = PayloadKind::of(params.spec().codec);
+                if ft.pts.len() >= MAX_PTS {
+                    ft.pts.remove(0);
+                }
+                ft.pts.push(PtInfo {
+                    pt,
+                    params,
+                    kind,
+                    json: serde_json::to_vec(&params).ok().map(Arc::from),
+                });
+                (params, kind)
+            }
+        };
+        let (params, kind) = info;
+        let vp8 = if kind == PayloadKind::Vp8 {
+            rtpfwd::vp8_descriptor(&pkt.payload)
+        } else {
+            None
+        };
+        let keyframe = match vp8 {
+            Some(d) => d.keyframe_start,
+            None => rtpfwd::keyframe_start(kind, &pkt.payload),
+        };
+        let ext = &pkt.header.ext_vals;
+        let input = RtpIn {
+            rid,
+            pt,
+            params,
+            kind,
+            seq: *pkt.seq_no,
+            ts: pkt.header.timestamp,
+            marker: pkt.header.marker,
+            keyframe,
+            vp8,
+            audio_level: ext.audio_level,
+            voice_activity: ext.voice_activity,
+            video_orientation: ext.video_orientation,
+            payload: pkt.payload,
+        };
+        self.forward_rtp(now, track, &input, None, out);
+    }
+
+    /// RTP mode: forward one packet of `track` to its relay links and its local subscribers.
+    ///
+    /// Per subscriber: the simulcast layer it should get (switching only at a keyframe's first
+    /// packet, like frame mode), then the [`Rewriter`] maps sequence number, timestamp and VP8
+    /// picture id onto the subscriber's continuous stream, and the packet is written with
+    /// `write_rtp` — the payload `Arc` shared, the VP8 descriptor patched by str0m while it
+    /// serialises. Video is written *nackable*, so str0m answers the subscriber's NACKs from
+    /// its send buffer (RTX) and can reuse the packets as probing padding.
+    fn forward_rtp(
+        &mut self,
+        now: Instant,
+        track: TrackKey,
+        p: &RtpIn,
+        ingest_us: Option<u64>,
+        out: &mut dyn Output,
+    ) {
+        let ingest_us = ingest_us.unwrap_or_else(|| self.wall_us(now));
+        let Some(ft) = self.tracks.get_mut(&track) else {
+            return;
+        };
+        let len = p.payload.len();
+        METRICS.add_received(len);
+        if !ft.relay_outs.is_empty() {
+            let json = ft
+                .pts
+                .iter()
+                .find(|i| i.pt == p.pt)
+                .and_then(|i| i.json.clone());
+            let r = RelayRtp {
+                pt: *p.pt,
+                rtp_seq: p.seq,
+                rtp_ts: p.ts,
+                marker: p.marker,
+                keyframe: p.keyframe,
+                ingest_us,
+                audio_level: p.audio_level,
+                voice_activity: p.voice_activity,
+                rid: p.rid,
+                payload: &p.payload,
+            };
+            let rank = p.rid.as_ref().map_or(1, rid_rank);
+            for o in ft.relay_outs.iter_mut() {
+                if rank > o.sending() {
+                    continue;
+                }
+                let max = out.relay_max(o.node);
+                let node = o.node;
+                o.sender.push_rtp(&r, json.as_deref(), max, |d| {
+                    RELAY_METRICS.datagrams_sent.fetch_add(1, Relaxed);
+                    out.relay(node, d);
+                });
+            }
+        }
+
+        // Per-layer byte counts (for the allocator) and layer liveness.
+        match ft.rates.iter_mut().find(|(r, _, _)| *r == p.rid) {
+            Some(r) => r.1 += len as u64,
+            None => {
+                if ft.rates.len() < 8 {
+                    ft.rates.push((p.rid, len as u64, 0));
+                }
+            }
+        }
+        if let Some(rid) = p.rid {
+            match ft.layers.iter_mut().find(|(r, _)| *r == rid) {
+                Some(l) => l.1 = now,
+                None => {
+                    if ft.layers.len() < 8 {
+                        ft.layers.push((rid, now));
+                    }
+                }
+            }
+        }
+        if ft.kind == MediaKind::Audio {
+            ft.meter.observe(p.audio_level, &self.level_config);
+        }
+        let header = p.header();
+        let video = ft.kind == MediaKind::Video;
+        // str0m's view of the VP8 descriptor (for patches), parsed once for all subscribers.
+        let vp8_patchable = p
+            .vp8
+            .and_then(|_| str0m::rtp::Vp8Descriptor::parse(&p.payload).ok());
+        let in_pid = p.vp8.and_then(|d| d.picture_id).map(|(v, _)| v);
+        let in_tl0 = p.vp8.and_then(|d| d.tl0_pic_idx);
+        let mut want_keyframe: Option<Option<Rid>> = None;
+        for sub in &ft.subscribers {
+            let Some(peer) = self.peers.get_mut(sub) else {
+                continue;
+            };
+            let Some(o) = peer.media_out.iter_mut().find(|o| o.track == track) else {
+                continue;
+            };
+            let OutState::Open(mid) = o.state else {
+                continue;
+            };
+            let allowed = if video { o.allowed_rank() } else { 3 };
+            if allowed == 0 {
+                continue;
+            }
+            let mut rebase = false;
+            if p.rid.is_some() {
+                let best = best_layer(&ft.layers, allowed, now);
+                if o.rid != best && p.rid == best {
+                    if p.keyframe || !p.kind.needs_keyframe() {
+                        o.rid = best;
+                        o.need_keyframe = false;
+                        rebase = true;
+                    } else {
+                        want_keyframe = Some(best);
+                    }
+                }
+                if p.rid != o.rid {
+                    continue;
+                }
+            }
+            if o.need_keyframe {
+                if !p.keyframe && p.kind.needs_keyframe() {
+                    want_keyframe = Some(p.rid);
+                    continue;
+                }
+                o.need_keyframe = false;
+                rebase = true;
+            }
+            if rebase || !o.rw.started() {
+                o.rw.rebase(now, &header);
+            }
+            let Some(h) = o.rw.rewrite(now, &header) else {
+                continue;
+            };
+            let out_pt = match o.pt_map.iter().find(|(i, _)| *i == p.pt) {
+                Some(&(_, m)) => m,
+                None => {
+                    let m = peer
+                        .rtc
+                        .codec_config()
+                        .match_params(p.params)
+                        .map(|m| m.pt());
+                    if o.pt_map.len() >= MAX_PTS {
+                        o.pt_map.remove(0);
+                    }
+                    o.pt_map.push((p.pt, m));
+                    m
+                }
+            };
+            let Some(out_pt) = out_pt else {
+                continue;
+            };
+            let ext = ExtensionValues {
+                audio_level: p.audio_level,
+                voice_activity: p.voice_activity,
+                video_orientation: p.video_orientation,
+                ..Default::default()
+            };
+            let mut w = RtpWrite::new(out_pt, SeqNo::from(h.seq), h.ts, now, p.payload.clone())
+                .marker(p.marker)
+                .nackable(video)
+                .ext_vals(ext);
+            if h.picture_id != in_pid || h.tl0_pic_idx != in_tl0 {
+                // Patch the shared payload's descriptor while str0m serialises this copy (only
+                // when the rewrite changed it: a subscriber on its first source needs none).
+                let patch = vp8_patchable.and_then(|d| {
+                    let mut b = d.patch();
+                    if let (Some(v), Some(_)) = (h.picture_id, d.picture_id()) {
+                        b = b.picture_id(v);
+                    }
+                    if let (Some(v), Some(_)) = (h.tl0_pic_idx, d.tl0_pic_idx()) {
+                        b = b.tl0_pic_idx(v);
+                    }
+                    b.build().ok()
+                });
+                if let Some(patch) = patch {
+                    w = w.vp8_patch(patch);
+                }
+            }
+            let mut api = peer.rtc.direct_api();
+            let Some(tx) = api.stream_tx_by_mid(mid, None) else {
+                continue;
+            };
+            tx.write_rtp(w);
+            METRICS.add_forwarded(len);
             Self::drain(*sub, peer, &mut self.queue, out);
         }
         if let Some(rid) = want_keyframe {
@@ -2026,7 +2503,7 @@ mod relay_tests {
     use super::*;
     use crate::media::relay::{decode, Datagram, RelayReceiver};
     use rand::{Rng, SeedableRng};
-    use std::collections::BTreeSet;
+    use std::collections::{BTreeMap, BTreeSet};
     use str0m::format::{Codec, CodecSpec, FormatParams};
     use str0m::media::Pt;
 
@@ -2045,13 +2522,14 @@ mod relay_tests {
         }
     }
 
-    fn engine(now: Instant) -> Engine {
+    fn engine_in(now: Instant, rtp_mode: bool) -> Engine {
         let local: SocketAddr = "127.0.0.1:7882".parse().unwrap();
         Engine::new(EngineConfig {
             candidates: vec![],
             udp_local: local,
             max_peers: 4,
             wall_anchor: (now, 1_700_000_000_000_000),
+            rtp_mode,
         })
     }
 
@@ -2075,7 +2553,19 @@ mod relay_tests {
         down: u64,
         max_rank: u8,
     ) -> (Engine, Sink) {
-        let mut e = engine(now);
+        middle_hop_in(now, track, flow, up, down, max_rank, false)
+    }
+
+    fn middle_hop_in(
+        now: Instant,
+        track: TrackKey,
+        flow: u64,
+        up: u64,
+        down: u64,
+        max_rank: u8,
+        rtp_mode: bool,
+    ) -> (Engine, Sink) {
+        let mut e = engine_in(now, rtp_mode);
         let mut out = Sink::default();
         e.handle_command(
             now,
@@ -2166,6 +2656,76 @@ mod relay_tests {
             .filter(|(n, d)| *n == 1 && matches!(decode(d), Ok(Datagram::Keyframe { .. })))
             .count();
         assert_eq!(upstream_requests, 1);
+    }
+
+    /// RTP mode: a middle hop relays RTP packets (with their codec parameters) of the layers
+    /// the far side needs, unchanged and in order, answers NACKs from its own cache and
+    /// coalesces keyframe requests upstream.
+    #[test]
+    fn rtp_mode_middle_hop_relays_packets_of_needed_layers() {
+        let t0 = Instant::now();
+        let (key, flow) = (TrackKey(700), 12u64);
+        let (mut e, mut out) = middle_hop_in(t0, key, flow, 1, 3, 2, true);
+        out.relayed.clear();
+        let params = vp8_params();
+        let mut upstream = RelaySender::new(flow, RelayLimits::default());
+        let mut now = t0;
+        for i in 0..40u64 {
+            for (k, rid) in ["q", "h", "f"].into_iter().enumerate() {
+                // A VP8 descriptor with a 15-bit picture id; a keyframe first.
+                let payload = [0x90, 0x80, 0x80, i as u8, u8::from(i != 0), 7, 7, 7];
+                let p = RelayRtp {
+                    pt: 96,
+                    rtp_seq: 1000 * k as u64 + i,
+                    rtp_ts: (i * 3000) as u32,
+                    marker: true,
+                    keyframe: i == 0,
+                    ingest_us: 1_700_000_000_000_000,
+                    audio_level: None,
+                    voice_activity: None,
+                    rid: Some(rid.into()),
+                    payload: &payload,
+                };
+                let mut ds = Vec::new();
+                upstream.push_rtp(&p, Some(&params), 1200, |d| ds.push(d.to_vec()));
+                for d in ds {
+                    e.handle_relay_datagram(now, 1, &d, &mut out);
+                }
+            }
+            now += Duration::from_millis(33);
+            e.handle_timeout(now, &mut out);
+        }
+        let mut seqs: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        let mut params_seen = 0;
+        for (n, d) in &out.relayed {
+            assert_eq!(*n, 3, "only node 3 is relayed to");
+            match decode(d) {
+                Ok(Datagram::Rtp(r)) => {
+                    assert_eq!(r.payload.len(), 8);
+                    seqs.entry(r.rid.unwrap_or("").to_string())
+                        .or_default()
+                        .push(r.rtp_seq);
+                }
+                Ok(Datagram::Params { .. }) => params_seen += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(params_seen >= 1);
+        assert_eq!(seqs.keys().cloned().collect::<Vec<_>>(), ["h", "q"]);
+        assert_eq!(seqs["q"], (0..40).collect::<Vec<_>>());
+        assert_eq!(seqs["h"], (1000..1040).collect::<Vec<_>>());
+        // NACKs from node 3 are answered from this hop's cache.
+        out.relayed.clear();
+        e.handle_relay_datagram(now, 3, &relay::encode_nack(key.0, &[1, 2, 5]), &mut out);
+        assert_eq!(out.relayed.len(), 3);
+        // Keyframe requests from node 3 go upstream once per interval.
+        out.relayed.clear();
+        now += Duration::from_secs(1);
+        for _ in 0..5 {
+            e.handle_relay_datagram(now, 3, &relay::encode_keyframe(key.0, 2), &mut out);
+        }
+        let up: Vec<_> = out.relayed.iter().filter(|(n, _)| *n == 1).collect();
+        assert_eq!(up.len(), 1);
     }
 
     /// Sends one frame of each layer of `flow` into `e` from node 1, dropping every datagram

@@ -14,6 +14,7 @@ pub mod audio;
 pub mod batch_io;
 pub mod engine;
 pub mod relay;
+pub mod rtp;
 pub mod sdp;
 pub mod shell;
 

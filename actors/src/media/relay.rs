@@ -1,11 +1,18 @@
-//! Media on relay links: frames in QUIC datagrams, with per-hop loss repair. Sans-IO.
+//! Media on relay links: RTP packets (or frames) in QUIC datagrams, with per-hop loss repair.
+//! Sans-IO.
 //!
-//! The engine runs in str0m's *frame mode* (str0m depacketises what publishers send), so what a
-//! node relays is **frames**, not RTP packets: each frame of a relayed track is cut into
-//! fragments that fit one QUIC datagram, each tagged with the track's *flow id* (the sending
-//! node's data-plane key for it) and a per-flow packet sequence number. The receiving node
-//! reassembles frames and hands them to its engine, which re-packetises them for its own
-//! subscribers (and relays them further down the tree).
+//! What a node relays depends on the engine's forwarding mode (the same on every node):
+//!
+//! * **RTP mode**: each RTP packet of a relayed track becomes one datagram tagged with the
+//!   track's *flow id* (the sending node's data-plane key for it) and a per-flow, per-link
+//!   sequence number, carrying the source's own RTP sequence number and timestamp and the
+//!   payload byte for byte ([`RelaySender::push_rtp`]); codec parameters travel in `params`
+//!   datagrams of the same sequence. The receiving node forwards each packet as it arrives,
+//!   exactly like a local publisher's.
+//! * **Frame mode**: str0m depacketised what publishers sent, so each frame is cut into
+//!   fragments that fit one QUIC datagram, tagged with the flow id and a per-flow sequence
+//!   number; the receiving node reassembles frames and hands them to its engine, which
+//!   re-packetises them for its own subscribers (and relays them further down the tree).
 //!
 //! Per hop, independently of the other hops:
 //!
@@ -29,6 +36,10 @@
 //! kind u8 = 2 (nack)      flow u64 | n u16 | n × seq u32            (n ≤ MAX_NACK_SEQS)
 //! kind u8 = 3 (keyframe)  flow u64 | rank u8 (0: every layer)
 //! kind u8 = 4 (congestion) flow u64 | loss u16 (per mille, before repair)
+//! kind u8 = 5 (rtp)       flow u64 | seq u32 | flags u8 | pt u8 | rtp_seq u64 | rtp_ts u32
+//!   | ingest u64 | [level i8 if flags&4] | rid_len u8 | rid | payload
+//!   flags: 1 keyframe start, 4 audio level, 8 marker, 16 voice activity
+//! kind u8 = 6 (params)    flow u64 | seq u32 | pt u8 | len u16 | PayloadParams JSON
 //! ```
 //!
 //! # Congestion on a link
@@ -55,10 +66,14 @@ const KIND_FRAGMENT: u8 = 1;
 const KIND_NACK: u8 = 2;
 const KIND_KEYFRAME: u8 = 3;
 const KIND_CONGESTION: u8 = 4;
+const KIND_RTP: u8 = 5;
+const KIND_PARAMS: u8 = 6;
 
 const FLAG_KEYFRAME: u8 = 1;
 const FLAG_PARAMS: u8 = 2;
 const FLAG_LEVEL: u8 = 4;
+const FLAG_MARKER: u8 = 8;
+const FLAG_VOICE: u8 = 16;
 
 /// Largest number of sequence numbers in one NACK datagram.
 pub const MAX_NACK_SEQS: usize = 128;
@@ -79,6 +94,8 @@ const CONGESTION_MIN_PACKETS: u64 = 20;
 pub const PARAMS_EVERY: u32 = 64;
 /// Fixed header bytes of a fragment before the optional parts.
 const FRAGMENT_HEADER: usize = 1 + 8 + 4 + 4 + 2 + 2 + 1 + 8 + 8 + 1;
+/// Fixed header bytes of an RTP datagram (kind .. ingest, the level byte and rid length).
+const RTP_HEADER: usize = 1 + 8 + 4 + 1 + 1 + 8 + 4 + 8 + 1 + 1;
 
 /// Errors decoding relay datagrams.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -265,9 +282,66 @@ pub struct RelayFrame {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Datagram<'a> {
     Fragment(Fragment<'a>),
-    Nack { flow: u64, seqs: Vec<u32> },
-    Keyframe { flow: u64, rank: u8 },
-    Congestion { flow: u64, loss_permille: u16 },
+    Nack {
+        flow: u64,
+        seqs: Vec<u32>,
+    },
+    Keyframe {
+        flow: u64,
+        rank: u8,
+    },
+    Congestion {
+        flow: u64,
+        loss_permille: u16,
+    },
+    /// RTP mode: one RTP packet of a relayed track.
+    Rtp(RtpDatagram<'a>),
+    /// RTP mode: the codec parameters (str0m `PayloadParams`, JSON) of payload type `pt`.
+    Params {
+        flow: u64,
+        seq: u32,
+        pt: u8,
+        params: &'a [u8],
+    },
+}
+
+/// One relayed RTP packet: the publisher's RTP header fields the next hop needs (its
+/// extended sequence number and timestamp, so every hop's rewriters see the source's own
+/// numbering), the flow's link sequence number (for NACKs on this hop), and the payload,
+/// byte for byte.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RtpDatagram<'a> {
+    pub flow: u64,
+    /// Per-flow, per-link sequence number (NACKed on this hop).
+    pub seq: u32,
+    /// The publisher's payload type; its codec parameters travel in [`Datagram::Params`].
+    pub pt: u8,
+    /// Extended RTP sequence number of the packet in its source stream.
+    pub rtp_seq: u64,
+    pub rtp_ts: u32,
+    pub marker: bool,
+    /// First packet of a keyframe.
+    pub keyframe: bool,
+    pub ingest_us: u64,
+    pub audio_level: Option<i8>,
+    pub voice_activity: Option<bool>,
+    pub rid: Option<&'a str>,
+    pub payload: &'a [u8],
+}
+
+/// An RTP packet as the engine hands it to a [`RelaySender`].
+#[derive(Debug, Clone)]
+pub struct RelayRtp<'a> {
+    pub pt: u8,
+    pub rtp_seq: u64,
+    pub rtp_ts: u32,
+    pub marker: bool,
+    pub keyframe: bool,
+    pub ingest_us: u64,
+    pub audio_level: Option<i8>,
+    pub voice_activity: Option<bool>,
+    pub rid: Option<Rid>,
+    pub payload: &'a [u8],
 }
 
 /// One fragment of a frame.
@@ -405,6 +479,69 @@ pub fn decode(buf: &[u8]) -> Result<Datagram<'_>, RelayError> {
                 loss_permille,
             })
         }
+        KIND_RTP => {
+            let flow = r.u64()?;
+            let seq = r.u32()?;
+            let flags = r.u8()?;
+            let pt = r.u8()?;
+            if pt > 127 {
+                return Err(RelayError::Invalid("payload type"));
+            }
+            let rtp_seq = r.u64()?;
+            let rtp_ts = r.u32()?;
+            let ingest_us = r.u64()?;
+            let audio_level = if flags & FLAG_LEVEL != 0 {
+                let l = r.u8()? as i8;
+                if !(-127..=0).contains(&l) {
+                    return Err(RelayError::Invalid("audio level"));
+                }
+                Some(l)
+            } else {
+                None
+            };
+            let rid_len = r.u8()? as usize;
+            if rid_len > MAX_RID {
+                return Err(RelayError::Invalid("rid length"));
+            }
+            let rid = if rid_len == 0 {
+                None
+            } else {
+                Some(
+                    std::str::from_utf8(r.take(rid_len)?)
+                        .map_err(|_| RelayError::Invalid("rid"))?,
+                )
+            };
+            Ok(Datagram::Rtp(RtpDatagram {
+                flow,
+                seq,
+                pt,
+                rtp_seq,
+                rtp_ts,
+                marker: flags & FLAG_MARKER != 0,
+                keyframe: flags & FLAG_KEYFRAME != 0,
+                ingest_us,
+                audio_level,
+                voice_activity: (flags & FLAG_LEVEL != 0).then_some(flags & FLAG_VOICE != 0),
+                rid,
+                payload: r.0,
+            }))
+        }
+        KIND_PARAMS => {
+            let flow = r.u64()?;
+            let seq = r.u32()?;
+            let pt = r.u8()?;
+            let n = r.u16()? as usize;
+            if n > MAX_PARAMS_BYTES || pt > 127 {
+                return Err(RelayError::Invalid("params"));
+            }
+            let params = r.take(n)?;
+            Ok(Datagram::Params {
+                flow,
+                seq,
+                pt,
+                params,
+            })
+        }
         k => Err(RelayError::UnknownKind(k)),
     }
 }
@@ -449,6 +586,8 @@ pub struct RelaySender {
     next_seq: u32,
     next_frame: u32,
     frames_since_params: u32,
+    /// RTP mode: the payload type whose parameters were sent last.
+    params_pt: Option<u8>,
     /// (seq, datagram), oldest first, at most `limits.cache_packets`.
     cache: VecDeque<(u32, Arc<[u8]>)>,
     limits: RelayLimits,
@@ -461,6 +600,7 @@ impl RelaySender {
             next_seq: 0,
             next_frame: 0,
             frames_since_params: PARAMS_EVERY,
+            params_pt: None,
             cache: VecDeque::new(),
             limits,
         }
@@ -558,6 +698,82 @@ impl RelaySender {
         }
         RELAY_METRICS.frames_sent.fetch_add(1, Relaxed);
         out
+    }
+
+    /// RTP mode: encodes one RTP packet for this link (after the codec parameters of its
+    /// payload type when they are due: the first packet, a change of payload type, every
+    /// keyframe, and every [`PARAMS_EVERY`]th packet), caches what it emits for NACKs and
+    /// hands each datagram to `emit`, in order. A packet that does not fit `max_datagram` is
+    /// dropped and counted.
+    pub fn push_rtp(
+        &mut self,
+        p: &RelayRtp<'_>,
+        params: Option<&[u8]>,
+        max_datagram: usize,
+        mut emit: impl FnMut(&[u8]),
+    ) {
+        let rid: &str = p.rid.as_deref().unwrap_or("");
+        let rid = &rid[..rid.len().min(MAX_RID)];
+        if RTP_HEADER + rid.len() + p.payload.len() > max_datagram {
+            RELAY_METRICS.datagrams_dropped.fetch_add(1, Relaxed);
+            return;
+        }
+        let due =
+            p.keyframe || self.frames_since_params >= PARAMS_EVERY || self.params_pt != Some(p.pt);
+        if let Some(params) = params.filter(|b| due && b.len() <= MAX_PARAMS_BYTES) {
+            let mut d = Vec::with_capacity(16 + params.len());
+            d.push(KIND_PARAMS);
+            d.extend_from_slice(&self.flow.to_be_bytes());
+            d.extend_from_slice(&self.next_seq.to_be_bytes());
+            d.push(p.pt);
+            d.extend_from_slice(&(params.len() as u16).to_be_bytes());
+            d.extend_from_slice(params);
+            self.params_pt = Some(p.pt);
+            self.frames_since_params = 0;
+            self.store(d.into(), &mut emit);
+        }
+        self.frames_since_params = self.frames_since_params.saturating_add(1);
+        let mut flags = 0;
+        if p.keyframe {
+            flags |= FLAG_KEYFRAME;
+        }
+        if p.marker {
+            flags |= FLAG_MARKER;
+        }
+        if p.audio_level.is_some() {
+            flags |= FLAG_LEVEL;
+            if p.voice_activity == Some(true) {
+                flags |= FLAG_VOICE;
+            }
+        }
+        let mut d = Vec::with_capacity(RTP_HEADER + rid.len() + p.payload.len());
+        d.push(KIND_RTP);
+        d.extend_from_slice(&self.flow.to_be_bytes());
+        d.extend_from_slice(&self.next_seq.to_be_bytes());
+        d.push(flags);
+        d.push(p.pt & 0x7f);
+        d.extend_from_slice(&p.rtp_seq.to_be_bytes());
+        d.extend_from_slice(&p.rtp_ts.to_be_bytes());
+        d.extend_from_slice(&p.ingest_us.to_be_bytes());
+        if let Some(l) = p.audio_level {
+            d.push(l.clamp(-127, 0) as u8);
+        }
+        d.push(rid.len() as u8);
+        d.extend_from_slice(rid.as_bytes());
+        d.extend_from_slice(p.payload);
+        self.store(d.into(), &mut emit);
+        RELAY_METRICS.frames_sent.fetch_add(1, Relaxed);
+    }
+
+    /// Numbers, caches and emits one datagram whose sequence number is `self.next_seq`.
+    fn store(&mut self, d: Arc<[u8]>, emit: &mut impl FnMut(&[u8])) {
+        let seq = self.next_seq;
+        self.next_seq = self.next_seq.wrapping_add(1);
+        emit(&d);
+        self.cache.push_back((seq, d));
+        while self.cache.len() > self.limits.cache_packets {
+            self.cache.pop_front();
+        }
     }
 
     /// Datagrams to resend for a NACK (those still cached).
@@ -678,9 +894,10 @@ impl RelayReceiver {
         self.params.as_ref()
     }
 
-    /// Takes one fragment.
-    pub fn on_fragment(&mut self, now: Instant, f: &Fragment<'_>) {
-        let seq = extend(self.highest, f.seq);
+    /// Records the arrival of link sequence number `seq`: notes the gap before it (to be
+    /// NACKed) or fills one. Returns false for a duplicate.
+    fn on_seq(&mut self, seq: u32) -> bool {
+        let seq = extend(self.highest, seq);
         self.window.0 += 1;
         match self.highest {
             None => self.highest = Some(seq),
@@ -704,16 +921,34 @@ impl RelayReceiver {
                 self.highest = Some(seq);
             }
             Some(_) => {
+                self.window.0 -= 1;
                 if self.missing.remove(&seq).is_none() {
-                    self.window.0 -= 1;
-                    return; // a duplicate
+                    return false; // a duplicate
                 }
                 // A repair: counted as missing when the gap was seen, not as received.
-                self.window.0 -= 1;
             }
         }
         while self.missing.len() > self.limits.max_missing {
             self.missing.pop_first();
+        }
+        true
+    }
+
+    /// RTP mode: takes one relayed RTP packet (or codec-parameter datagram) by its link
+    /// sequence number. Packets are released at once, in arrival order (the subscribers'
+    /// jitter buffers reorder); returns false for a duplicate, which must not be forwarded.
+    pub fn on_rtp_seq(&mut self, seq: u32) -> bool {
+        let fresh = self.on_seq(seq);
+        if fresh {
+            RELAY_METRICS.frames_received.fetch_add(1, Relaxed);
+        }
+        fresh
+    }
+
+    /// Takes one fragment.
+    pub fn on_fragment(&mut self, now: Instant, f: &Fragment<'_>) {
+        if !self.on_seq(f.seq) {
+            return;
         }
         let frame = extend(
             self.next_frame.or(self.frames.keys().next().copied()),
@@ -927,6 +1162,93 @@ mod tests {
             let junk: Vec<u8> = (0..n).map(|_| rng.random()).collect();
             let _ = decode(&junk);
         }
+    }
+
+    fn rtp(i: u64, key: bool, payload: &[u8]) -> RelayRtp<'_> {
+        RelayRtp {
+            pt: 96,
+            rtp_seq: 70_000 + i,
+            rtp_ts: (i * 3000) as u32,
+            marker: i % 2 == 1,
+            keyframe: key,
+            ingest_us: 5 + i,
+            audio_level: i.is_multiple_of(3).then_some(-30),
+            voice_activity: i.is_multiple_of(3).then_some(true),
+            rid: Some("f".into()),
+            payload,
+        }
+    }
+
+    /// RTP mode: a packet crosses a link byte for byte with its header fields; the codec
+    /// parameters go first (first packet, keyframes, every PARAMS_EVERY packets) and take a
+    /// link sequence number of their own, so NACKs repair them too.
+    #[test]
+    fn rtp_datagrams_round_trip_with_their_parameters() {
+        let mut s = RelaySender::new(9, RelayLimits::default());
+        let payload: Vec<u8> = (0..1000).map(|b| b as u8).collect();
+        let mut got: Vec<Vec<u8>> = Vec::new();
+        for i in 0..(PARAMS_EVERY as u64 + 2) {
+            s.push_rtp(&rtp(i, i == 0, &payload), Some(b"{\"pt\":96}"), 1200, |d| {
+                got.push(d.to_vec())
+            });
+        }
+        // params, packet 0, ..., packet 63, params, packet 64, packet 65
+        assert_eq!(got.len(), PARAMS_EVERY as usize + 4);
+        let Ok(Datagram::Params {
+            flow,
+            seq,
+            pt,
+            params,
+        }) = decode(&got[0])
+        else {
+            panic!("parameters first");
+        };
+        assert_eq!((flow, seq, pt, params), (9, 0, 96, &b"{\"pt\":96}"[..]));
+        let Ok(Datagram::Rtp(r)) = decode(&got[1]) else {
+            panic!("then the packet");
+        };
+        assert_eq!(
+            (r.flow, r.seq, r.pt, r.rtp_seq, r.rtp_ts, r.marker, r.keyframe),
+            (9, 1, 96, 70_000, 0, false, true)
+        );
+        assert_eq!(
+            (r.audio_level, r.voice_activity, r.rid),
+            (Some(-30), Some(true), Some("f"))
+        );
+        assert_eq!(r.payload, &payload[..]);
+        let Ok(Datagram::Rtp(r)) = decode(&got[2]) else {
+            panic!("a packet");
+        };
+        assert_eq!(
+            (r.rtp_seq, r.marker, r.keyframe, r.audio_level),
+            (70_001, true, false, None)
+        );
+        assert!(matches!(
+            decode(&got[PARAMS_EVERY as usize + 1]),
+            Ok(Datagram::Params { .. })
+        ));
+        // NACKs are answered from the cache, parameters included.
+        assert_eq!(s.on_nack(&[0, 1]).len(), 2);
+        // A packet too large for the link is dropped, never cut.
+        let big = vec![0u8; 1300];
+        let mut n = 0;
+        s.push_rtp(&rtp(99, false, &big), None, 1200, |_| n += 1);
+        assert_eq!(n, 0);
+        // Truncations and junk in RTP/params datagrams are errors, never panics.
+        for d in &got[..3] {
+            for cut in 0..d.len().min(60) {
+                assert!(decode(&d[..cut]).is_err() || cut >= RTP_HEADER - 1);
+            }
+        }
+        // The receiver side: duplicates are refused, gaps NACKed.
+        let mut rx = RelayReceiver::new(9, RelayLimits::default());
+        assert!(rx.on_rtp_seq(0));
+        assert!(rx.on_rtp_seq(3));
+        assert!(!rx.on_rtp_seq(3));
+        let t = Instant::now();
+        assert_eq!(rx.poll_nacks(t), vec![1, 2]);
+        assert!(rx.on_rtp_seq(2));
+        assert!(!rx.on_rtp_seq(2));
     }
 
     /// Two relay endpoints wired in memory through a lossy, delaying link (seeded): every frame

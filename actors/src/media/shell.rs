@@ -52,6 +52,8 @@ pub struct MediaSettings {
     /// Send with `sendmmsg` and UDP GSO (`rtc.batch_io`; off: one `sendto` per datagram and
     /// one `recvfrom` per datagram read, for comparison).
     pub batch_io: bool,
+    /// Forward in str0m's RTP mode (see [`EngineConfig::rtp_mode`]).
+    pub rtp_mode: bool,
 }
 
 /// The control plane's handle to the media plane. Cheap to clone.
@@ -98,6 +100,7 @@ impl MediaHandle {
             udp_local,
             max_peers: settings.max_peers,
             wall_anchor: (Instant::now(), wall),
+            rtp_mode: settings.rtp_mode,
         };
         let (limits, batch) = (settings.limits, settings.batch_io);
         let (tx, rx) = mpsc::channel(settings.command_queue.max(16));

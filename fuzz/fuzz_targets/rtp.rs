@@ -1,0 +1,37 @@
+//! RTP payload parsing for forwarding (`media::rtp`): keyframe detection for every codec, the
+//! VP8 descriptor parser, and the rewriter fed with arbitrary headers. Nothing may panic.
+#![no_main]
+use std::time::{Duration, Instant};
+
+use arbor_actors::media::rtp::{keyframe_start, vp8_descriptor, InHeader, PayloadKind, Rewriter};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    for k in [
+        PayloadKind::Vp8,
+        PayloadKind::Vp9,
+        PayloadKind::H264,
+        PayloadKind::H265,
+        PayloadKind::Av1,
+        PayloadKind::Audio,
+        PayloadKind::OtherVideo,
+    ] {
+        let _ = keyframe_start(k, data);
+    }
+    let _ = vp8_descriptor(data);
+    // Headers from the input, 16 bytes each: seq u64 | ts u32 | clock u16 | flags | pid.
+    let t0 = Instant::now();
+    let mut rw = Rewriter::default();
+    for (i, c) in data.chunks_exact(16).enumerate() {
+        let seq = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+        let ts = u32::from_le_bytes([c[8], c[9], c[10], c[11]]);
+        let clock = u32::from(u16::from_le_bytes([c[12], c[13]]));
+        let vp8 = (c[14] & 1 != 0).then_some((Some((u16::from(c[15]), c[14] & 2 != 0)), Some(c[15])));
+        let h = InHeader { seq, ts, clock, vp8 };
+        let now = t0 + Duration::from_millis(i as u64 * u64::from(c[14] >> 2));
+        if c[14] & 4 != 0 || !rw.started() {
+            rw.rebase(now, &h);
+        }
+        let _ = rw.rewrite(now, &h);
+    }
+});
