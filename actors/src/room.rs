@@ -1079,6 +1079,36 @@ impl Room {
         }
     }
 
+    /// Applies an `UpdateParticipant` to local member `sid` (from the server API on this node or
+    /// forwarded over a link), tells its client a new permission and everyone the new info.
+    fn update_member(
+        &mut self,
+        sid: &str,
+        name: String,
+        metadata: String,
+        attributes: HashMap<String, String>,
+        permission: Option<lk::ParticipantPermission>,
+    ) {
+        let Some(m) = self.members.get_mut(sid) else {
+            return;
+        };
+        apply_metadata(&mut m.info, name, metadata, attributes);
+        let mut drop_subscriptions = false;
+        if let Some(p) = permission {
+            drop_subscriptions = !p.can_subscribe;
+            m.info.permission = Some(p.clone());
+            m.addr.do_send(SetPermission(p));
+        }
+        if drop_subscriptions {
+            let subs: Vec<String> = m.subscriptions.iter().cloned().collect();
+            for t in subs {
+                self.unsubscribe(sid, &t, false);
+            }
+        }
+        self.bump(sid);
+        self.broadcast_info(sid);
+    }
+
     fn sid_of(&self, identity: &str) -> Result<String, RoomError> {
         self.members
             .iter()
@@ -1337,41 +1367,60 @@ pub struct AdminUpdateParticipant {
 impl Handler<AdminUpdateParticipant> for Room {
     type Result = Result<lk::ParticipantInfo, RoomError>;
     fn handle(&mut self, msg: AdminUpdateParticipant, _ctx: &mut Self::Context) -> Self::Result {
-        let sid = self.sid_of(&msg.identity)?;
-        let size = msg.name.len()
-            + msg.metadata.len()
-            + msg
-                .attributes
-                .iter()
-                .map(|(k, v)| k.len() + v.len())
-                .sum::<usize>();
+        let size = update_size(&msg.name, &msg.metadata, &msg.attributes);
         if size > self.settings.max_metadata_bytes {
             return Err(RoomError::LimitExceeded(format!(
                 "metadata too large ({size} bytes; limit.max_metadata_bytes = {})",
                 self.settings.max_metadata_bytes
             )));
         }
-        let m = self
-            .members
-            .get_mut(&sid)
-            .ok_or_else(|| RoomError::ParticipantNotFound(msg.identity.clone()))?;
-        apply_metadata(&mut m.info, msg.name, msg.metadata, msg.attributes);
-        let mut drop_subscriptions = false;
-        if let Some(p) = msg.permission {
-            drop_subscriptions = !p.can_subscribe;
-            m.info.permission = Some(p.clone());
-            m.addr.do_send(SetPermission(p));
-        }
-        if drop_subscriptions {
-            let subs: Vec<String> = m.subscriptions.iter().cloned().collect();
-            for t in subs {
-                self.unsubscribe(&sid, &t, false);
+        let sid = match self.sid_of(&msg.identity) {
+            Ok(sid) => sid,
+            Err(e) => {
+                // Served by another node: forward, and answer with the info it will have.
+                let Some((sid, link, mut info)) = self
+                    .remotes
+                    .iter()
+                    .find(|(_, r)| r.info.identity == msg.identity)
+                    .map(|(sid, r)| (sid.clone(), r.link, r.info.clone()))
+                else {
+                    return Err(e);
+                };
+                apply_metadata(
+                    &mut info,
+                    msg.name.clone(),
+                    msg.metadata.clone(),
+                    msg.attributes.clone(),
+                );
+                if let Some(p) = &msg.permission {
+                    info.permission = Some(p.clone());
+                }
+                self.send_to(
+                    link,
+                    LinkMsg::Update(wire::UpdateParticipant {
+                        sid,
+                        name: msg.name,
+                        metadata: msg.metadata,
+                        attributes: msg.attributes,
+                        permission: msg.permission,
+                    }),
+                );
+                return Ok(info);
             }
-        }
-        self.bump(&sid);
-        self.broadcast_info(&sid);
+        };
+        self.update_member(&sid, msg.name, msg.metadata, msg.attributes, msg.permission);
         Ok(self.members[&sid].info.clone())
     }
+}
+
+/// Bytes an `UpdateParticipant` adds (checked against `limit.max_metadata_bytes`).
+fn update_size(name: &str, metadata: &str, attributes: &HashMap<String, String>) -> usize {
+    name.len()
+        + metadata.len()
+        + attributes
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
 }
 
 /// Subscribe or unsubscribe a participant to tracks (`UpdateSubscriptions`).
@@ -1386,7 +1435,29 @@ pub struct AdminUpdateSubscriptions {
 impl Handler<AdminUpdateSubscriptions> for Room {
     type Result = Result<(), RoomError>;
     fn handle(&mut self, msg: AdminUpdateSubscriptions, ctx: &mut Self::Context) -> Self::Result {
-        let sid = self.sid_of(&msg.identity)?;
+        let sid = match self.sid_of(&msg.identity) {
+            Ok(sid) => sid,
+            Err(e) => {
+                // Served by another node: its node subscribes it.
+                let Some((sid, link)) = self
+                    .remotes
+                    .iter()
+                    .find(|(_, r)| r.info.identity == msg.identity)
+                    .map(|(sid, r)| (sid.clone(), r.link))
+                else {
+                    return Err(e);
+                };
+                self.send_to(
+                    link,
+                    LinkMsg::Subscribe(wire::UpdateSubscriptions {
+                        sid,
+                        track_sids: msg.track_sids,
+                        subscribe: msg.subscribe,
+                    }),
+                );
+                return Ok(());
+            }
+        };
         <Self as Handler<UpdateSubscription>>::handle(
             self,
             UpdateSubscription {
@@ -1420,19 +1491,17 @@ impl Handler<ServerData> for Room {
                 self.settings.max_data_packet_bytes
             )));
         }
-        for m in self.members.values() {
-            if !msg.destinations.is_empty() && !msg.destinations.contains(&m.info.identity) {
-                continue;
-            }
-            let cmd = Command::SendData {
-                peer: m.sub_peer,
+        // No member has the empty sid: every (addressed) member gets it.
+        self.deliver_data("", msg.reliable, &msg.destinations, &msg.data);
+        // Every other node of the room delivers it to its own members (in order per link).
+        self.flood(
+            None,
+            LinkMsg::ServerData(wire::ServerData {
                 reliable: msg.reliable,
-                data: msg.data.clone(),
-            };
-            if self.media.send(cmd).is_err() {
-                METRICS.inc_dropped_data();
-            }
-        }
+                destinations: msg.destinations,
+                data: msg.data,
+            }),
+        );
         Ok(())
     }
 }
@@ -1710,7 +1779,7 @@ impl Room {
     /// Sends `msg` on every link but `except`. A link that cannot keep up is reset.
     fn flood(&mut self, except: Option<u64>, msg: LinkMsg) {
         let mut broken = Vec::new();
-        let data = matches!(msg, LinkMsg::Data(_));
+        let data = matches!(msg, LinkMsg::Data(_) | LinkMsg::ServerData(_));
         for (id, l) in &self.links {
             if Some(*id) == except || (data && l.candidate) {
                 continue;
@@ -2168,6 +2237,57 @@ impl Room {
                     // Towards the participant's node (never back where it came from).
                     self.send_to(next, LinkMsg::Remove(r));
                 }
+            }
+            LinkMsg::Update(u) => {
+                if self.members.contains_key(&u.sid) {
+                    let size = update_size(&u.name, &u.metadata, &u.attributes);
+                    if size > self.settings.max_metadata_bytes {
+                        tracing::warn!(parent: &self.span, link = id, size, "forwarded participant update exceeds limit.max_metadata_bytes; dropped");
+                        return;
+                    }
+                    self.update_member(&u.sid, u.name, u.metadata, u.attributes, u.permission);
+                } else if let Some(next) = self
+                    .remotes
+                    .get(&u.sid)
+                    .map(|x| x.link)
+                    .filter(|l| *l != id)
+                {
+                    self.send_to(next, LinkMsg::Update(u));
+                }
+            }
+            LinkMsg::Subscribe(u) => {
+                if self.members.contains_key(&u.sid) {
+                    <Self as Handler<UpdateSubscription>>::handle(
+                        self,
+                        UpdateSubscription {
+                            sid: u.sid,
+                            track_sids: u.track_sids,
+                            subscribe: u.subscribe,
+                        },
+                        ctx,
+                    );
+                } else if let Some(next) = self
+                    .remotes
+                    .get(&u.sid)
+                    .map(|x| x.link)
+                    .filter(|l| *l != id)
+                {
+                    self.send_to(next, LinkMsg::Subscribe(u));
+                }
+            }
+            LinkMsg::ServerData(d) => {
+                // Not from a candidate upstream during a switch (the old path still carries
+                // it; taking both would deliver it twice).
+                if self.links.get(&id).is_none_or(|l| l.candidate) {
+                    METRICS.inc_dropped_data();
+                    return;
+                }
+                if d.data.len() > self.settings.max_data_packet_bytes {
+                    METRICS.inc_dropped_data();
+                    return;
+                }
+                self.deliver_data("", d.reliable, &d.destinations, &d.data);
+                self.flood(Some(id), LinkMsg::ServerData(d));
             }
             LinkMsg::RoomMetadata(m) => {
                 if m.metadata.len() <= self.settings.max_metadata_bytes
