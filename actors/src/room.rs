@@ -122,6 +122,10 @@ pub struct Room {
     span: tracing::Span,
     /// Server-initiated RPCs waiting for the destination's ack/response, by request id.
     rpc: HashMap<String, PendingRpc>,
+    /// Server-initiated RPCs of other nodes delivered by (or passing through) this node: request
+    /// id → the link their ack and response go back on. At most [`RPC_MAX_PENDING`], each kept
+    /// only for its timeouts.
+    rpc_relays: HashMap<String, u64>,
     /// Why members are disconnected when the room stops.
     close_reason: lk::DisconnectReason,
     /// Members announced by a `participant_joined` event (sent, as LiveKit does, when a member
@@ -228,6 +232,7 @@ impl Room {
             next_join_seq: 0,
             span,
             rpc: HashMap::new(),
+            rpc_relays: HashMap::new(),
             close_reason: lk::DisconnectReason::RoomClosed,
             announced: BTreeSet::new(),
             fabric,
@@ -959,6 +964,19 @@ impl Handler<RouteData> for Room {
                 self.rpc_answer(&dest, &msg.from_sid, &msg.data);
                 return;
             }
+            if let Some(&back) = self.rpc_relays.get(dest) {
+                // An answer to another node's call: back the way the call came.
+                let request_id = dest.clone();
+                self.send_to(
+                    back,
+                    LinkMsg::RpcReply(wire::RpcReply {
+                        request_id,
+                        from_sid: msg.from_sid,
+                        data: msg.data,
+                    }),
+                );
+                return;
+            }
         }
         self.deliver_data(&msg.from_sid, msg.reliable, &msg.destinations, &msg.data);
         if self.members.contains_key(&msg.from_sid) {
@@ -1129,7 +1147,12 @@ impl Room {
     /// An ack or response to a server-initiated RPC, sent by member `from_sid`.
     fn rpc_answer(&mut self, request_id: &str, from_sid: &str, data: &[u8]) {
         use prost::Message as _;
-        let from_identity = self.members.get(from_sid).map(|m| m.info.identity.as_str());
+        // The destination may be served here or (a relayed call) by another node.
+        let from_identity = self
+            .members
+            .get(from_sid)
+            .map(|m| m.info.identity.as_str())
+            .or_else(|| self.remotes.get(from_sid).map(|r| r.info.identity.as_str()));
         let Some(p) = self.rpc.get_mut(request_id) else {
             return;
         };
@@ -1549,7 +1572,6 @@ pub struct PerformRpc {
 impl Handler<PerformRpc> for Room {
     type Result = Result<tokio::sync::oneshot::Receiver<Result<String, RpcFailure>>, RoomError>;
     fn handle(&mut self, msg: PerformRpc, ctx: &mut Self::Context) -> Self::Result {
-        use prost::Message as _;
         if msg.payload.len() > RPC_MAX_PAYLOAD_BYTES {
             return Err(RoomError::LimitExceeded(format!(
                 "RPC payload too large ({} bytes; at most {RPC_MAX_PAYLOAD_BYTES})",
@@ -1564,36 +1586,49 @@ impl Handler<PerformRpc> for Room {
                 "too many RPCs in flight in this room (at most {RPC_MAX_PENDING})"
             )));
         }
-        let sid = self.sid_of(&msg.identity)?;
-        let peer = self.members[&sid].sub_peer;
         let timeout = if msg.response_timeout.is_zero() {
             RPC_DEFAULT_RESPONSE_TIMEOUT
         } else {
             msg.response_timeout.min(RPC_MAX_RESPONSE_TIMEOUT)
         };
+        let timeout_ms = timeout.as_millis() as u32;
         let id = new_sid("RPC_");
-        #[allow(deprecated)]
-        let pkt = lk::DataPacket {
-            kind: lk::data_packet::Kind::Reliable as i32,
-            participant_identity: id.clone(),
-            destination_identities: vec![msg.identity.clone()],
-            value: Some(lk::data_packet::Value::RpcRequest(lk::RpcRequest {
-                id: id.clone(),
-                method: msg.method,
-                payload: msg.payload,
-                response_timeout_ms: timeout.as_millis() as u32,
-                version: 1,
-                ..Default::default()
-            })),
-            ..Default::default()
-        };
-        self.media
-            .send(Command::SendData {
-                peer,
-                reliable: true,
-                data: pkt.encode_to_vec(),
-            })
-            .map_err(RoomError::Media)?;
+        match self.sid_of(&msg.identity) {
+            Ok(sid) => {
+                let peer = self.members[&sid].sub_peer;
+                let data =
+                    rpc_request_packet(&id, &msg.identity, msg.method, msg.payload, timeout_ms);
+                self.media
+                    .send(Command::SendData {
+                        peer,
+                        reliable: true,
+                        data,
+                    })
+                    .map_err(RoomError::Media)?;
+            }
+            Err(e) => {
+                // Served by another node: the call travels there, its answers come back as
+                // `RpcReply` frames; the timeouts stay here.
+                let Some((sid, link)) = self
+                    .remotes
+                    .iter()
+                    .find(|(_, r)| r.info.identity == msg.identity)
+                    .map(|(sid, r)| (sid.clone(), r.link))
+                else {
+                    return Err(e);
+                };
+                self.send_to(
+                    link,
+                    LinkMsg::Rpc(wire::RpcCall {
+                        sid,
+                        request_id: id.clone(),
+                        method: msg.method,
+                        payload: msg.payload,
+                        response_timeout_ms: timeout_ms,
+                    }),
+                );
+            }
+        }
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.rpc.insert(
             id.clone(),
@@ -1618,6 +1653,34 @@ impl Handler<PerformRpc> for Room {
         });
         Ok(rx)
     }
+}
+
+/// The `RpcRequest` data packet of a server-initiated RPC: its sender identity is the request
+/// id, so the client addresses its ack and response to it.
+fn rpc_request_packet(
+    id: &str,
+    identity: &str,
+    method: String,
+    payload: String,
+    response_timeout_ms: u32,
+) -> Vec<u8> {
+    use prost::Message as _;
+    #[allow(deprecated)]
+    let pkt = lk::DataPacket {
+        kind: lk::data_packet::Kind::Reliable as i32,
+        participant_identity: id.to_string(),
+        destination_identities: vec![identity.to_string()],
+        value: Some(lk::data_packet::Value::RpcRequest(lk::RpcRequest {
+            id: id.to_string(),
+            method,
+            payload,
+            response_timeout_ms,
+            version: 1,
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    pkt.encode_to_vec()
 }
 
 /// A subscriber's `UpdateTrackSettings`.
@@ -2288,6 +2351,61 @@ impl Room {
                 }
                 self.deliver_data("", d.reliable, &d.destinations, &d.data);
                 self.flood(Some(id), LinkMsg::ServerData(d));
+            }
+            LinkMsg::Rpc(c) => {
+                if self.rpc_relays.len() >= RPC_MAX_PENDING
+                    || c.payload.len() > RPC_MAX_PAYLOAD_BYTES
+                    || self.rpc_relays.contains_key(&c.request_id)
+                {
+                    METRICS.inc_dropped_data();
+                    return;
+                }
+                let timeout_ms = c
+                    .response_timeout_ms
+                    .min(RPC_MAX_RESPONSE_TIMEOUT.as_millis() as u32);
+                let request_id = c.request_id.clone();
+                if let Some(m) = self.members.get(&c.sid) {
+                    let data = rpc_request_packet(
+                        &c.request_id,
+                        &m.info.identity,
+                        c.method,
+                        c.payload,
+                        timeout_ms,
+                    );
+                    let cmd = Command::SendData {
+                        peer: m.sub_peer,
+                        reliable: true,
+                        data,
+                    };
+                    if self.media.send(cmd).is_err() {
+                        METRICS.inc_dropped_data();
+                        return;
+                    }
+                } else if let Some(next) = self
+                    .remotes
+                    .get(&c.sid)
+                    .map(|x| x.link)
+                    .filter(|l| *l != id)
+                {
+                    self.send_to(next, LinkMsg::Rpc(c));
+                } else {
+                    return;
+                }
+                // Remember the way back for as long as the caller may still take an answer.
+                self.rpc_relays.insert(request_id.clone(), id);
+                let keep = std::time::Duration::from_millis(timeout_ms.into()) + RPC_ACK_TIMEOUT;
+                ctx.run_later(keep, move |room, _| {
+                    room.rpc_relays.remove(&request_id);
+                });
+            }
+            LinkMsg::RpcReply(r) => {
+                if self.rpc.contains_key(&r.request_id) {
+                    self.rpc_answer(&r.request_id, &r.from_sid, &r.data);
+                } else if let Some(&back) = self.rpc_relays.get(&r.request_id) {
+                    if back != id {
+                        self.send_to(back, LinkMsg::RpcReply(r));
+                    }
+                }
             }
             LinkMsg::RoomMetadata(m) => {
                 if m.metadata.len() <= self.settings.max_metadata_bytes

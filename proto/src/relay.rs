@@ -37,7 +37,7 @@ pub enum RelayWireError {
 pub struct LinkFrame {
     #[prost(
         oneof = "link_frame::Kind",
-        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12"
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14"
     )]
     pub kind: Option<link_frame::Kind>,
 }
@@ -70,7 +70,43 @@ pub mod link_frame {
         Subscribe(super::UpdateSubscriptions),
         #[prost(message, tag = "12")]
         ServerData(super::ServerData),
+        #[prost(message, tag = "13")]
+        Rpc(super::RpcCall),
+        #[prost(message, tag = "14")]
+        RpcReply(super::RpcReply),
     }
+}
+
+/// The server API calls an RPC method on a participant that another node serves
+/// (`PerformRpc`): forwarded like [`RemoveParticipant`]; every node on the way remembers the
+/// link it came from (for a bounded time), so the participant's ack and response travel back
+/// as [`RpcReply`]s to the calling node, which keeps the call's timeouts.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct RpcCall {
+    #[prost(string, tag = "1")]
+    pub sid: String,
+    /// The calling node's request id (the sender identity of the `RpcRequest` packet).
+    #[prost(string, tag = "2")]
+    pub request_id: String,
+    #[prost(string, tag = "3")]
+    pub method: String,
+    #[prost(string, tag = "4")]
+    pub payload: String,
+    #[prost(uint32, tag = "5")]
+    pub response_timeout_ms: u32,
+}
+
+/// A participant's `RpcAck` or `RpcResponse` (the encoded LiveKit `DataPacket`, as its client
+/// sent it) to an [`RpcCall`], on its way back to the calling node.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct RpcReply {
+    #[prost(string, tag = "1")]
+    pub request_id: String,
+    /// The answering participant.
+    #[prost(string, tag = "2")]
+    pub from_sid: String,
+    #[prost(bytes = "vec", tag = "3")]
+    pub data: Vec<u8>,
 }
 
 /// The server API changes the name, metadata, attributes and/or permission of a participant
@@ -344,6 +380,18 @@ mod tests {
                 reliable: true,
                 destinations: vec!["alice".into(), "bob".into()],
                 data: vec![0, 1, 2, 255],
+            }),
+            link_frame::Kind::Rpc(RpcCall {
+                sid: "PA_x".into(),
+                request_id: "RPC_1".into(),
+                method: "greet".into(),
+                payload: "hi".into(),
+                response_timeout_ms: 10_000,
+            }),
+            link_frame::Kind::RpcReply(RpcReply {
+                request_id: "RPC_1".into(),
+                from_sid: "PA_x".into(),
+                data: vec![9, 8, 7],
             }),
         ] {
             let bytes = encode_link_frame(kind.clone()).expect("encode");

@@ -1234,11 +1234,11 @@ async def test_webhooks_once_per_cluster(results):
 @pytest.mark.timeout(200)
 async def test_server_api_on_participants_of_other_nodes(cluster3, results):
     """RoomService on node A for a participant connected to node C: `ListParticipants` lists
-    it; `MutePublishedTrack`, `UpdateParticipant`, `UpdateSubscriptions` and `RemoveParticipant`
-    travel over the room links to C, which mutes its track (its SDK is told), changes its
+    it; `MutePublishedTrack`, `UpdateParticipant`, `UpdateSubscriptions`, `PerformRpc` and
+    `RemoveParticipant` travel over the room links to C, which mutes its track (its SDK is told), changes its
     metadata, name, attributes and permission (both SDKs see it), unsubscribes and resubscribes
     it, and then disconnects it; `SendData` reaches C's participant, addressed or broadcast, in
-    order."""
+    order; `PerformRpc` reaches its SDK and the answer (or its error) comes back to A."""
     from livekit import api
 
     from helpers import API_KEY, API_SECRET
@@ -1362,6 +1362,49 @@ async def test_server_api_on_participants_of_other_nodes(cluster3, results):
         finally:
             await recv.close()
             await alice_tone.stop()
+
+        # PerformRpc through node A on carol (node C): the call travels to C, carol's SDK
+        # answers, the ack and response come back to A; an error raised by the handler
+        # surfaces as a Twirp error. Carol needs canPublishData back to answer.
+        await lk.room.update_participant(api.UpdateParticipantRequest(
+            room=room_name, identity="carol",
+            permission=api.ParticipantPermission(
+                can_subscribe=True, can_publish=True, can_publish_data=True
+            ),
+        ))
+        await wait_until(lambda: carol.local_participant.permissions.can_publish_data, 20,
+                         "carol to be allowed to publish data again")
+        @carol.local_participant.register_rpc_method("greet")
+        async def greet(data: rtc.RpcInvocationData) -> str:
+            return f"hello {data.payload}"
+
+        @carol.local_participant.register_rpc_method("fail")
+        async def fail(data: rtc.RpcInvocationData) -> str:
+            raise rtc.RpcError(4321, "nope", "details")
+
+        async def rpc(method: str, payload: str) -> str:
+            req = api.PerformRpcRequest(
+                room=room_name, destination_identity="carol", method=method, payload=payload
+            )
+            # livekit-api has no perform_rpc helper: its Twirp client, as in test_server_api.
+            resp = await lk.room._client.request(
+                "RoomService", "PerformRpc", req,
+                lk.room._auth_header(api.VideoGrants(room_admin=True, room=room_name)),
+                api.PerformRpcResponse,
+            )
+            return resp.payload
+
+        times = []
+        for i in range(10):
+            t0 = time.monotonic()
+            assert await rpc("greet", str(i)) == f"hello {i}"
+            times.append(time.monotonic() - t0)
+        times.sort()
+        results(f"fabric server API: PerformRpc on node A for a participant of node C, round trip "
+                f"median {times[5] * 1000:.1f} ms, max {times[-1] * 1000:.1f} ms (10 calls)")
+        with pytest.raises(api.TwirpError) as ei:
+            await rpc("fail", "")
+        assert "nope" in ei.value.message, ei.value
 
         t0 = time.monotonic()
         await lk.room.remove_participant(api.RoomParticipantIdentity(room=room_name, identity="carol"))
