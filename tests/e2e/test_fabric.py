@@ -1243,7 +1243,7 @@ async def test_server_api_on_participants_of_other_nodes(cluster3, results):
 
     from helpers import API_KEY, API_SECRET
 
-    a_node, _, c_node = cluster3.nodes
+    a_node, b_node, c_node = cluster3.nodes
     room_name = "twirp-fabric"
     alice = carol = None
     lk = api.LiveKitAPI(a_node.http_url, API_KEY, API_SECRET)
@@ -1405,6 +1405,30 @@ async def test_server_api_on_participants_of_other_nodes(cluster3, results):
         with pytest.raises(api.TwirpError) as ei:
             await rpc("fail", "")
         assert "nope" in ei.value.message, ei.value
+
+        # The same from a third node (B, an edge of origin A like C, so two hops B -> A -> C
+        # as the nodes' "room link up" logs show): the call is forwarded by A, its answers are
+        # relayed back by A, and so is data addressed to carol.
+        bob, bob_events = await connect(b_node.ws_url, make_token("bob", room_name), "B")
+        lk_b = api.LiveKitAPI(b_node.http_url, API_KEY, API_SECRET)
+        try:
+            await wait_until(lambda: "carol" in bob.remote_participants, 20, "bob sees carol")
+            req = api.PerformRpcRequest(
+                room=room_name, destination_identity="carol", method="greet", payload="from-b"
+            )
+            resp = await lk_b.room._client.request(
+                "RoomService", "PerformRpc", req,
+                lk_b.room._auth_header(api.VideoGrants(room_admin=True, room=room_name)),
+                api.PerformRpcResponse,
+            )
+            assert resp.payload == "hello from-b", resp
+            await lk_b.room.send_data(api.SendDataRequest(
+                room=room_name, data=b"from-b", destination_identities=["carol"],
+            ))
+            await carol_events.wait("data_received", lambda d: d.data == b"from-b", timeout=20)
+        finally:
+            await lk_b.aclose()
+            await disconnect_all(bob)
 
         t0 = time.monotonic()
         await lk.room.remove_participant(api.RoomParticipantIdentity(room=room_name, identity="carol"))
