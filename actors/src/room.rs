@@ -122,6 +122,10 @@ pub struct Room {
     span: tracing::Span,
     /// Server-initiated RPCs waiting for the destination's ack/response, by request id.
     rpc: HashMap<String, PendingRpc>,
+    /// Server-initiated RPCs of other nodes delivered by (or passing through) this node: request
+    /// id → the link their ack and response go back on. At most [`RPC_MAX_PENDING`], each kept
+    /// only for its timeouts.
+    rpc_relays: HashMap<String, u64>,
     /// Why members are disconnected when the room stops.
     close_reason: lk::DisconnectReason,
     /// Members announced by a `participant_joined` event (sent, as LiveKit does, when a member
@@ -228,6 +232,7 @@ impl Room {
             next_join_seq: 0,
             span,
             rpc: HashMap::new(),
+            rpc_relays: HashMap::new(),
             close_reason: lk::DisconnectReason::RoomClosed,
             announced: BTreeSet::new(),
             fabric,
@@ -959,6 +964,19 @@ impl Handler<RouteData> for Room {
                 self.rpc_answer(&dest, &msg.from_sid, &msg.data);
                 return;
             }
+            if let Some(&back) = self.rpc_relays.get(dest) {
+                // An answer to another node's call: back the way the call came.
+                let request_id = dest.clone();
+                self.send_to(
+                    back,
+                    LinkMsg::RpcReply(wire::RpcReply {
+                        request_id,
+                        from_sid: msg.from_sid,
+                        data: msg.data,
+                    }),
+                );
+                return;
+            }
         }
         self.deliver_data(&msg.from_sid, msg.reliable, &msg.destinations, &msg.data);
         if self.members.contains_key(&msg.from_sid) {
@@ -1079,6 +1097,36 @@ impl Room {
         }
     }
 
+    /// Applies an `UpdateParticipant` to local member `sid` (from the server API on this node or
+    /// forwarded over a link), tells its client a new permission and everyone the new info.
+    fn update_member(
+        &mut self,
+        sid: &str,
+        name: String,
+        metadata: String,
+        attributes: HashMap<String, String>,
+        permission: Option<lk::ParticipantPermission>,
+    ) {
+        let Some(m) = self.members.get_mut(sid) else {
+            return;
+        };
+        apply_metadata(&mut m.info, name, metadata, attributes);
+        let mut drop_subscriptions = false;
+        if let Some(p) = permission {
+            drop_subscriptions = !p.can_subscribe;
+            m.info.permission = Some(p.clone());
+            m.addr.do_send(SetPermission(p));
+        }
+        if drop_subscriptions {
+            let subs: Vec<String> = m.subscriptions.iter().cloned().collect();
+            for t in subs {
+                self.unsubscribe(sid, &t, false);
+            }
+        }
+        self.bump(sid);
+        self.broadcast_info(sid);
+    }
+
     fn sid_of(&self, identity: &str) -> Result<String, RoomError> {
         self.members
             .iter()
@@ -1099,7 +1147,12 @@ impl Room {
     /// An ack or response to a server-initiated RPC, sent by member `from_sid`.
     fn rpc_answer(&mut self, request_id: &str, from_sid: &str, data: &[u8]) {
         use prost::Message as _;
-        let from_identity = self.members.get(from_sid).map(|m| m.info.identity.as_str());
+        // The destination may be served here or (a relayed call) by another node.
+        let from_identity = self
+            .members
+            .get(from_sid)
+            .map(|m| m.info.identity.as_str())
+            .or_else(|| self.remotes.get(from_sid).map(|r| r.info.identity.as_str()));
         let Some(p) = self.rpc.get_mut(request_id) else {
             return;
         };
@@ -1337,41 +1390,60 @@ pub struct AdminUpdateParticipant {
 impl Handler<AdminUpdateParticipant> for Room {
     type Result = Result<lk::ParticipantInfo, RoomError>;
     fn handle(&mut self, msg: AdminUpdateParticipant, _ctx: &mut Self::Context) -> Self::Result {
-        let sid = self.sid_of(&msg.identity)?;
-        let size = msg.name.len()
-            + msg.metadata.len()
-            + msg
-                .attributes
-                .iter()
-                .map(|(k, v)| k.len() + v.len())
-                .sum::<usize>();
+        let size = update_size(&msg.name, &msg.metadata, &msg.attributes);
         if size > self.settings.max_metadata_bytes {
             return Err(RoomError::LimitExceeded(format!(
                 "metadata too large ({size} bytes; limit.max_metadata_bytes = {})",
                 self.settings.max_metadata_bytes
             )));
         }
-        let m = self
-            .members
-            .get_mut(&sid)
-            .ok_or_else(|| RoomError::ParticipantNotFound(msg.identity.clone()))?;
-        apply_metadata(&mut m.info, msg.name, msg.metadata, msg.attributes);
-        let mut drop_subscriptions = false;
-        if let Some(p) = msg.permission {
-            drop_subscriptions = !p.can_subscribe;
-            m.info.permission = Some(p.clone());
-            m.addr.do_send(SetPermission(p));
-        }
-        if drop_subscriptions {
-            let subs: Vec<String> = m.subscriptions.iter().cloned().collect();
-            for t in subs {
-                self.unsubscribe(&sid, &t, false);
+        let sid = match self.sid_of(&msg.identity) {
+            Ok(sid) => sid,
+            Err(e) => {
+                // Served by another node: forward, and answer with the info it will have.
+                let Some((sid, link, mut info)) = self
+                    .remotes
+                    .iter()
+                    .find(|(_, r)| r.info.identity == msg.identity)
+                    .map(|(sid, r)| (sid.clone(), r.link, r.info.clone()))
+                else {
+                    return Err(e);
+                };
+                apply_metadata(
+                    &mut info,
+                    msg.name.clone(),
+                    msg.metadata.clone(),
+                    msg.attributes.clone(),
+                );
+                if let Some(p) = &msg.permission {
+                    info.permission = Some(p.clone());
+                }
+                self.send_to(
+                    link,
+                    LinkMsg::Update(wire::UpdateParticipant {
+                        sid,
+                        name: msg.name,
+                        metadata: msg.metadata,
+                        attributes: msg.attributes,
+                        permission: msg.permission,
+                    }),
+                );
+                return Ok(info);
             }
-        }
-        self.bump(&sid);
-        self.broadcast_info(&sid);
+        };
+        self.update_member(&sid, msg.name, msg.metadata, msg.attributes, msg.permission);
         Ok(self.members[&sid].info.clone())
     }
+}
+
+/// Bytes an `UpdateParticipant` adds (checked against `limit.max_metadata_bytes`).
+fn update_size(name: &str, metadata: &str, attributes: &HashMap<String, String>) -> usize {
+    name.len()
+        + metadata.len()
+        + attributes
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
 }
 
 /// Subscribe or unsubscribe a participant to tracks (`UpdateSubscriptions`).
@@ -1386,7 +1458,29 @@ pub struct AdminUpdateSubscriptions {
 impl Handler<AdminUpdateSubscriptions> for Room {
     type Result = Result<(), RoomError>;
     fn handle(&mut self, msg: AdminUpdateSubscriptions, ctx: &mut Self::Context) -> Self::Result {
-        let sid = self.sid_of(&msg.identity)?;
+        let sid = match self.sid_of(&msg.identity) {
+            Ok(sid) => sid,
+            Err(e) => {
+                // Served by another node: its node subscribes it.
+                let Some((sid, link)) = self
+                    .remotes
+                    .iter()
+                    .find(|(_, r)| r.info.identity == msg.identity)
+                    .map(|(sid, r)| (sid.clone(), r.link))
+                else {
+                    return Err(e);
+                };
+                self.send_to(
+                    link,
+                    LinkMsg::Subscribe(wire::UpdateSubscriptions {
+                        sid,
+                        track_sids: msg.track_sids,
+                        subscribe: msg.subscribe,
+                    }),
+                );
+                return Ok(());
+            }
+        };
         <Self as Handler<UpdateSubscription>>::handle(
             self,
             UpdateSubscription {
@@ -1420,19 +1514,17 @@ impl Handler<ServerData> for Room {
                 self.settings.max_data_packet_bytes
             )));
         }
-        for m in self.members.values() {
-            if !msg.destinations.is_empty() && !msg.destinations.contains(&m.info.identity) {
-                continue;
-            }
-            let cmd = Command::SendData {
-                peer: m.sub_peer,
+        // No member has the empty sid: every (addressed) member gets it.
+        self.deliver_data("", msg.reliable, &msg.destinations, &msg.data);
+        // Every other node of the room delivers it to its own members (in order per link).
+        self.flood(
+            None,
+            LinkMsg::ServerData(wire::ServerData {
                 reliable: msg.reliable,
-                data: msg.data.clone(),
-            };
-            if self.media.send(cmd).is_err() {
-                METRICS.inc_dropped_data();
-            }
-        }
+                destinations: msg.destinations,
+                data: msg.data,
+            }),
+        );
         Ok(())
     }
 }
@@ -1480,7 +1572,6 @@ pub struct PerformRpc {
 impl Handler<PerformRpc> for Room {
     type Result = Result<tokio::sync::oneshot::Receiver<Result<String, RpcFailure>>, RoomError>;
     fn handle(&mut self, msg: PerformRpc, ctx: &mut Self::Context) -> Self::Result {
-        use prost::Message as _;
         if msg.payload.len() > RPC_MAX_PAYLOAD_BYTES {
             return Err(RoomError::LimitExceeded(format!(
                 "RPC payload too large ({} bytes; at most {RPC_MAX_PAYLOAD_BYTES})",
@@ -1495,36 +1586,49 @@ impl Handler<PerformRpc> for Room {
                 "too many RPCs in flight in this room (at most {RPC_MAX_PENDING})"
             )));
         }
-        let sid = self.sid_of(&msg.identity)?;
-        let peer = self.members[&sid].sub_peer;
         let timeout = if msg.response_timeout.is_zero() {
             RPC_DEFAULT_RESPONSE_TIMEOUT
         } else {
             msg.response_timeout.min(RPC_MAX_RESPONSE_TIMEOUT)
         };
+        let timeout_ms = timeout.as_millis() as u32;
         let id = new_sid("RPC_");
-        #[allow(deprecated)]
-        let pkt = lk::DataPacket {
-            kind: lk::data_packet::Kind::Reliable as i32,
-            participant_identity: id.clone(),
-            destination_identities: vec![msg.identity.clone()],
-            value: Some(lk::data_packet::Value::RpcRequest(lk::RpcRequest {
-                id: id.clone(),
-                method: msg.method,
-                payload: msg.payload,
-                response_timeout_ms: timeout.as_millis() as u32,
-                version: 1,
-                ..Default::default()
-            })),
-            ..Default::default()
-        };
-        self.media
-            .send(Command::SendData {
-                peer,
-                reliable: true,
-                data: pkt.encode_to_vec(),
-            })
-            .map_err(RoomError::Media)?;
+        match self.sid_of(&msg.identity) {
+            Ok(sid) => {
+                let peer = self.members[&sid].sub_peer;
+                let data =
+                    rpc_request_packet(&id, &msg.identity, msg.method, msg.payload, timeout_ms);
+                self.media
+                    .send(Command::SendData {
+                        peer,
+                        reliable: true,
+                        data,
+                    })
+                    .map_err(RoomError::Media)?;
+            }
+            Err(e) => {
+                // Served by another node: the call travels there, its answers come back as
+                // `RpcReply` frames; the timeouts stay here.
+                let Some((sid, link)) = self
+                    .remotes
+                    .iter()
+                    .find(|(_, r)| r.info.identity == msg.identity)
+                    .map(|(sid, r)| (sid.clone(), r.link))
+                else {
+                    return Err(e);
+                };
+                self.send_to(
+                    link,
+                    LinkMsg::Rpc(wire::RpcCall {
+                        sid,
+                        request_id: id.clone(),
+                        method: msg.method,
+                        payload: msg.payload,
+                        response_timeout_ms: timeout_ms,
+                    }),
+                );
+            }
+        }
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.rpc.insert(
             id.clone(),
@@ -1549,6 +1653,34 @@ impl Handler<PerformRpc> for Room {
         });
         Ok(rx)
     }
+}
+
+/// The `RpcRequest` data packet of a server-initiated RPC: its sender identity is the request
+/// id, so the client addresses its ack and response to it.
+fn rpc_request_packet(
+    id: &str,
+    identity: &str,
+    method: String,
+    payload: String,
+    response_timeout_ms: u32,
+) -> Vec<u8> {
+    use prost::Message as _;
+    #[allow(deprecated)]
+    let pkt = lk::DataPacket {
+        kind: lk::data_packet::Kind::Reliable as i32,
+        participant_identity: id.to_string(),
+        destination_identities: vec![identity.to_string()],
+        value: Some(lk::data_packet::Value::RpcRequest(lk::RpcRequest {
+            id: id.to_string(),
+            method,
+            payload,
+            response_timeout_ms,
+            version: 1,
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    pkt.encode_to_vec()
 }
 
 /// A subscriber's `UpdateTrackSettings`.
@@ -1710,7 +1842,7 @@ impl Room {
     /// Sends `msg` on every link but `except`. A link that cannot keep up is reset.
     fn flood(&mut self, except: Option<u64>, msg: LinkMsg) {
         let mut broken = Vec::new();
-        let data = matches!(msg, LinkMsg::Data(_));
+        let data = matches!(msg, LinkMsg::Data(_) | LinkMsg::ServerData(_));
         for (id, l) in &self.links {
             if Some(*id) == except || (data && l.candidate) {
                 continue;
@@ -2167,6 +2299,112 @@ impl Room {
                 {
                     // Towards the participant's node (never back where it came from).
                     self.send_to(next, LinkMsg::Remove(r));
+                }
+            }
+            LinkMsg::Update(u) => {
+                if self.members.contains_key(&u.sid) {
+                    let size = update_size(&u.name, &u.metadata, &u.attributes);
+                    if size > self.settings.max_metadata_bytes {
+                        tracing::warn!(parent: &self.span, link = id, size, "forwarded participant update exceeds limit.max_metadata_bytes; dropped");
+                        return;
+                    }
+                    self.update_member(&u.sid, u.name, u.metadata, u.attributes, u.permission);
+                } else if let Some(next) = self
+                    .remotes
+                    .get(&u.sid)
+                    .map(|x| x.link)
+                    .filter(|l| *l != id)
+                {
+                    self.send_to(next, LinkMsg::Update(u));
+                }
+            }
+            LinkMsg::Subscribe(u) => {
+                if self.members.contains_key(&u.sid) {
+                    <Self as Handler<UpdateSubscription>>::handle(
+                        self,
+                        UpdateSubscription {
+                            sid: u.sid,
+                            track_sids: u.track_sids,
+                            subscribe: u.subscribe,
+                        },
+                        ctx,
+                    );
+                } else if let Some(next) = self
+                    .remotes
+                    .get(&u.sid)
+                    .map(|x| x.link)
+                    .filter(|l| *l != id)
+                {
+                    self.send_to(next, LinkMsg::Subscribe(u));
+                }
+            }
+            LinkMsg::ServerData(d) => {
+                // Not from a candidate upstream during a switch (the old path still carries
+                // it; taking both would deliver it twice).
+                if self.links.get(&id).is_none_or(|l| l.candidate) {
+                    METRICS.inc_dropped_data();
+                    return;
+                }
+                if d.data.len() > self.settings.max_data_packet_bytes {
+                    METRICS.inc_dropped_data();
+                    return;
+                }
+                self.deliver_data("", d.reliable, &d.destinations, &d.data);
+                self.flood(Some(id), LinkMsg::ServerData(d));
+            }
+            LinkMsg::Rpc(c) => {
+                if self.rpc_relays.len() >= RPC_MAX_PENDING
+                    || c.payload.len() > RPC_MAX_PAYLOAD_BYTES
+                    || self.rpc_relays.contains_key(&c.request_id)
+                {
+                    METRICS.inc_dropped_data();
+                    return;
+                }
+                let timeout_ms = c
+                    .response_timeout_ms
+                    .min(RPC_MAX_RESPONSE_TIMEOUT.as_millis() as u32);
+                let request_id = c.request_id.clone();
+                if let Some(m) = self.members.get(&c.sid) {
+                    let data = rpc_request_packet(
+                        &c.request_id,
+                        &m.info.identity,
+                        c.method,
+                        c.payload,
+                        timeout_ms,
+                    );
+                    let cmd = Command::SendData {
+                        peer: m.sub_peer,
+                        reliable: true,
+                        data,
+                    };
+                    if self.media.send(cmd).is_err() {
+                        METRICS.inc_dropped_data();
+                        return;
+                    }
+                } else if let Some(next) = self
+                    .remotes
+                    .get(&c.sid)
+                    .map(|x| x.link)
+                    .filter(|l| *l != id)
+                {
+                    self.send_to(next, LinkMsg::Rpc(c));
+                } else {
+                    return;
+                }
+                // Remember the way back for as long as the caller may still take an answer.
+                self.rpc_relays.insert(request_id.clone(), id);
+                let keep = std::time::Duration::from_millis(timeout_ms.into()) + RPC_ACK_TIMEOUT;
+                ctx.run_later(keep, move |room, _| {
+                    room.rpc_relays.remove(&request_id);
+                });
+            }
+            LinkMsg::RpcReply(r) => {
+                if self.rpc.contains_key(&r.request_id) {
+                    self.rpc_answer(&r.request_id, &r.from_sid, &r.data);
+                } else if let Some(&back) = self.rpc_relays.get(&r.request_id) {
+                    if back != id {
+                        self.send_to(back, LinkMsg::RpcReply(r));
+                    }
                 }
             }
             LinkMsg::RoomMetadata(m) => {

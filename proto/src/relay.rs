@@ -35,7 +35,10 @@ pub enum RelayWireError {
 /// One frame on a room link.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct LinkFrame {
-    #[prost(oneof = "link_frame::Kind", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9")]
+    #[prost(
+        oneof = "link_frame::Kind",
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14"
+    )]
     pub kind: Option<link_frame::Kind>,
 }
 
@@ -61,7 +64,98 @@ pub mod link_frame {
         Remove(super::RemoveParticipant),
         #[prost(message, tag = "9")]
         Mute(super::MuteTrack),
+        #[prost(message, tag = "10")]
+        Update(super::UpdateParticipant),
+        #[prost(message, tag = "11")]
+        Subscribe(super::UpdateSubscriptions),
+        #[prost(message, tag = "12")]
+        ServerData(super::ServerData),
+        #[prost(message, tag = "13")]
+        Rpc(super::RpcCall),
+        #[prost(message, tag = "14")]
+        RpcReply(super::RpcReply),
     }
+}
+
+/// The server API calls an RPC method on a participant that another node serves
+/// (`PerformRpc`): forwarded like [`RemoveParticipant`]; every node on the way remembers the
+/// link it came from (for a bounded time), so the participant's ack and response travel back
+/// as [`RpcReply`]s to the calling node, which keeps the call's timeouts.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct RpcCall {
+    #[prost(string, tag = "1")]
+    pub sid: String,
+    /// The calling node's request id (the sender identity of the `RpcRequest` packet).
+    #[prost(string, tag = "2")]
+    pub request_id: String,
+    #[prost(string, tag = "3")]
+    pub method: String,
+    #[prost(string, tag = "4")]
+    pub payload: String,
+    #[prost(uint32, tag = "5")]
+    pub response_timeout_ms: u32,
+}
+
+/// A participant's `RpcAck` or `RpcResponse` (the encoded LiveKit `DataPacket`, as its client
+/// sent it) to an [`RpcCall`], on its way back to the calling node.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct RpcReply {
+    #[prost(string, tag = "1")]
+    pub request_id: String,
+    /// The answering participant.
+    #[prost(string, tag = "2")]
+    pub from_sid: String,
+    #[prost(bytes = "vec", tag = "3")]
+    pub data: Vec<u8>,
+}
+
+/// The server API changes the name, metadata, attributes and/or permission of a participant
+/// that another node serves (`UpdateParticipant`): forwarded like [`RemoveParticipant`]; the
+/// participant's node applies it (and tells the client its new permission), and the new
+/// `ParticipantInfo` floods back as usual.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct UpdateParticipant {
+    #[prost(string, tag = "1")]
+    pub sid: String,
+    /// Empty: unchanged.
+    #[prost(string, tag = "2")]
+    pub name: String,
+    /// Empty: unchanged.
+    #[prost(string, tag = "3")]
+    pub metadata: String,
+    /// Attributes to set; an empty value deletes the key.
+    #[prost(map = "string, string", tag = "4")]
+    pub attributes: std::collections::HashMap<String, String>,
+    /// Absent: unchanged.
+    #[prost(message, optional, tag = "5")]
+    pub permission: Option<lk::ParticipantPermission>,
+}
+
+/// The server API subscribes (or unsubscribes) a participant that another node serves to
+/// tracks (`UpdateSubscriptions`): forwarded like [`RemoveParticipant`]; the participant's node
+/// subscribes it as if its client had asked (pulling relayed tracks through the tree as usual).
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct UpdateSubscriptions {
+    #[prost(string, tag = "1")]
+    pub sid: String,
+    #[prost(string, repeated, tag = "2")]
+    pub track_sids: Vec<String>,
+    #[prost(bool, tag = "3")]
+    pub subscribe: bool,
+}
+
+/// A data packet from the server API (`SendData`, no sender participant), flooded over the
+/// room's links like [`DataMessage`] (in order per link, hence per calling node); every node
+/// delivers it to its own members among `destinations` (empty = everyone).
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct ServerData {
+    #[prost(bool, tag = "1")]
+    pub reliable: bool,
+    #[prost(string, repeated, tag = "2")]
+    pub destinations: Vec<String>,
+    /// The encoded LiveKit `DataPacket`.
+    #[prost(bytes = "vec", tag = "3")]
+    pub data: Vec<u8>,
 }
 
 /// The server API mutes (or unmutes) a track of a participant that another node serves:
@@ -254,6 +348,50 @@ mod tests {
                 sid: "PA_x".into(),
                 track_sid: "TR_y".into(),
                 muted: true,
+            }),
+            link_frame::Kind::Update(UpdateParticipant {
+                sid: "PA_x".into(),
+                name: "Carol".into(),
+                metadata: "{\"role\":\"host\"}".into(),
+                attributes: [
+                    ("k".to_string(), "v".to_string()),
+                    ("gone".into(), String::new()),
+                ]
+                .into_iter()
+                .collect(),
+                permission: Some(lk::ParticipantPermission {
+                    can_subscribe: true,
+                    can_publish: false,
+                    can_publish_data: true,
+                    ..Default::default()
+                }),
+            }),
+            link_frame::Kind::Update(UpdateParticipant {
+                sid: "PA_x".into(),
+                metadata: "m".into(),
+                ..Default::default()
+            }),
+            link_frame::Kind::Subscribe(UpdateSubscriptions {
+                sid: "PA_x".into(),
+                track_sids: vec!["TR_a".into(), "TR_b".into()],
+                subscribe: false,
+            }),
+            link_frame::Kind::ServerData(ServerData {
+                reliable: true,
+                destinations: vec!["alice".into(), "bob".into()],
+                data: vec![0, 1, 2, 255],
+            }),
+            link_frame::Kind::Rpc(RpcCall {
+                sid: "PA_x".into(),
+                request_id: "RPC_1".into(),
+                method: "greet".into(),
+                payload: "hi".into(),
+                response_timeout_ms: 10_000,
+            }),
+            link_frame::Kind::RpcReply(RpcReply {
+                request_id: "RPC_1".into(),
+                from_sid: "PA_x".into(),
+                data: vec![9, 8, 7],
             }),
         ] {
             let bytes = encode_link_frame(kind.clone()).expect("encode");

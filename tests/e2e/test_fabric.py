@@ -1234,13 +1234,16 @@ async def test_webhooks_once_per_cluster(results):
 @pytest.mark.timeout(200)
 async def test_server_api_on_participants_of_other_nodes(cluster3, results):
     """RoomService on node A for a participant connected to node C: `ListParticipants` lists
-    it, `MutePublishedTrack` and `RemoveParticipant` travel over the room links to C, which mutes
-    its track (its SDK is told) and then disconnects it; everyone sees both."""
+    it; `MutePublishedTrack`, `UpdateParticipant`, `UpdateSubscriptions`, `PerformRpc` and
+    `RemoveParticipant` travel over the room links to C, which mutes its track (its SDK is told), changes its
+    metadata, name, attributes and permission (both SDKs see it), unsubscribes and resubscribes
+    it, and then disconnects it; `SendData` reaches C's participant, addressed or broadcast, in
+    order; `PerformRpc` reaches its SDK and the answer (or its error) comes back to A."""
     from livekit import api
 
     from helpers import API_KEY, API_SECRET
 
-    a_node, _, c_node = cluster3.nodes
+    a_node, b_node, c_node = cluster3.nodes
     room_name = "twirp-fabric"
     alice = carol = None
     lk = api.LiveKitAPI(a_node.http_url, API_KEY, API_SECRET)
@@ -1261,6 +1264,172 @@ async def test_server_api_on_participants_of_other_nodes(cluster3, results):
         await alice_events.wait("track_muted", lambda who, p: who.identity == "carol", timeout=20)
         await carol_events.wait("track_muted", timeout=20)
         await tone.stop()
+
+        # UpdateParticipant through node A: carol's node applies it, her SDK is told (new
+        # metadata and permission), alice sees the change events.
+        alice_meta: list[tuple[str, str]] = []
+        carol_meta: list[tuple[str, str]] = []
+        alice.on("participant_metadata_changed", lambda p, old, new: alice_meta.append((p.identity, new)))
+        carol.on("participant_metadata_changed", lambda p, old, new: carol_meta.append((p.identity, new)))
+        t0 = time.monotonic()
+        upd = await lk.room.update_participant(
+            api.UpdateParticipantRequest(
+                room=room_name, identity="carol", metadata="carol-meta", name="Carol C",
+                attributes={"seat": "3"},
+                permission=api.ParticipantPermission(
+                    can_subscribe=True, can_publish=True, can_publish_data=False
+                ),
+            )
+        )
+        assert upd.metadata == "carol-meta" and upd.name == "Carol C", upd
+        assert dict(upd.attributes) == {"seat": "3"}, upd
+        await wait_until(lambda: ("carol", "carol-meta") in alice_meta, 20,
+                         "alice to get carol's metadata-changed event")
+        await wait_until(lambda: ("carol", "carol-meta") in carol_meta, 20,
+                         "carol to get her own metadata-changed event")
+
+        def alice_sees_carol() -> bool:
+            rp = alice.remote_participants.get("carol")
+            return bool(rp and rp.name == "Carol C" and rp.attributes.get("seat") == "3")
+
+        await wait_until(alice_sees_carol, 20, "alice to see carol's new name and attributes")
+        await wait_until(lambda: not carol.local_participant.permissions.can_publish_data, 20,
+                         "carol to be told she may no longer publish data")
+        results(f"fabric server API: UpdateParticipant on node A reached both nodes' SDKs in {time.monotonic() - t0:.2f} s")
+
+        # SendData through node A: addressed to carol (node C), then to everyone; each arrives
+        # once, in order, and only where addressed.
+        def got(events, prefix: str) -> list[bytes]:
+            return [e.args[0].data for e in events.find("data_received")
+                    if e.args[0].data.startswith(prefix.encode())]
+
+        n = 5
+        t0 = time.monotonic()
+        for i in range(n):
+            await lk.room.send_data(api.SendDataRequest(
+                room=room_name, data=f"to-carol-{i}".encode(), destination_identities=["carol"],
+                kind=api.DataPacket.Kind.RELIABLE, topic="t1",
+            ))
+        for i in range(n):
+            await lk.room.send_data(api.SendDataRequest(
+                room=room_name, data=f"to-all-{i}".encode(), kind=api.DataPacket.Kind.RELIABLE,
+            ))
+        want_carol = [f"to-carol-{i}".encode() for i in range(n)]
+        want_all = [f"to-all-{i}".encode() for i in range(n)]
+        await wait_until(lambda: len(got(carol_events, "to-carol")) >= n, 20, "carol's data")
+        await wait_until(lambda: len(got(carol_events, "to-all")) >= n, 20, "broadcast data at C")
+        await wait_until(lambda: len(got(alice_events, "to-all")) >= n, 20, "broadcast data at A")
+        results(f"fabric server API: SendData on node A, {2 * n} packets reached node C in {time.monotonic() - t0:.2f} s")
+        await asyncio.sleep(0.5)
+        assert got(carol_events, "to-carol") == want_carol, carol_events.describe()
+        assert got(carol_events, "to-all") == want_all, carol_events.describe()
+        assert got(alice_events, "to-all") == want_all, alice_events.describe()
+        assert not got(alice_events, "to-carol"), "data addressed to carol reached alice"
+
+        # UpdateSubscriptions through node A: carol (node C) stops hearing alice's tone, then
+        # hears it again on a fresh track (the SDK reports no event for a server-side
+        # unsubscription, so the effect is checked on the media, as in test_server_api).
+        alice_tone = TonePublisher(TONE_HZ)
+        alice_pub = await alice_tone.publish(alice)
+        ev = await carol_events.wait(
+            "track_subscribed", lambda t, p, rp: rp.identity == "alice", timeout=20
+        )
+        recv = ToneReceiver(ev.args[0], TONE_HZ)
+        try:
+            await wait_until(lambda: len(recv.tone_windows) >= 5, 20, "carol to hear alice's tone")
+            await lk.room.update_subscriptions(api.UpdateSubscriptionsRequest(
+                room=room_name, identity="carol", track_sids=[alice_pub.sid], subscribe=False,
+            ))
+            await asyncio.sleep(1.5)
+            heard = len(recv.tone_windows)
+            await asyncio.sleep(2.0)
+            assert len(recv.tone_windows) - heard <= 2, (
+                f"carol still hears alice after UpdateSubscriptions(subscribe=false) on node A: "
+                f"{len(recv.tone_windows) - heard} tone windows in 2 s"
+            )
+            n_sub = len(carol_events.find("track_subscribed"))
+            await lk.room.update_subscriptions(api.UpdateSubscriptionsRequest(
+                room=room_name, identity="carol", track_sids=[alice_pub.sid], subscribe=True,
+            ))
+            await wait_until(lambda: len(carol_events.find("track_subscribed")) > n_sub, 20,
+                             "carol to be subscribed again")
+            recv2 = ToneReceiver(carol_events.find("track_subscribed")[-1].args[0], TONE_HZ)
+            try:
+                await wait_until(lambda: len(recv2.tone_windows) >= 5, 20,
+                                 "carol to hear alice's tone again after resubscribing")
+            finally:
+                await recv2.close()
+        finally:
+            await recv.close()
+            await alice_tone.stop()
+
+        # PerformRpc through node A on carol (node C): the call travels to C, carol's SDK
+        # answers, the ack and response come back to A; an error raised by the handler
+        # surfaces as a Twirp error. Carol needs canPublishData back to answer.
+        await lk.room.update_participant(api.UpdateParticipantRequest(
+            room=room_name, identity="carol",
+            permission=api.ParticipantPermission(
+                can_subscribe=True, can_publish=True, can_publish_data=True
+            ),
+        ))
+        await wait_until(lambda: carol.local_participant.permissions.can_publish_data, 20,
+                         "carol to be allowed to publish data again")
+        @carol.local_participant.register_rpc_method("greet")
+        async def greet(data: rtc.RpcInvocationData) -> str:
+            return f"hello {data.payload}"
+
+        @carol.local_participant.register_rpc_method("fail")
+        async def fail(data: rtc.RpcInvocationData) -> str:
+            raise rtc.RpcError(4321, "nope", "details")
+
+        async def rpc(method: str, payload: str) -> str:
+            req = api.PerformRpcRequest(
+                room=room_name, destination_identity="carol", method=method, payload=payload
+            )
+            # livekit-api has no perform_rpc helper: its Twirp client, as in test_server_api.
+            resp = await lk.room._client.request(
+                "RoomService", "PerformRpc", req,
+                lk.room._auth_header(api.VideoGrants(room_admin=True, room=room_name)),
+                api.PerformRpcResponse,
+            )
+            return resp.payload
+
+        times = []
+        for i in range(10):
+            t0 = time.monotonic()
+            assert await rpc("greet", str(i)) == f"hello {i}"
+            times.append(time.monotonic() - t0)
+        times.sort()
+        results(f"fabric server API: PerformRpc on node A for a participant of node C, round trip "
+                f"median {times[5] * 1000:.1f} ms, max {times[-1] * 1000:.1f} ms (10 calls)")
+        with pytest.raises(api.TwirpError) as ei:
+            await rpc("fail", "")
+        assert "nope" in ei.value.message, ei.value
+
+        # The same from a third node (B, an edge of origin A like C, so two hops B -> A -> C
+        # as the nodes' "room link up" logs show): the call is forwarded by A, its answers are
+        # relayed back by A, and so is data addressed to carol.
+        bob, bob_events = await connect(b_node.ws_url, make_token("bob", room_name), "B")
+        lk_b = api.LiveKitAPI(b_node.http_url, API_KEY, API_SECRET)
+        try:
+            await wait_until(lambda: "carol" in bob.remote_participants, 20, "bob sees carol")
+            req = api.PerformRpcRequest(
+                room=room_name, destination_identity="carol", method="greet", payload="from-b"
+            )
+            resp = await lk_b.room._client.request(
+                "RoomService", "PerformRpc", req,
+                lk_b.room._auth_header(api.VideoGrants(room_admin=True, room=room_name)),
+                api.PerformRpcResponse,
+            )
+            assert resp.payload == "hello from-b", resp
+            await lk_b.room.send_data(api.SendDataRequest(
+                room=room_name, data=b"from-b", destination_identities=["carol"],
+            ))
+            await carol_events.wait("data_received", lambda d: d.data == b"from-b", timeout=20)
+        finally:
+            await lk_b.aclose()
+            await disconnect_all(bob)
+
         t0 = time.monotonic()
         await lk.room.remove_participant(api.RoomParticipantIdentity(room=room_name, identity="carol"))
         await carol_events.wait("disconnected", timeout=20)
