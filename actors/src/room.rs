@@ -1861,6 +1861,13 @@ impl Room {
         }
     }
 
+    /// The link towards remote participant `sid`'s node for a request that arrived on link
+    /// `from`: `None` if the participant is unknown or lies back the way the request came
+    /// (requests are never sent back, so they cannot loop).
+    fn next_hop(&self, sid: &str, from: u64) -> Option<u64> {
+        self.remotes.get(sid).map(|x| x.link).filter(|l| *l != from)
+    }
+
     fn send_to(&mut self, link: u64, msg: LinkMsg) {
         let ok = self
             .links
@@ -2274,12 +2281,7 @@ impl Room {
                         },
                         ctx,
                     );
-                } else if let Some(next) = self
-                    .remotes
-                    .get(&m.sid)
-                    .map(|x| x.link)
-                    .filter(|l| *l != id)
-                {
+                } else if let Some(next) = self.next_hop(&m.sid, id) {
                     self.send_to(next, LinkMsg::Mute(m));
                 }
             }
@@ -2291,12 +2293,7 @@ impl Room {
                         m.addr.do_send(Kick { reason });
                     }
                     <Self as Handler<Leave>>::handle(self, Leave { sid: r.sid, reason }, ctx);
-                } else if let Some(next) = self
-                    .remotes
-                    .get(&r.sid)
-                    .map(|x| x.link)
-                    .filter(|l| *l != id)
-                {
+                } else if let Some(next) = self.next_hop(&r.sid, id) {
                     // Towards the participant's node (never back where it came from).
                     self.send_to(next, LinkMsg::Remove(r));
                 }
@@ -2309,12 +2306,7 @@ impl Room {
                         return;
                     }
                     self.update_member(&u.sid, u.name, u.metadata, u.attributes, u.permission);
-                } else if let Some(next) = self
-                    .remotes
-                    .get(&u.sid)
-                    .map(|x| x.link)
-                    .filter(|l| *l != id)
-                {
+                } else if let Some(next) = self.next_hop(&u.sid, id) {
                     self.send_to(next, LinkMsg::Update(u));
                 }
             }
@@ -2329,12 +2321,7 @@ impl Room {
                         },
                         ctx,
                     );
-                } else if let Some(next) = self
-                    .remotes
-                    .get(&u.sid)
-                    .map(|x| x.link)
-                    .filter(|l| *l != id)
-                {
+                } else if let Some(next) = self.next_hop(&u.sid, id) {
                     self.send_to(next, LinkMsg::Subscribe(u));
                 }
             }
@@ -2381,12 +2368,7 @@ impl Room {
                         METRICS.inc_dropped_data();
                         return;
                     }
-                } else if let Some(next) = self
-                    .remotes
-                    .get(&c.sid)
-                    .map(|x| x.link)
-                    .filter(|l| *l != id)
-                {
+                } else if let Some(next) = self.next_hop(&c.sid, id) {
                     self.send_to(next, LinkMsg::Rpc(c));
                 } else {
                     return;

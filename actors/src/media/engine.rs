@@ -358,6 +358,40 @@ impl FwdTrack {
 }
 
 impl FwdTrack {
+    /// Account one received unit (an RTP packet in RTP mode, a frame in frame mode) of
+    /// `len` payload bytes on layer `rid`: per-layer byte counts for the allocator, layer
+    /// liveness, and the speaker meter for audio. At most 8 layers are tracked (bounded).
+    fn observe_ingress(
+        &mut self,
+        now: Instant,
+        rid: Option<Rid>,
+        len: usize,
+        audio_level: Option<i8>,
+        level_config: &LevelConfig,
+    ) {
+        match self.rates.iter_mut().find(|(r, _, _)| *r == rid) {
+            Some(r) => r.1 += len as u64,
+            None => {
+                if self.rates.len() < 8 {
+                    self.rates.push((rid, len as u64, 0));
+                }
+            }
+        }
+        if let Some(rid) = rid {
+            match self.layers.iter_mut().find(|(r, _)| *r == rid) {
+                Some(l) => l.1 = now,
+                None => {
+                    if self.layers.len() < 8 {
+                        self.layers.push((rid, now));
+                    }
+                }
+            }
+        }
+        if self.kind == MediaKind::Audio {
+            self.meter.observe(audio_level, level_config);
+        }
+    }
+
     /// Live layers as `(rank, bits/s)` sorted by rank.
     fn live_layers(&self, now: Instant) -> Vec<(u8, u64)> {
         let mut v: Vec<(u8, u64)> = Vec::with_capacity(3);
@@ -1863,29 +1897,13 @@ impl Engine {
             }
         }
 
-        // Per-layer byte counts (for the allocator) and layer liveness.
-        match ft.rates.iter_mut().find(|(r, _, _)| *r == data.rid) {
-            Some(r) => r.1 += data.data.len() as u64,
-            None => {
-                if ft.rates.len() < 8 {
-                    ft.rates.push((data.rid, data.data.len() as u64, 0));
-                }
-            }
-        }
-        if let Some(rid) = data.rid {
-            match ft.layers.iter_mut().find(|(r, _)| *r == rid) {
-                Some(l) => l.1 = now,
-                None => {
-                    if ft.layers.len() < 8 {
-                        ft.layers.push((rid, now));
-                    }
-                }
-            }
-        }
-        if ft.kind == MediaKind::Audio {
-            ft.meter
-                .observe(data.ext_vals.audio_level, &self.level_config);
-        }
+        ft.observe_ingress(
+            now,
+            data.rid,
+            data.data.len(),
+            data.ext_vals.audio_level,
+            &self.level_config,
+        );
         let mut want_keyframe: Option<Option<Rid>> = None;
         for sub in &ft.subscribers {
             let Some(peer) = self.peers.get_mut(sub) else {
@@ -2116,28 +2134,7 @@ impl Engine {
             }
         }
 
-        // Per-layer byte counts (for the allocator) and layer liveness.
-        match ft.rates.iter_mut().find(|(r, _, _)| *r == p.rid) {
-            Some(r) => r.1 += len as u64,
-            None => {
-                if ft.rates.len() < 8 {
-                    ft.rates.push((p.rid, len as u64, 0));
-                }
-            }
-        }
-        if let Some(rid) = p.rid {
-            match ft.layers.iter_mut().find(|(r, _)| *r == rid) {
-                Some(l) => l.1 = now,
-                None => {
-                    if ft.layers.len() < 8 {
-                        ft.layers.push((rid, now));
-                    }
-                }
-            }
-        }
-        if ft.kind == MediaKind::Audio {
-            ft.meter.observe(p.audio_level, &self.level_config);
-        }
+        ft.observe_ingress(now, p.rid, len, p.audio_level, &self.level_config);
         let header = p.header();
         let video = ft.kind == MediaKind::Video;
         // str0m's view of the VP8 descriptor (for patches), parsed once for all subscribers.
