@@ -1267,9 +1267,7 @@ impl Handler<RemoveParticipant> for Room {
             Err(e) => {
                 // Served by another node: ask it, over the link the participant is known by.
                 let Some((sid, link)) = self
-                    .remotes
-                    .iter()
-                    .find(|(_, r)| r.info.identity == msg.identity)
+                    .remote_by_identity(&msg.identity)
                     .map(|(sid, r)| (sid.clone(), r.link))
                 else {
                     return Err(e);
@@ -1312,11 +1310,8 @@ impl Handler<AdminMuteTrack> for Room {
             Ok(sid) => sid,
             Err(e) => {
                 // Served by another node: forward, and answer with the state it will have.
-                let Some((sid, link, track)) = self
-                    .remotes
-                    .iter()
-                    .find(|(_, r)| r.info.identity == msg.identity)
-                    .map(|(sid, r)| {
+                let Some((sid, link, track)) =
+                    self.remote_by_identity(&msg.identity).map(|(sid, r)| {
                         let t = r
                             .info
                             .tracks
@@ -1402,9 +1397,7 @@ impl Handler<AdminUpdateParticipant> for Room {
             Err(e) => {
                 // Served by another node: forward, and answer with the info it will have.
                 let Some((sid, link, mut info)) = self
-                    .remotes
-                    .iter()
-                    .find(|(_, r)| r.info.identity == msg.identity)
+                    .remote_by_identity(&msg.identity)
                     .map(|(sid, r)| (sid.clone(), r.link, r.info.clone()))
                 else {
                     return Err(e);
@@ -1463,9 +1456,7 @@ impl Handler<AdminUpdateSubscriptions> for Room {
             Err(e) => {
                 // Served by another node: its node subscribes it.
                 let Some((sid, link)) = self
-                    .remotes
-                    .iter()
-                    .find(|(_, r)| r.info.identity == msg.identity)
+                    .remote_by_identity(&msg.identity)
                     .map(|(sid, r)| (sid.clone(), r.link))
                 else {
                     return Err(e);
@@ -1610,9 +1601,7 @@ impl Handler<PerformRpc> for Room {
                 // Served by another node: the call travels there, its answers come back as
                 // `RpcReply` frames; the timeouts stay here.
                 let Some((sid, link)) = self
-                    .remotes
-                    .iter()
-                    .find(|(_, r)| r.info.identity == msg.identity)
+                    .remote_by_identity(&msg.identity)
                     .map(|(sid, r)| (sid.clone(), r.link))
                 else {
                     return Err(e);
@@ -1859,6 +1848,13 @@ impl Room {
                 l.tx = tx;
             }
         }
+    }
+
+    /// The remote participant (served by another node) with this identity, and its sid.
+    fn remote_by_identity(&self, identity: &str) -> Option<(&String, &Remote)> {
+        self.remotes
+            .iter()
+            .find(|(_, r)| r.info.identity == identity)
     }
 
     /// The link towards remote participant `sid`'s node for a request that arrived on link

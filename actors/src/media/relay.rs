@@ -364,6 +364,20 @@ pub struct Fragment<'a> {
 struct Reader<'a>(&'a [u8]);
 
 impl<'a> Reader<'a> {
+    /// A simulcast rid: one length byte (0: none, at most `MAX_RID`), then UTF-8.
+    fn rid(&mut self) -> Result<Option<&'a str>, RelayError> {
+        let len = self.u8()? as usize;
+        if len > MAX_RID {
+            return Err(RelayError::Invalid("rid length"));
+        }
+        if len == 0 {
+            return Ok(None);
+        }
+        std::str::from_utf8(self.take(len)?)
+            .map(Some)
+            .map_err(|_| RelayError::Invalid("rid"))
+    }
+
     fn take(&mut self, n: usize) -> Result<&'a [u8], RelayError> {
         if self.0.len() < n {
             return Err(RelayError::Truncated);
@@ -412,18 +426,7 @@ pub fn decode(buf: &[u8]) -> Result<Datagram<'_>, RelayError> {
             } else {
                 None
             };
-            let rid_len = r.u8()? as usize;
-            if rid_len > MAX_RID {
-                return Err(RelayError::Invalid("rid length"));
-            }
-            let rid = if rid_len == 0 {
-                None
-            } else {
-                Some(
-                    std::str::from_utf8(r.take(rid_len)?)
-                        .map_err(|_| RelayError::Invalid("rid"))?,
-                )
-            };
+            let rid = r.rid()?;
             let params = if flags & FLAG_PARAMS != 0 {
                 let n = r.u16()? as usize;
                 if n > MAX_PARAMS_BYTES {
@@ -499,18 +502,7 @@ pub fn decode(buf: &[u8]) -> Result<Datagram<'_>, RelayError> {
             } else {
                 None
             };
-            let rid_len = r.u8()? as usize;
-            if rid_len > MAX_RID {
-                return Err(RelayError::Invalid("rid length"));
-            }
-            let rid = if rid_len == 0 {
-                None
-            } else {
-                Some(
-                    std::str::from_utf8(r.take(rid_len)?)
-                        .map_err(|_| RelayError::Invalid("rid"))?,
-                )
-            };
+            let rid = r.rid()?;
             Ok(Datagram::Rtp(RtpDatagram {
                 flow,
                 seq,
