@@ -45,12 +45,12 @@ use str0m::media::{Direction, KeyframeRequestKind, MediaData, MediaKind, Mid, Ri
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output as RtcOutput, Rtc, RtcConfig};
 
-use crate::media::alloc::{allocate, next_step_bps, AllocTrack, Decision, Recovery};
+use crate::media::alloc::{allocate, next_step_bps, AllocTrack, Decision, Recovery, SpatialRates};
 use crate::media::audio::{LevelConfig, LevelMeter};
 use crate::media::relay::{
     self, RelayFrame, RelayLimits, RelayReceiver, RelayRtp, RelaySender, RELAY_METRICS,
 };
-use crate::media::rtp::{self as rtpfwd, InHeader, PayloadKind, Rewriter};
+use crate::media::rtp::{self as rtpfwd, InHeader, PayloadKind, Rewriter, SvcPacket, SvcSelector};
 use crate::quality::LinkStats;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -168,6 +168,8 @@ struct OutTrack {
     down_votes: u8,
     /// RTP mode: sequence number, timestamp and VP8 picture id rewriting.
     rw: Rewriter,
+    /// RTP mode, SVC stream (VP9 with layer indices): the spatial layer forwarded.
+    svc: SvcSelector,
     /// RTP mode: the publisher's payload type → this subscriber's (None: no match).
     pt_map: Vec<(Pt, Option<Pt>)>,
 }
@@ -259,6 +261,8 @@ struct FwdTrack {
     last_keyframe_request: HashMap<Option<Rid>, Instant>,
     /// Per layer (None: non-simulcast): bytes in the current window and the measured bitrate.
     rates: Vec<(Option<Rid>, u64, u64)>,
+    /// RTP mode, SVC stream: the same per spatial layer (the allocator's layers when live).
+    spatial: SpatialRates,
     /// Audio tracks: speech level meter.
     meter: LevelMeter,
     /// Relayed track: fed by this (node, flow) instead of a local publisher.
@@ -301,6 +305,9 @@ struct RtpIn {
     marker: bool,
     keyframe: bool,
     vp8: Option<rtpfwd::Vp8Descriptor>,
+    /// The packet's spatial/temporal layer if it belongs to an SVC stream (VP9 with layer
+    /// indices).
+    svc: Option<SvcPacket>,
     audio_level: Option<i8>,
     voice_activity: Option<bool>,
     video_orientation: Option<VideoOrientation>,
@@ -347,6 +354,7 @@ impl FwdTrack {
             layers: Vec::new(),
             last_keyframe_request: HashMap::new(),
             rates: Vec::new(),
+            spatial: SpatialRates::default(),
             meter: LevelMeter::default(),
             relay_src: None,
             receiver: None,
@@ -392,8 +400,12 @@ impl FwdTrack {
         }
     }
 
-    /// Live layers as `(rank, bits/s)` sorted by rank.
+    /// Live layers as `(rank, bits/s)` sorted by rank. An SVC stream's spatial layers are
+    /// its ranks (each costing the layers up to it).
     fn live_layers(&self, now: Instant) -> Vec<(u8, u64)> {
+        if self.spatial.active(now, LAYER_IDLE) {
+            return self.spatial.live(now, LAYER_IDLE);
+        }
         let mut v: Vec<(u8, u64)> = Vec::with_capacity(3);
         for (rid, _, bps) in &self.rates {
             let live = match rid {
@@ -559,6 +571,28 @@ fn stun_local_ufrag(d: &[u8]) -> Option<&str> {
         at += 4 + alen.div_ceil(4) * 4;
     }
     None
+}
+
+/// RTP mode: what the forwarder reads from a payload, once for all subscribers: the VP8
+/// descriptor, the SVC layer of a VP9 packet with layer indices, and whether the packet starts
+/// a keyframe. Malformed payloads give `None`s and `false` (never a panic).
+fn read_payload(
+    kind: PayloadKind,
+    payload: &[u8],
+    ts: u32,
+    marker: bool,
+) -> (Option<rtpfwd::Vp8Descriptor>, Option<SvcPacket>, bool) {
+    match kind {
+        PayloadKind::Vp8 => {
+            let d = rtpfwd::vp8_descriptor(payload);
+            (d, None, d.is_some_and(|d| d.keyframe_start))
+        }
+        PayloadKind::Vp9 => match rtpfwd::vp9_descriptor(payload) {
+            Some(d) => (None, SvcPacket::vp9(&d, ts, marker), d.keyframe_start()),
+            None => (None, None, false),
+        },
+        k => (None, None, rtpfwd::keyframe_start(k, payload)),
+    }
 }
 
 /// Rank of a simulcast rid: higher is better quality. LiveKit uses q/h/f (also 0/1/2 reversed).
@@ -1088,11 +1122,7 @@ impl Engine {
                     return;
                 };
                 let (params, kind) = (info.params, info.kind);
-                let vp8 = if kind == PayloadKind::Vp8 {
-                    rtpfwd::vp8_descriptor(r.payload)
-                } else {
-                    None
-                };
+                let (vp8, svc, _) = read_payload(kind, r.payload, r.rtp_ts, r.marker);
                 let input = RtpIn {
                     rid: r.rid.map(Rid::from),
                     pt,
@@ -1103,6 +1133,7 @@ impl Engine {
                     marker: r.marker,
                     keyframe: r.keyframe,
                     vp8,
+                    svc,
                     audio_level: r.audio_level,
                     voice_activity: r.voice_activity,
                     video_orientation: None,
@@ -1493,6 +1524,7 @@ impl Engine {
             last_out: None,
             down_votes: 0,
             rw: Rewriter::default(),
+            svc: SvcSelector::default(),
             pt_map: Vec::new(),
         });
         let _ = now;
@@ -2052,15 +2084,8 @@ impl Engine {
             }
         };
         let (params, kind) = info;
-        let vp8 = if kind == PayloadKind::Vp8 {
-            rtpfwd::vp8_descriptor(&pkt.payload)
-        } else {
-            None
-        };
-        let keyframe = match vp8 {
-            Some(d) => d.keyframe_start,
-            None => rtpfwd::keyframe_start(kind, &pkt.payload),
-        };
+        let (vp8, svc, keyframe) =
+            read_payload(kind, &pkt.payload, pkt.header.timestamp, pkt.header.marker);
         let ext = &pkt.header.ext_vals;
         let input = RtpIn {
             rid,
@@ -2072,6 +2097,7 @@ impl Engine {
             marker: pkt.header.marker,
             keyframe,
             vp8,
+            svc,
             audio_level: ext.audio_level,
             voice_activity: ext.voice_activity,
             video_orientation: ext.video_orientation,
@@ -2135,6 +2161,9 @@ impl Engine {
         }
 
         ft.observe_ingress(now, p.rid, len, p.audio_level, &self.level_config);
+        if let Some(svc) = &p.svc {
+            ft.spatial.observe(now, svc.sid, len);
+        }
         let header = p.header();
         let video = ft.kind == MediaKind::Video;
         // str0m's view of the VP8 descriptor (for patches), parsed once for all subscribers.
@@ -2184,6 +2213,20 @@ impl Engine {
             }
             if rebase || !o.rw.started() {
                 o.rw.rebase(now, &header);
+                o.svc.reset();
+            }
+            let mut marker = p.marker;
+            if let Some(svc) = &p.svc {
+                // SVC: drop the spatial layers above the one this subscriber may get.
+                let choice = o.svc.select(allowed.saturating_sub(1), svc);
+                if choice.want_keyframe {
+                    want_keyframe = Some(None);
+                }
+                if !choice.forward {
+                    o.rw.skip(&header);
+                    continue;
+                }
+                marker = choice.marker;
             }
             let Some(h) = o.rw.rewrite(now, &header) else {
                 continue;
@@ -2213,7 +2256,7 @@ impl Engine {
                 ..Default::default()
             };
             let mut w = RtpWrite::new(out_pt, SeqNo::from(h.seq), h.ts, now, p.payload.clone())
-                .marker(p.marker)
+                .marker(marker)
                 .nackable(video)
                 .ext_vals(ext);
             if h.picture_id != in_pid || h.tl0_pic_idx != in_tl0 {
@@ -2276,6 +2319,7 @@ impl Engine {
                 r.2 = (r.2 + bps) / 2;
                 r.1 = 0;
             }
+            ft.spatial.roll(secs);
             if ft.kind == MediaKind::Audio {
                 let (level, active) = ft.meter.take(&self.level_config);
                 out.event(

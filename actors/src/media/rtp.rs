@@ -148,34 +148,158 @@ pub fn vp8_descriptor(p: &[u8]) -> Option<Vp8Descriptor> {
     Some(d)
 }
 
-/// VP9 (RFC 9628 §4.2): first byte `I P L F B E V Z`. A keyframe starts where the packet
-/// begins a frame (B), the frame is not inter-predicted (P=0), and it is the base spatial
-/// layer (no layer indices, or SID 0).
+/// VP9 (RFC 9628 §4.2): a keyframe starts where the packet begins a frame (B), the frame is
+/// not inter-predicted (P=0), and it is the base spatial layer (no layer indices, or SID 0).
 fn vp9_keyframe_start(p: &[u8]) -> bool {
-    let Some(&b0) = p.first() else {
-        return false;
+    vp9_descriptor(p).is_some_and(|d| d.keyframe_start())
+}
+
+/// The fields of a VP9 payload descriptor (RFC 9628 §4.2) the SVC forwarder uses.
+///
+/// ```text
+///       0 1 2 3 4 5 6 7
+///      +-+-+-+-+-+-+-+-+
+///      |I|P|L|F|B|E|V|Z| (REQUIRED)
+///      +-+-+-+-+-+-+-+-+
+/// I:   |M| PICTURE ID  | (M=1: 15 bits over two octets)
+///      +-+-+-+-+-+-+-+-+
+/// L:   | TID |U| SID |D| (layer indices)
+///      +-+-+-+-+-+-+-+-+
+///      |   TL0PICIDX   | (only with L=1 and F=0: non-flexible mode)
+///      +-+-+-+-+-+-+-+-+
+/// F,P: | P_DIFF      |N| (flexible mode, inter-picture predicted: up to 3 reference diffs)
+///      +-+-+-+-+-+-+-+-+
+/// V:   | SS            | (scalability structure, see below)
+/// ```
+///
+/// One *picture* (all spatial layers of one instant, one RTP timestamp) is sent as one
+/// *layer frame* per spatial layer, lowest first; B and E mark the first and last packet of
+/// each layer frame, and the RTP marker bit the last packet of the picture. Chromium's
+/// `L3T3_KEY` (three spatial, three temporal layers; upper spatial layers depend on lower
+/// ones only in keyframes) is sent in flexible mode with layer indices on every packet.
+///
+/// The scalability structure (on keyframes) is `N_S(3) Y G - - -`, then with Y=1 a 16-bit
+/// width and height per spatial layer, then with G=1 `N_G` and `N_G` picture-group entries
+/// `T(3) U R(2) - -` each followed by R P_DIFF octets. It is parsed fully (so that a
+/// truncated one is refused) and its layer count and sizes are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Vp9Descriptor {
+    /// PictureID and whether it is 15 bits wide.
+    pub picture_id: Option<(u16, bool)>,
+    /// P: the frame references earlier pictures (inter-picture predicted).
+    pub inter_picture: bool,
+    /// L: the descriptor carries layer indices (TID/SID). Without them the stream has no
+    /// layers this forwarder can drop.
+    pub layer_indices: bool,
+    /// F: flexible mode (reference diffs in the descriptor) rather than a picture group.
+    pub flexible: bool,
+    /// B: first packet of a layer frame.
+    pub begin: bool,
+    /// E: last packet of a layer frame.
+    pub end: bool,
+    /// Temporal layer id (0 without layer indices).
+    pub tid: u8,
+    /// U: switching-up point (no later frame of this temporal layer references an earlier
+    /// frame of the same or a higher temporal layer).
+    pub switch_up: bool,
+    /// Spatial layer id (0 without layer indices).
+    pub sid: u8,
+    /// D: the layer frame depends on the lower spatial layer of the same picture.
+    pub inter_layer: bool,
+    /// TL0PICIDX (non-flexible mode only).
+    pub tl0_pic_idx: Option<u8>,
+    /// From the scalability structure: the number of spatial layers (1..=8)...
+    pub spatial_layers: Option<u8>,
+    /// ... and the width and height of the first three (when the structure has sizes).
+    pub sizes: [Option<(u16, u16)>; 3],
+}
+
+impl Vp9Descriptor {
+    /// First packet of a keyframe: begins the base layer frame of a picture that references
+    /// no earlier picture.
+    pub fn keyframe_start(&self) -> bool {
+        self.begin && !self.inter_picture && self.sid == 0
+    }
+}
+
+/// Parses a VP9 payload descriptor; `None` if it is truncated or malformed.
+pub fn vp9_descriptor(p: &[u8]) -> Option<Vp9Descriptor> {
+    let b0 = *p.first()?;
+    let mut d = Vp9Descriptor {
+        inter_picture: b0 & 0x40 != 0,
+        layer_indices: b0 & 0x20 != 0,
+        flexible: b0 & 0x10 != 0,
+        begin: b0 & 0x08 != 0,
+        end: b0 & 0x04 != 0,
+        ..Default::default()
     };
-    let (i, pbit, l, b) = (
-        b0 & 0x80 != 0,
-        b0 & 0x40 != 0,
-        b0 & 0x20 != 0,
-        b0 & 0x08 != 0,
-    );
-    if pbit || !b {
-        return false;
-    }
-    if !l {
-        return true;
-    }
+    let has_ss = b0 & 0x02 != 0;
     let mut at = 1;
-    if i {
-        let Some(&m) = p.get(at) else {
-            return false;
-        };
-        at += if m & 0x80 != 0 { 2 } else { 1 };
+    if b0 & 0x80 != 0 {
+        let m = *p.get(at)?;
+        at += 1;
+        if m & 0x80 != 0 {
+            let lo = *p.get(at)?;
+            at += 1;
+            d.picture_id = Some(((u16::from(m & 0x7f) << 8) | u16::from(lo), true));
+        } else {
+            d.picture_id = Some((u16::from(m), false));
+        }
     }
-    // Layer indices: TID(3) U(1) SID(3) D(1).
-    p.get(at).is_some_and(|li| (li >> 1) & 0x07 == 0)
+    if d.layer_indices {
+        let li = *p.get(at)?;
+        at += 1;
+        d.tid = li >> 5;
+        d.switch_up = li & 0x10 != 0;
+        d.sid = (li >> 1) & 0x07;
+        d.inter_layer = li & 0x01 != 0;
+        if !d.flexible {
+            d.tl0_pic_idx = Some(*p.get(at)?);
+            at += 1;
+        }
+    }
+    if d.flexible && d.inter_picture {
+        // Up to three reference diffs, each with N (another follows).
+        for i in 0..3 {
+            let diff = *p.get(at)?;
+            at += 1;
+            if diff & 0x01 == 0 {
+                break;
+            }
+            if i == 2 {
+                return None;
+            }
+        }
+    }
+    if has_ss {
+        let ss = *p.get(at)?;
+        at += 1;
+        let n_s = (ss >> 5) + 1;
+        d.spatial_layers = Some(n_s);
+        if ss & 0x10 != 0 {
+            for i in 0..usize::from(n_s) {
+                let w = u16::from_be_bytes([*p.get(at)?, *p.get(at + 1)?]);
+                let h = u16::from_be_bytes([*p.get(at + 2)?, *p.get(at + 3)?]);
+                at += 4;
+                if let Some(s) = d.sizes.get_mut(i) {
+                    *s = Some((w, h));
+                }
+            }
+        }
+        if ss & 0x08 != 0 {
+            let n_g = *p.get(at)?;
+            at += 1;
+            for _ in 0..n_g {
+                let g = *p.get(at)?;
+                at += 1 + usize::from((g >> 2) & 0x03);
+            }
+        }
+    }
+    // Something must follow the descriptor: the VP9 frame data.
+    if at > p.len() {
+        return None;
+    }
+    Some(d)
 }
 
 /// H.264 (RFC 6184): a single NAL unit, a STAP-A aggregate or the first FU-A fragment that
@@ -237,6 +361,125 @@ fn av1_keyframe_start(p: &[u8]) -> bool {
     p.first().is_some_and(|h| h & 0x08 != 0 && h & 0x80 == 0)
 }
 
+/// What the SVC layer selector needs to know about one packet of a layered stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SvcPacket {
+    /// Spatial layer id.
+    pub sid: u8,
+    /// Temporal layer id.
+    pub tid: u8,
+    /// Last packet of its layer frame (VP9: E bit).
+    pub end: bool,
+    /// First packet of a keyframe (the base layer of a picture that references nothing).
+    pub keyframe: bool,
+    /// RTP timestamp: every layer frame of one picture carries the same one.
+    pub ts: u32,
+    /// The publisher's marker bit (last packet of the whole picture).
+    pub marker: bool,
+}
+
+impl SvcPacket {
+    /// The SVC view of a VP9 packet; `None` when its descriptor carries no layer indices
+    /// (a stream without layers is forwarded whole).
+    pub fn vp9(d: &Vp9Descriptor, ts: u32, marker: bool) -> Option<SvcPacket> {
+        d.layer_indices.then_some(SvcPacket {
+            sid: d.sid,
+            tid: d.tid,
+            end: d.end,
+            keyframe: d.keyframe_start(),
+            ts,
+            marker,
+        })
+    }
+}
+
+/// The selector's verdict on one packet for one subscriber.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SvcChoice {
+    /// Forward the packet (else drop it and let the [`Rewriter`] close the gap).
+    pub forward: bool,
+    /// The marker bit to write: set on the last packet of the highest forwarded layer
+    /// frame, so that the subscriber's decoder emits the picture without waiting for layers
+    /// it will never get.
+    pub marker: bool,
+    /// The subscriber wants a higher spatial layer than it can switch to now: ask the
+    /// publisher for a keyframe.
+    pub want_keyframe: bool,
+}
+
+/// Per-subscriber spatial layer selection of an SVC stream (VP9 `L3T3_KEY` and the like):
+/// every layer frame above the forwarded spatial layer is dropped. Sans-IO and pure.
+///
+/// Rules (the same as LiveKit's VP9 selector, from its documentation of the behaviour):
+///
+/// * A stream starts at a keyframe, at the target layer.
+/// * **Up**: only at a keyframe. In `K-SVC` (`_KEY` modes) an upper spatial layer references
+///   the lower one only in keyframes and otherwise its own earlier frames, so a subscriber
+///   that did not get those frames can only join the layer at the next keyframe.
+/// * **Down**: at the first packet of the next picture (a newer RTP timestamp), so the
+///   picture in flight is finished with the layers it started with.
+/// * Lower spatial layers are always forwarded with the chosen one: the decoder decodes the
+///   whole (thinned) picture and shows its highest layer.
+/// * The marker bit goes on the end of the forwarded layer's frame (the publisher's own
+///   marker is kept too: it ends a picture that has no frame of the forwarded layer).
+///
+/// Temporal layers are all forwarded (no frame-rate thinning yet).
+#[derive(Debug, Clone, Default)]
+pub struct SvcSelector {
+    /// The spatial layer forwarded now (`None`: not started, waiting for a keyframe).
+    current: Option<u8>,
+    /// RTP timestamp of the newest picture seen.
+    picture_ts: Option<u32>,
+}
+
+impl SvcSelector {
+    /// The spatial layer forwarded now.
+    pub fn current(&self) -> Option<u8> {
+        self.current
+    }
+
+    /// Forget the stream (a pause, or a new source): the next forwarded packet must be a
+    /// keyframe's.
+    pub fn reset(&mut self) {
+        *self = SvcSelector::default();
+    }
+
+    /// Decide about one packet, `target` being the spatial layer the subscriber should get.
+    pub fn select(&mut self, target: u8, p: &SvcPacket) -> SvcChoice {
+        let new_picture = self
+            .picture_ts
+            .is_none_or(|t| (p.ts.wrapping_sub(t) as i32) > 0);
+        if new_picture {
+            self.picture_ts = Some(p.ts);
+        }
+        let mut want_keyframe = false;
+        let current = match self.current {
+            None if p.keyframe => target,
+            None => {
+                return SvcChoice {
+                    forward: false,
+                    marker: false,
+                    want_keyframe: true,
+                };
+            }
+            Some(c) if target > c && p.keyframe => target,
+            Some(c) if target > c => {
+                want_keyframe = new_picture;
+                c
+            }
+            Some(c) if target < c && new_picture => target,
+            Some(c) => c,
+        };
+        self.current = Some(current);
+        let forward = p.sid <= current;
+        SvcChoice {
+            forward,
+            marker: forward && (p.marker || (p.end && p.sid == current)),
+            want_keyframe,
+        }
+    }
+}
+
 /// A VP8 packet's picture id (value, 15 bits wide?) and TL0PICIDX, each if present.
 pub type Vp8Ids = (Option<(u16, bool)>, Option<u8>);
 
@@ -283,10 +526,21 @@ pub struct Rewriter {
     tl0_off: u8,
     /// The incoming sequence number at which the current source was rebased.
     base: Option<u64>,
+    /// Highest incoming sequence number of the current source seen (written or skipped).
+    in_high: u64,
+    /// Where `seq_off` changed within the current source because packets were skipped:
+    /// `(first incoming sequence number, offset from there on)`, oldest first, at most
+    /// [`SKIP_HISTORY`] entries. A late packet (a retransmission, or one reordered by the
+    /// network) gets the offset that was in force at its place in the stream.
+    offsets: std::collections::VecDeque<(u64, u64)>,
     /// Highest outgoing sequence number written, and the timestamp, instant, picture id and
     /// TL0PICIDX written with it.
     last: Option<Last>,
 }
+
+/// Offset changes remembered per source; a packet older than the oldest is refused (it is
+/// hundreds of packets late: its decoder gave up on it long ago).
+pub const SKIP_HISTORY: usize = 64;
 
 #[derive(Debug, Clone, Copy)]
 struct Last {
@@ -307,15 +561,19 @@ impl Rewriter {
     /// stream written so far.
     pub fn rebase(&mut self, now: Instant, first: &InHeader) {
         self.base = Some(first.seq);
+        self.in_high = first.seq;
+        self.offsets.clear();
         let Some(last) = self.last else {
             // The very first source: keep its timestamps and picture ids, number from 1.
             self.seq_off = 1u64.wrapping_sub(first.seq);
             self.ts_off = 0;
             self.pid_off = 0;
             self.tl0_off = 0;
+            self.offsets.push_back((first.seq, self.seq_off));
             return;
         };
         self.seq_off = last.seq.wrapping_add(1).wrapping_sub(first.seq);
+        self.offsets.push_back((first.seq, self.seq_off));
         let hz = u64::from(first.clock.max(1));
         let elapsed = now.saturating_duration_since(last.at).as_micros() as u64;
         let gap = (elapsed.saturating_mul(hz) / 1_000_000).max(hz / 30).max(1);
@@ -338,7 +596,9 @@ impl Rewriter {
         if p.seq < base {
             return None;
         }
-        let seq = p.seq.wrapping_add(self.seq_off);
+        let off = self.offset_at(p.seq)?;
+        self.in_high = self.in_high.max(p.seq);
+        let seq = p.seq.wrapping_add(off);
         let ts = p.ts.wrapping_add(self.ts_off);
         let (picture_id, tl0_pic_idx) = match p.vp8 {
             Some((pid, tl0)) => (
@@ -366,6 +626,36 @@ impl Rewriter {
             picture_id,
             tl0_pic_idx,
         })
+    }
+
+    /// A packet of the current source that is deliberately not forwarded (an SVC layer the
+    /// subscriber does not get): the packets after it move one number down, so the outgoing
+    /// stream has no gap (which the subscriber would NACK and nobody could repair).
+    ///
+    /// Only a packet newer than every one seen can be closed over; a late one (its
+    /// neighbours already written) leaves its hole.
+    pub fn skip(&mut self, p: &InHeader) {
+        let Some(base) = self.base else {
+            return;
+        };
+        if p.seq < base || p.seq <= self.in_high {
+            return;
+        }
+        self.in_high = p.seq;
+        self.seq_off = self.seq_off.wrapping_sub(1);
+        if self.offsets.len() >= SKIP_HISTORY {
+            self.offsets.pop_front();
+        }
+        self.offsets.push_back((p.seq + 1, self.seq_off));
+    }
+
+    /// The sequence offset in force at incoming `seq` (`None`: older than the history).
+    fn offset_at(&self, seq: u64) -> Option<u64> {
+        self.offsets
+            .iter()
+            .rev()
+            .find(|(from, _)| *from <= seq)
+            .map(|(_, off)| *off)
     }
 }
 
@@ -432,8 +722,16 @@ mod tests {
         // VP9: B=1, P=0 (no layer indices) / P=1 / SID 1.
         assert!(keyframe_start(PayloadKind::Vp9, &[0x08, 0]));
         assert!(!keyframe_start(PayloadKind::Vp9, &[0x48, 0]));
-        assert!(keyframe_start(PayloadKind::Vp9, &[0xa8, 0x81, 0x02, 0x00]));
-        assert!(!keyframe_start(PayloadKind::Vp9, &[0xa8, 0x81, 0x02, 0x02]));
+        assert!(keyframe_start(
+            PayloadKind::Vp9,
+            &[0xa8, 0x81, 0x02, 0x00, 0x05]
+        ));
+        assert!(!keyframe_start(
+            PayloadKind::Vp9,
+            &[0xa8, 0x81, 0x02, 0x02, 0x05]
+        ));
+        // Non-flexible mode without its TL0PICIDX: truncated.
+        assert!(!keyframe_start(PayloadKind::Vp9, &[0xa8, 0x81, 0x02, 0x00]));
         // H.264: IDR, SPS in a STAP-A, FU-A start of an IDR, a P slice.
         assert!(keyframe_start(PayloadKind::H264, &[0x65, 1]));
         assert!(keyframe_start(
@@ -480,7 +778,207 @@ mod tests {
                 let _ = keyframe_start(k, &buf);
             }
             let _ = vp8_descriptor(&buf);
+            if let Some(d) = vp9_descriptor(&buf) {
+                let mut sel = SvcSelector::default();
+                if let Some(p) = SvcPacket::vp9(&d, 0, false) {
+                    let _ = sel.select(d.sid, &p);
+                }
+            }
         }
+    }
+
+    /// A VP9 packet as Chromium sends `L3T3_KEY`: flexible mode, 15-bit picture id, layer
+    /// indices; inter-picture frames carry one reference diff; the keyframe's base layer
+    /// carries the scalability structure (three layers with sizes).
+    fn vp9_packet(pid: u16, sid: u8, tid: u8, inter: bool, begin: bool, end: bool) -> Vec<u8> {
+        let b0 = 0x80
+            | if inter { 0x40 } else { 0 }
+            | 0x20
+            | 0x10
+            | if begin { 0x08 } else { 0 }
+            | if end { 0x04 } else { 0 }
+            | if !inter && sid == 0 && begin { 0x02 } else { 0 };
+        let mut v = vec![b0, 0x80 | (pid >> 8) as u8, pid as u8];
+        v.push((tid << 5) | (sid << 1) | u8::from(!inter && sid > 0));
+        if inter {
+            v.push(1 << 1); // P_DIFF 1, N=0
+        }
+        if b0 & 0x02 != 0 {
+            v.push((2 << 5) | 0x10); // N_S = 3, Y
+            for (w, h) in [(240u16, 135u16), (480, 270), (960, 540)] {
+                v.extend_from_slice(&w.to_be_bytes());
+                v.extend_from_slice(&h.to_be_bytes());
+            }
+        }
+        v.extend_from_slice(&[0xaa, 0xbb]); // frame data
+        v
+    }
+
+    #[test]
+    fn vp9_descriptor_fields() {
+        let k = vp9_packet(0x1234, 0, 0, false, true, false);
+        let d = vp9_descriptor(&k).unwrap();
+        assert_eq!(d.picture_id, Some((0x1234, true)));
+        assert!(d.flexible && d.layer_indices && d.begin && !d.end && !d.inter_picture);
+        assert_eq!((d.sid, d.tid), (0, 0));
+        assert_eq!(d.spatial_layers, Some(3));
+        assert_eq!(
+            d.sizes,
+            [Some((240, 135)), Some((480, 270)), Some((960, 540))]
+        );
+        assert!(d.keyframe_start());
+        // The keyframe's S1: inter-layer predicted, not a keyframe start.
+        let d = vp9_descriptor(&vp9_packet(7, 1, 0, false, true, true)).unwrap();
+        assert_eq!(d.sid, 1);
+        assert!(d.inter_layer && d.end && !d.keyframe_start());
+        // A delta frame of S2, temporal layer 2.
+        let d = vp9_descriptor(&vp9_packet(8, 2, 2, true, false, true)).unwrap();
+        assert_eq!((d.sid, d.tid, d.inter_picture), (2, 2, true));
+        // Non-flexible mode: TL0PICIDX after the layer indices.
+        let d = vp9_descriptor(&[0xac, 0x05, 0x42, 0x09, 0xff]).unwrap();
+        assert_eq!((d.tid, d.switch_up, d.sid), (2, false, 1));
+        assert_eq!(d.tl0_pic_idx, Some(9));
+        // Three reference diffs all saying "another follows": malformed.
+        assert!(vp9_descriptor(&[0x70, 0x00, 0x03, 0x03, 0x03, 0x00]).is_none());
+        // Truncated anywhere inside the descriptor: refused, never a panic.
+        let desc_len = k.len() - 2;
+        for n in 0..desc_len {
+            assert!(vp9_descriptor(&k[..n]).is_none(), "{n}");
+        }
+    }
+
+    /// One subscriber of an `L3T3_KEY` stream (three spatial layers, two packets per layer
+    /// frame): only the layers up to its target are forwarded, the end of its top layer
+    /// carries the marker, the outgoing sequence numbers have no gaps; up-switches wait for
+    /// a keyframe (and ask for one), down-switches happen at the next picture.
+    #[test]
+    fn svc_selector_thins_layers_and_keeps_the_stream_continuous() {
+        let t0 = Instant::now();
+        let mut sel = SvcSelector::default();
+        let mut rw = Rewriter::default();
+        let mut seq = 5_000u64;
+        let mut out: Vec<(u64, u8, bool)> = Vec::new();
+        let mut keyframe_asked = 0;
+        // Sends picture `n` (keyframe or not) with the subscriber at `target`.
+        let mut picture = |sel: &mut SvcSelector,
+                           n: u32,
+                           key: bool,
+                           target: u8,
+                           out: &mut Vec<(u64, u8, bool)>| {
+            let mut asked = false;
+            for sid in 0..3u8 {
+                for part in 0..2 {
+                    let payload = vp9_packet(n as u16, sid, 0, !key, part == 0, part == 1);
+                    let d = vp9_descriptor(&payload).unwrap();
+                    let ts = 3000 * n;
+                    let marker = sid == 2 && part == 1;
+                    let p = SvcPacket::vp9(&d, ts, marker).unwrap();
+                    let h = InHeader {
+                        seq,
+                        ts,
+                        clock: 90_000,
+                        vp8: None,
+                    };
+                    seq += 1;
+                    if !rw.started() {
+                        if !p.keyframe {
+                            continue;
+                        }
+                        rw.rebase(t0, &h);
+                    }
+                    let c = sel.select(target, &p);
+                    asked |= c.want_keyframe;
+                    if c.forward {
+                        let o = rw.rewrite(t0, &h).unwrap();
+                        out.push((o.seq, sid, c.marker));
+                    } else {
+                        assert!(!c.marker);
+                        rw.skip(&h);
+                    }
+                }
+            }
+            asked
+        };
+        // Starts at the keyframe on the low layer.
+        picture(&mut sel, 0, true, 0, &mut out);
+        picture(&mut sel, 1, false, 0, &mut out);
+        assert_eq!(
+            out,
+            vec![(1, 0, false), (2, 0, true), (3, 0, false), (4, 0, true)]
+        );
+        out.clear();
+        // Asks for the top layer: delta pictures stay on S0 and a keyframe is requested.
+        for n in 2..4 {
+            keyframe_asked += u32::from(picture(&mut sel, n, false, 2, &mut out));
+        }
+        assert_eq!(keyframe_asked, 2);
+        assert_eq!(
+            out.iter().map(|o| o.1).collect::<Vec<_>>(),
+            vec![0, 0, 0, 0]
+        );
+        assert_eq!(sel.current(), Some(0));
+        out.clear();
+        // The keyframe: all three layers, marker only at the end of S2.
+        assert!(!picture(&mut sel, 4, true, 2, &mut out));
+        assert_eq!(
+            out,
+            vec![
+                (9, 0, false),
+                (10, 0, false),
+                (11, 1, false),
+                (12, 1, false),
+                (13, 2, false),
+                (14, 2, true)
+            ]
+        );
+        out.clear();
+        // Down to S1 at the next picture (no keyframe needed): S2 dropped, S1 ends it.
+        picture(&mut sel, 5, false, 1, &mut out);
+        assert_eq!(
+            out,
+            vec![
+                (15, 0, false),
+                (16, 0, false),
+                (17, 1, false),
+                (18, 1, true)
+            ]
+        );
+        assert_eq!(sel.current(), Some(1));
+    }
+
+    /// Skipped packets close up the outgoing numbering, and a late packet (reordered or
+    /// retransmitted) still gets the number it would have had in order.
+    #[test]
+    fn rewriter_skips_close_gaps_and_late_packets_keep_their_place() {
+        let t0 = Instant::now();
+        let mut rw = Rewriter::default();
+        let h = |seq: u64| InHeader {
+            seq,
+            ts: 0,
+            clock: 90_000,
+            vp8: None,
+        };
+        rw.rebase(t0, &h(100));
+        assert_eq!(rw.rewrite(t0, &h(100)).unwrap().seq, 1);
+        // 101 is late, 102 dropped, 103 written; 101 then arrives and takes number 2.
+        rw.skip(&h(102));
+        assert_eq!(rw.rewrite(t0, &h(103)).unwrap().seq, 3);
+        assert_eq!(rw.rewrite(t0, &h(101)).unwrap().seq, 2);
+        // A late packet that must be dropped leaves its hole (nothing moves back).
+        rw.skip(&h(101));
+        assert_eq!(rw.rewrite(t0, &h(104)).unwrap().seq, 4);
+        // The history is bounded: after many skips, very old packets are refused.
+        for i in 0..(SKIP_HISTORY as u64 + 10) {
+            rw.skip(&h(105 + 2 * i));
+            rw.rewrite(t0, &h(106 + 2 * i)).unwrap();
+        }
+        assert!(rw.rewrite(t0, &h(103)).is_none());
+        // A new source starts right after the last written number.
+        let last = rw
+            .rewrite(t0, &h(106 + 2 * (SKIP_HISTORY as u64 + 9)))
+            .unwrap();
+        rw.rebase(t0, &h(9));
+        assert_eq!(rw.rewrite(t0, &h(9)).unwrap().seq, last.seq + 1);
     }
 
     /// A simulcast switch from layer A to layer B (different sequence numbers, timestamps and
