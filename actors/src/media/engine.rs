@@ -170,6 +170,9 @@ struct OutTrack {
     rw: Rewriter,
     /// RTP mode, SVC stream (VP9 with layer indices): the spatial layer forwarded.
     svc: SvcSelector,
+    /// RTP mode, SVC stream: the packet the selector holds until it knows whether it ends
+    /// its picture (see [`SvcSelector`]); at most one.
+    held: Option<HeldRtp>,
     /// RTP mode: the publisher's payload type → this subscriber's (None: no match).
     pt_map: Vec<(Pt, Option<Pt>)>,
 }
@@ -323,6 +326,16 @@ impl RtpIn {
             vp8: self.vp8.map(|d| (d.picture_id, d.tl0_pic_idx)),
         }
     }
+}
+
+/// RTP mode: a rewritten packet waiting for its marker bit (an SVC layer frame's end).
+#[derive(Debug)]
+struct HeldRtp {
+    pt: Pt,
+    seq: u64,
+    ts: u32,
+    payload: Arc<[u8]>,
+    ext: ExtensionValues,
 }
 
 /// One downstream link of a track.
@@ -1421,7 +1434,11 @@ impl Engine {
         for track in unbind {
             self.unbind_track(now, track, out);
         }
-        Ok(answer.to_sdp_string())
+        // The client encodes with the first codec of the answer: keep its preference.
+        Ok(super::sdp::order_answer_like_offer(
+            sdp,
+            &answer.to_sdp_string(),
+        ))
     }
 
     fn subscriber_answer(
@@ -1525,6 +1542,7 @@ impl Engine {
             down_votes: 0,
             rw: Rewriter::default(),
             svc: SvcSelector::default(),
+            held: None,
             pt_map: Vec::new(),
         });
         let _ = now;
@@ -2214,19 +2232,37 @@ impl Engine {
             if rebase || !o.rw.started() {
                 o.rw.rebase(now, &header);
                 o.svc.reset();
+                o.held = None;
             }
             let mut marker = p.marker;
+            let mut hold = false;
             if let Some(svc) = &p.svc {
                 // SVC: drop the spatial layers above the one this subscriber may get.
                 let choice = o.svc.select(allowed.saturating_sub(1), svc);
                 if choice.want_keyframe {
                     want_keyframe = Some(None);
                 }
+                let mut released = false;
+                if let (Some(m), Some(held)) = (choice.release, o.held.take()) {
+                    let w =
+                        RtpWrite::new(held.pt, SeqNo::from(held.seq), held.ts, now, held.payload)
+                            .marker(m)
+                            .nackable(true)
+                            .ext_vals(held.ext);
+                    if let Some(tx) = peer.rtc.direct_api().stream_tx_by_mid(mid, None) {
+                        tx.write_rtp(w);
+                        released = true;
+                    }
+                }
                 if !choice.forward {
                     o.rw.skip(&header);
+                    if released {
+                        Self::drain(*sub, peer, &mut self.queue, out);
+                    }
                     continue;
                 }
                 marker = choice.marker;
+                hold = choice.hold;
             }
             let Some(h) = o.rw.rewrite(now, &header) else {
                 continue;
@@ -2255,6 +2291,17 @@ impl Engine {
                 video_orientation: p.video_orientation,
                 ..Default::default()
             };
+            if hold {
+                o.held = Some(HeldRtp {
+                    pt: out_pt,
+                    seq: h.seq,
+                    ts: h.ts,
+                    payload: p.payload.clone(),
+                    ext,
+                });
+                METRICS.add_forwarded(len);
+                continue;
+            }
             let mut w = RtpWrite::new(out_pt, SeqNo::from(h.seq), h.ts, now, p.payload.clone())
                 .marker(marker)
                 .nackable(video)

@@ -405,6 +405,12 @@ pub struct SvcChoice {
     /// The subscriber wants a higher spatial layer than it can switch to now: ask the
     /// publisher for a keyframe.
     pub want_keyframe: bool,
+    /// Hold this (forwarded) packet back instead of writing it now: it ends a layer frame
+    /// below the forwarded layer, and whether it ends the *picture* is only known when the
+    /// next packet arrives (see [`SvcSelector`]).
+    pub hold: bool,
+    /// Write the packet held earlier, before this one, with this marker bit.
+    pub release: Option<bool>,
 }
 
 /// Per-subscriber spatial layer selection of an SVC stream (VP9 `L3T3_KEY` and the like):
@@ -421,7 +427,16 @@ pub struct SvcChoice {
 /// * Lower spatial layers are always forwarded with the chosen one: the decoder decodes the
 ///   whole (thinned) picture and shows its highest layer.
 /// * The marker bit goes on the end of the forwarded layer's frame (the publisher's own
-///   marker is kept too: it ends a picture that has no frame of the forwarded layer).
+///   marker is kept too).
+/// * A picture may lack upper layers: libvpx drops single layer frames when it overshoots
+///   its rate, after the lower ones were sent without the marker (measured with Chromium's
+///   `L3T3_KEY` at a few hundred kbit/s: about a third of the pictures). A libwebrtc receiver
+///   decodes a picture only once a packet with the marker completes it, so such a picture,
+///   and everything that references it, would never be shown. So the last packet of a
+///   layer frame below the forwarded layer is *held* until the next packet shows whether a
+///   forwarded layer of the same picture follows (written without the marker) or not (a new
+///   picture, or a higher layer: written with it). One packet per subscriber at most, held
+///   for the gap to the publisher's next packet.
 ///
 /// Temporal layers are all forwarded (no frame-rate thinning yet).
 #[derive(Debug, Clone, Default)]
@@ -430,6 +445,8 @@ pub struct SvcSelector {
     current: Option<u8>,
     /// RTP timestamp of the newest picture seen.
     picture_ts: Option<u32>,
+    /// The held packet's (timestamp, spatial id).
+    held: Option<(u32, u8)>,
 }
 
 impl SvcSelector {
@@ -460,6 +477,8 @@ impl SvcSelector {
                     forward: false,
                     marker: false,
                     want_keyframe: true,
+                    hold: false,
+                    release: None,
                 };
             }
             Some(c) if target > c && p.keyframe => target,
@@ -472,11 +491,29 @@ impl SvcSelector {
         };
         self.current = Some(current);
         let forward = p.sid <= current;
+        // The held packet ends its picture unless this packet is a forwarded layer frame of
+        // the same picture above it.
+        let release = self
+            .held
+            .take()
+            .map(|(ts, sid)| !(forward && ts == p.ts && p.sid > sid));
+        let marker = forward && (p.marker || (p.end && p.sid == current));
+        let hold = forward && p.end && !marker;
+        if hold {
+            self.held = Some((p.ts, p.sid));
+        }
         SvcChoice {
             forward,
-            marker: forward && (p.marker || (p.end && p.sid == current)),
+            marker,
             want_keyframe,
+            hold,
+            release,
         }
+    }
+
+    /// Whether a packet is held (the engine keeps it until [`SvcChoice::release`]).
+    pub fn holding(&self) -> bool {
+        self.held.is_some()
     }
 }
 
@@ -944,6 +981,58 @@ mod tests {
             ]
         );
         assert_eq!(sel.current(), Some(1));
+    }
+
+    /// A picture whose upper layers the encoder dropped after sending the lower ones without
+    /// the marker: the end of each forwarded lower layer frame is held until the next packet
+    /// says whether the picture goes on (released without marker) or not (with it).
+    #[test]
+    fn svc_selector_marks_pictures_that_lack_upper_layers() {
+        let mut sel = SvcSelector::default();
+        let pkt = |sid: u8, ts: u32, end: bool, key: bool, marker: bool| SvcPacket {
+            sid,
+            tid: 0,
+            end,
+            keyframe: key,
+            ts,
+            marker,
+        };
+        // Keyframe picture with all three layers (one packet each): S0 and S1 ends are held
+        // and released unmarked as the next layer follows; S2 carries the marker.
+        let c = sel.select(2, &pkt(0, 0, true, true, false));
+        assert!(c.forward && c.hold && c.release.is_none());
+        let c = sel.select(2, &pkt(1, 0, true, false, false));
+        assert_eq!((c.forward, c.hold, c.release), (true, true, Some(false)));
+        let c = sel.select(2, &pkt(2, 0, true, false, true));
+        assert_eq!(
+            (c.forward, c.hold, c.marker, c.release),
+            (true, false, true, Some(false))
+        );
+        assert!(!sel.holding());
+        // Picture 2: only S0 and S1, no marker from the publisher.
+        let c = sel.select(2, &pkt(0, 3000, true, false, false));
+        assert!(c.hold && c.release.is_none());
+        let c = sel.select(2, &pkt(1, 3000, true, false, false));
+        assert_eq!((c.hold, c.release), (true, Some(false)));
+        // Picture 3 begins: the held S1 end closes picture 2 with the marker.
+        let c = sel.select(2, &pkt(0, 6000, false, false, false));
+        assert_eq!((c.forward, c.hold, c.release), (true, false, Some(true)));
+        // Picture 3 skips S1: S2 of the same picture follows S0, so S0's end goes out
+        // unmarked and S2 ends the picture.
+        let c = sel.select(2, &pkt(0, 6000, true, false, false));
+        assert!(c.hold);
+        let c = sel.select(2, &pkt(2, 6000, true, false, true));
+        assert_eq!((c.marker, c.release), (true, Some(false)));
+        // A subscriber on S0 never holds: the end of S0 is its picture's end.
+        let mut low = SvcSelector::default();
+        let c = low.select(0, &pkt(0, 0, true, true, false));
+        assert!(c.forward && c.marker && !c.hold);
+        // A packet above the forwarded layer right after a held end of the same picture
+        // means no forwarded layer follows: the held one is marked.
+        let mut mid = SvcSelector::default();
+        assert!(mid.select(1, &pkt(0, 0, true, true, false)).hold);
+        let c = mid.select(1, &pkt(2, 0, true, false, true));
+        assert_eq!((c.forward, c.release), (false, Some(true)));
     }
 
     /// Skipped packets close up the outgoing numbering, and a late packet (reordered or
