@@ -466,6 +466,10 @@ impl SvcSelector {
         let new_picture = self
             .picture_ts
             .is_none_or(|t| (p.ts.wrapping_sub(t) as i32) > 0);
+        // A packet of an earlier picture (a retransmission, or reordered by the network).
+        let late = self
+            .picture_ts
+            .is_some_and(|t| (p.ts.wrapping_sub(t) as i32) < 0);
         if new_picture {
             self.picture_ts = Some(p.ts);
         }
@@ -492,13 +496,17 @@ impl SvcSelector {
         self.current = Some(current);
         let forward = p.sid <= current;
         // The held packet ends its picture unless this packet is a forwarded layer frame of
-        // the same picture above it.
-        let release = self
-            .held
-            .take()
-            .map(|(ts, sid)| !(forward && ts == p.ts && p.sid > sid));
+        // the same picture above it. A late packet says nothing about the current picture:
+        // it is written as it is and the held one stays.
+        let release = if late {
+            None
+        } else {
+            self.held
+                .take()
+                .map(|(ts, sid)| !(forward && ts == p.ts && p.sid > sid))
+        };
         let marker = forward && (p.marker || (p.end && p.sid == current));
-        let hold = forward && p.end && !marker;
+        let hold = forward && p.end && !marker && !late;
         if hold {
             self.held = Some((p.ts, p.sid));
         }
@@ -1033,6 +1041,13 @@ mod tests {
         assert!(mid.select(1, &pkt(0, 0, true, true, false)).hold);
         let c = mid.select(1, &pkt(2, 0, true, false, true));
         assert_eq!((c.forward, c.release), (false, Some(true)));
+        // A late packet of an earlier picture neither releases nor replaces the held one.
+        assert!(mid.select(1, &pkt(0, 3000, true, false, false)).hold);
+        let c = mid.select(1, &pkt(0, 0, true, false, false));
+        assert_eq!((c.forward, c.hold, c.release), (true, false, None));
+        assert!(mid.holding());
+        let c = mid.select(1, &pkt(1, 3000, true, false, false));
+        assert_eq!((c.marker, c.release), (true, Some(false)));
     }
 
     /// Skipped packets close up the outgoing numbering, and a late packet (reordered or
