@@ -1,12 +1,12 @@
 //! RTP payload parsing for forwarding (`media::rtp`): keyframe detection for every codec, the
-//! VP8 and VP9 descriptor parsers, the SVC layer selector fed with what the VP9 parser
+//! VP8 and VP9 descriptor parsers, the AV1 dependency descriptor parser, the SVC layer selector fed with what the VP9 parser
 //! accepts, and the rewriter (writes and skips) fed with arbitrary headers. Nothing may panic.
 #![no_main]
 use std::time::{Duration, Instant};
 
 use arbor_actors::media::rtp::{
-    keyframe_start, vp8_descriptor, vp9_descriptor, InHeader, PayloadKind, Rewriter, SvcPacket,
-    SvcSelector,
+    keyframe_start, parse_dd, vp8_descriptor, vp9_descriptor, InHeader, PayloadKind, Rewriter,
+    SvcPacket, SvcSelector,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -23,6 +23,14 @@ fuzz_target!(|data: &[u8]| {
         let _ = keyframe_start(k, data);
     }
     let _ = vp8_descriptor(data);
+    // The dependency descriptor, and its template lookup.
+    if let Some(dd) = parse_dd(data) {
+        if let Some(st) = &dd.structure {
+            if let Some(p) = SvcPacket::av1(&dd, st, false, 0, dd.end_of_frame) {
+                let _ = SvcSelector::default().select(p.sid, &p);
+            }
+        }
+    }
     // Every suffix through the VP9 parser, and what it accepts through one selector whose
     // target follows the input.
     let mut sel = SvcSelector::default();

@@ -1,7 +1,7 @@
 """Issue 4, SVC: a layered (scalable) video stream thinned per subscriber.
 
-The publisher is `livekit-client` in Debian Chromium with `videoCodec: 'vp9'` and
-`scalabilityMode: 'L3T3_KEY'`: one RTP stream (one SSRC, no rids) carrying three spatial layers
+The publisher is `livekit-client` in Debian Chromium with `videoCodec: 'vp9'` (libvpx) or
+`'av1'` (libaom) and `scalabilityMode: 'L3T3_KEY'`: one RTP stream (one SSRC, no rids) carrying three spatial layers
 (1/4, 1/2 and full size) with three temporal layers each, upper spatial layers predicted from
 lower ones only in keyframes. Its fake camera plays the counter-grid clip of test_quality, so
 every frame a subscriber decodes is checked (helpers.read_counter).
@@ -13,9 +13,8 @@ that layer's size, and the low subscriber receives fewer bytes), switch layers u
 down at a picture boundary, mark the end of each thinned picture so the decoder emits it, and keep
 sequence numbers continuous over the dropped packets. No frame may fail the counter check.
 
-AV1 `L3T3_KEY` (Debian Chromium encodes it with libaom) is forwarded whole: the dependency
-descriptor extension is not negotiated or parsed yet, so its layers cannot be told apart;
-test_av1_svc_is_forwarded_whole shows that such a track still works (see ARCHITECTURE.md).
+VP9 layers are read from the VP9 payload descriptor, AV1 layers from the dependency
+descriptor header extension (negotiated; livekit-client adds it to its offer for SVC codecs).
 """
 
 from __future__ import annotations
@@ -64,24 +63,38 @@ async def start_svc_publisher(server, page_base: str, clip, room: str, codec: st
         await asyncio.sleep(0.5)
 
 
-async def wait_near(sub: SubProc, size: tuple[int, int], timeout: float, periods: int = 4) -> float:
-    """Like SubProc.wait_size, but a decoded size within 2 pixels counts (libvpx rounds an odd
-    layer height up: 960x540 / 4 decodes as 240x136); returns when the first such report came."""
+async def wait_layer(sub: SubProc, size: tuple[int, int], timeout: float, periods: int = 4) -> float:
+    """Waits until, in each of the last `periods` reports, the subscriber decoded frames of
+    the layer `size` and none larger; returns when the first of them was reported.
 
-    def near(key: str) -> bool:
+    "None larger" is what thinning guarantees. Frames *smaller* than the target are allowed:
+    the encoder itself skips upper layer frames when it is short of CPU or bits (libaom and
+    libvpx both do, measured here on a loaded 2-core machine), and the decoder then shows the
+    highest layer the picture has. Sizes within 2 pixels count (960x540 / 4 decodes as
+    240x136 with libvpx)."""
+
+    def dims(key: str) -> Optional[tuple[int, int]]:
         try:
             w, h = (int(v) for v in key.split("x"))
         except ValueError:
+            return None
+        return w, h
+
+    def fits(report: dict) -> bool:
+        sizes = [dims(k) for k in report["sizes"]]
+        if not sizes or any(d is None for d in sizes):
             return False
-        return abs(w - size[0]) <= 2 and abs(h - size[1]) <= 2
+        at_target = any(abs(w - size[0]) <= 2 and abs(h - size[1]) <= 2 for w, h in sizes)
+        larger = any(w > size[0] + 2 or h > size[1] + 2 for w, h in sizes)
+        return at_target and not larger
 
     def ok(sp: SubProc) -> Optional[float]:
         tail = sp.stats[-periods:]
-        if len(tail) == periods and all(s["sizes"] and all(near(k) for k in s["sizes"]) for s in tail):
+        if len(tail) == periods and all(fits(s) for s in tail):
             return tail[0]["t"]
         return None
 
-    return await sub.wait(ok, timeout, f"frames at {size[0]}x{size[1]}")
+    return await sub.wait(ok, timeout, f"frames of the {size[0]}x{size[1]} layer, none larger")
 
 
 def _kbps(sub: SubProc, since: float) -> Optional[float]:
@@ -105,25 +118,26 @@ def _fps(sub: SubProc, since: float) -> float:
 
 
 @pytest.mark.timeout(240)
-async def test_vp9_svc_layers_dropped_per_subscriber(arbor_open, page_base, camera_clip, results):
-    """Two Python subscribers of one VP9 L3T3_KEY track: `low` decodes the base spatial layer
+@pytest.mark.parametrize("codec", ["vp9", "av1"])
+async def test_svc_layers_dropped_per_subscriber(arbor_open, page_base, camera_clip, results, codec):
+    """Two Python subscribers of one VP9 (or AV1) L3T3_KEY track: `low` decodes the base spatial layer
     (W/4 x H/4) while `high` decodes full size, from the same stream at the same time; then they
     swap (low -> high needs a keyframe, high -> low happens at the next picture), and `low` goes
     through the middle layer. Every decoded frame carries a readable counter."""
-    room = "svc-vp9"
+    room = f"svc-{codec}"
     browser: Optional[Browser] = None
     low, high = SubProc("svc-low"), SubProc("svc-high")
     try:
-        browser = await start_svc_publisher(arbor_open, page_base, camera_clip, room, "vp9")
+        browser = await start_svc_publisher(arbor_open, page_base, camera_clip, room, codec)
         snd = await browser.sender("pub")
         layer = list(snd["layers"].values())[0]
-        assert (layer.get("mimeType") or "").lower() == "video/vp9", f"not publishing VP9: {snd}"
+        assert (layer.get("mimeType") or "").lower() == f"video/{codec}", f"not publishing {codec}: {snd}"
         assert layer.get("scalabilityMode") in (None, "L3T3_KEY"), f"unexpected scalability mode: {snd}"
         await low.start(arbor_open.ws_url, make_token("svc-low", room), PUBLISHER, initial_quality="low", dump_dir=WORK)
         await high.start(arbor_open.ws_url, make_token("svc-high", room), PUBLISHER, initial_quality="high", dump_dir=WORK)
         for s in (low, high):
             await s.wait(lambda p: any(e.get("ev") == "subscribed" for e in p.events), 30, "track_subscribed")
-        first = await asyncio.gather(wait_near(low, S0, 40), wait_near(high, S2, 40), return_exceptions=True)
+        first = await asyncio.gather(wait_layer(low, S0, 40), wait_layer(high, S2, 40), return_exceptions=True)
         if any(isinstance(r, BaseException) for r in first):
             raise AssertionError(f"first layers not reached: {first}\n{low.describe(6)}\n{high.describe(6)}")
         # Both steady: measure what each receives over a few seconds.
@@ -138,7 +152,7 @@ async def test_vp9_svc_layers_dropped_per_subscriber(arbor_open, page_base, came
         async def to(sub: SubProc, quality: str, size: tuple[int, int]) -> float:
             t0 = time.monotonic()
             await sub.set_quality(quality)
-            return round(await wait_near(sub, size, 30) - t0, 1)
+            return round(await wait_layer(sub, size, 30) - t0, 1)
 
         # Swap: low goes up (waits for a keyframe), high goes down (next picture).
         up, down = await asyncio.gather(to(low, "high", S2), to(high, "low", S0))
@@ -158,7 +172,7 @@ async def test_vp9_svc_layers_dropped_per_subscriber(arbor_open, page_base, came
             )
         rates = await browser.layer_rates("pub")
         results(
-            f"svc/vp9 L3T3_KEY {W}x{H}@{FPS}: steady (size, kbit/s, fps) {steady}; switch times (s): "
+            f"svc/{codec} L3T3_KEY {W}x{H}@{FPS}: steady (size, kbit/s, fps) {steady}; switch times (s): "
             f"low->high {up}, high->low {down}, high->medium {mid}, medium->high {back}; "
             f"{'; '.join(report)}; publisher {rates}"
         )
@@ -179,34 +193,3 @@ async def test_vp9_svc_layers_dropped_per_subscriber(arbor_open, page_base, came
         if browser:
             await browser.close()
 
-
-@pytest.mark.timeout(180)
-async def test_av1_svc_is_forwarded_whole(arbor_open, page_base, camera_clip, results):
-    """AV1 with L3T3_KEY from Chromium: Arbor does not parse the dependency descriptor yet, so
-    the stream is forwarded whole. A subscriber that asks for the low quality still decodes
-    full-size frames, every one readable: the track works, it is just not thinned (see
-    ARCHITECTURE.md, issue 4 leftovers). When AV1 thinning lands, this test changes."""
-    room = "svc-av1"
-    browser: Optional[Browser] = None
-    sub = SubProc("av1-low")
-    try:
-        browser = await start_svc_publisher(arbor_open, page_base, camera_clip, room, "av1")
-        snd = await browser.sender("pub")
-        layer = list(snd["layers"].values())[0]
-        assert (layer.get("mimeType") or "").lower() == "video/av1", f"not publishing AV1: {snd}"
-        await sub.start(arbor_open.ws_url, make_token("av1-low", room), PUBLISHER, initial_quality="low", dump_dir=WORK)
-        await sub.wait(lambda p: any(e.get("ev") == "subscribed" for e in p.events), 30, "track_subscribed")
-        t = await wait_near(sub, S2, 40)
-        await asyncio.sleep(3)
-        last = sub.last
-        results(
-            f"svc/av1 L3T3_KEY {W}x{H}@{FPS}: forwarded whole, subscriber asking low decodes "
-            f"{S2[0]}x{S2[1]} at {_fps(sub, t)} fps, {_kbps(sub, t)} kbit/s; {last['readable']}/{last['frames']} "
-            f"readable; publisher {layer.get('scalabilityMode')} {layer.get('encoderImplementation')}"
-        )
-        assert last["readable"] >= 40, f"only {last['readable']} readable AV1 frames\n{sub.describe(6)}"
-        assert last["unreadable"] == 0, f"corrupt AV1 frames: {sub.unreadable()[:6]}"
-    finally:
-        await sub.close()
-        if browser:
-            await browser.close()

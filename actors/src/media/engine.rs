@@ -50,14 +50,16 @@ use crate::media::audio::{LevelConfig, LevelMeter};
 use crate::media::relay::{
     self, RelayFrame, RelayLimits, RelayReceiver, RelayRtp, RelaySender, RELAY_METRICS,
 };
-use crate::media::rtp::{self as rtpfwd, InHeader, PayloadKind, Rewriter, SvcPacket, SvcSelector};
+use crate::media::rtp::{
+    self as rtpfwd, DdBytes, DdSerializer, InHeader, PayloadKind, Rewriter, SvcPacket, SvcSelector,
+};
 use crate::quality::LinkStats;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use str0m::format::{CodecExtra, PayloadParams};
 use str0m::media::Pt;
 use str0m::media::{ExtensionValues, Frequency};
-use str0m::rtp::{RtpPacket, RtpWrite, SeqNo, Ssrc, VideoOrientation};
+use str0m::rtp::{Extension, RtpPacket, RtpWrite, SeqNo, Ssrc, VideoOrientation};
 
 use crate::error::MediaError;
 use crate::media::{Command, PeerEvent, PeerId, PeerRole, TrackKey};
@@ -266,6 +268,8 @@ struct FwdTrack {
     rates: Vec<(Option<Rid>, u64, u64)>,
     /// RTP mode, SVC stream: the same per spatial layer (the allocator's layers when live).
     spatial: SpatialRates,
+    /// RTP mode, AV1: the latest dependency descriptor template structure.
+    dd_structure: Option<rtpfwd::DdStructure>,
     /// Audio tracks: speech level meter.
     meter: LevelMeter,
     /// Relayed track: fed by this (node, flow) instead of a local publisher.
@@ -291,6 +295,10 @@ struct PtInfo {
     json: Option<Arc<[u8]>>,
 }
 
+/// Our id for the dependency descriptor extension (free in str0m's standard map; a
+/// client's offer may use another, str0m maps by URI).
+const DD_EXTENSION_ID: u8 = 12;
+
 /// Payload types remembered per track (a track normally uses one or two).
 const MAX_PTS: usize = 8;
 /// SSRCs remembered per publisher connection (three simulcast layers per video track).
@@ -309,8 +317,11 @@ struct RtpIn {
     keyframe: bool,
     vp8: Option<rtpfwd::Vp8Descriptor>,
     /// The packet's spatial/temporal layer if it belongs to an SVC stream (VP9 with layer
-    /// indices).
+    /// indices, AV1 with a dependency descriptor).
     svc: Option<SvcPacket>,
+    /// The dependency descriptor, forwarded unchanged (local publishers only: relay
+    /// datagrams do not carry it yet).
+    dd: Option<DdBytes>,
     audio_level: Option<i8>,
     voice_activity: Option<bool>,
     video_orientation: Option<VideoOrientation>,
@@ -368,6 +379,7 @@ impl FwdTrack {
             last_keyframe_request: HashMap::new(),
             rates: Vec::new(),
             spatial: SpatialRates::default(),
+            dd_structure: None,
             meter: LevelMeter::default(),
             relay_src: None,
             receiver: None,
@@ -1147,6 +1159,7 @@ impl Engine {
                     keyframe: r.keyframe,
                     vp8,
                     svc,
+                    dd: None,
                     audio_level: r.audio_level,
                     voice_activity: r.voice_activity,
                     video_orientation: None,
@@ -1321,6 +1334,14 @@ impl Engine {
             .set_send_buffer_video(self.limits.rtx_packets_video.max(1))
             .set_send_buffer_audio(self.limits.rtx_packets_audio.max(1))
             .set_rtp_mode(self.config.rtp_mode);
+        if self.config.rtp_mode {
+            // The AV1 dependency descriptor: read from publishers (layers of an AV1 SVC
+            // stream), passed on to subscribers unchanged.
+            cfg = cfg.set_extension(
+                DD_EXTENSION_ID,
+                Extension::with_serializer(rtpfwd::DD_URI, DdSerializer),
+            );
+        }
         if role == PeerRole::Subscriber {
             cfg = cfg.enable_bwe(Some(Bitrate::kbps(BWE_INITIAL_KBPS)));
         }
@@ -2102,8 +2123,21 @@ impl Engine {
             }
         };
         let (params, kind) = info;
-        let (vp8, svc, keyframe) =
+        let (vp8, mut svc, keyframe) =
             read_payload(kind, &pkt.payload, pkt.header.timestamp, pkt.header.marker);
+        // AV1 with the dependency descriptor: the layers come from the descriptor's template,
+        // looked up in the latest structure the track sent (with its keyframes).
+        let dd = pkt.header.ext_vals.user_values.get::<DdBytes>().cloned();
+        if kind == PayloadKind::Av1 {
+            if let Some(d) = dd.as_ref().and_then(|b| rtpfwd::parse_dd(&b.0)) {
+                if let Some(st) = &d.structure {
+                    ft.dd_structure = Some(st.clone());
+                }
+                svc = ft.dd_structure.as_ref().and_then(|st| {
+                    SvcPacket::av1(&d, st, keyframe, pkt.header.timestamp, pkt.header.marker)
+                });
+            }
+        }
         let ext = &pkt.header.ext_vals;
         let input = RtpIn {
             rid,
@@ -2116,6 +2150,7 @@ impl Engine {
             keyframe,
             vp8,
             svc,
+            dd,
             audio_level: ext.audio_level,
             voice_activity: ext.voice_activity,
             video_orientation: ext.video_orientation,
@@ -2285,12 +2320,15 @@ impl Engine {
             let Some(out_pt) = out_pt else {
                 continue;
             };
-            let ext = ExtensionValues {
+            let mut ext = ExtensionValues {
                 audio_level: p.audio_level,
                 voice_activity: p.voice_activity,
                 video_orientation: p.video_orientation,
                 ..Default::default()
             };
+            if let Some(dd) = &p.dd {
+                ext.user_values.set(dd.clone());
+            }
             if hold {
                 o.held = Some(HeldRtp {
                     pt: out_pt,

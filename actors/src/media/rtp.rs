@@ -361,6 +361,214 @@ fn av1_keyframe_start(p: &[u8]) -> bool {
     p.first().is_some_and(|h| h & 0x08 != 0 && h & 0x80 == 0)
 }
 
+/// The URI of the dependency descriptor RTP header extension (AV1 RTP specification,
+/// appendix A), as libwebrtc and livekit-client spell it.
+pub const DD_URI: &str =
+    "https://aomediacodec.github.io/av1-rtp-spec/#dependency-descriptor-rtp-header-extension";
+
+/// Most frame dependency templates a structure may have (the template id is 6 bits).
+const DD_MAX_TEMPLATES: usize = 64;
+
+/// The part of a dependency descriptor's *template dependency structure* the forwarder uses:
+/// which spatial and temporal layer each frame dependency template describes.
+///
+/// The structure is sent (at least) with every keyframe; later descriptors only name a
+/// template (`frame_dependency_template_id`), so the forwarder keeps the latest structure
+/// per track and looks the layers up in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DdStructure {
+    /// Template ids are `(template_id_offset + index) % 64`.
+    pub template_id_offset: u8,
+    /// `(spatial id, temporal id)` per template, in template order.
+    pub layers: Vec<(u8, u8)>,
+}
+
+impl DdStructure {
+    /// The (spatial, temporal) layer of a frame that uses template `id`.
+    pub fn layer_of(&self, id: u8) -> Option<(u8, u8)> {
+        let index = (usize::from(id) + DD_MAX_TEMPLATES - usize::from(self.template_id_offset))
+            % DD_MAX_TEMPLATES;
+        self.layers.get(index).copied()
+    }
+}
+
+/// One parsed dependency descriptor (the fields the forwarder uses).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dd {
+    /// First packet of a frame (one layer frame of a temporal unit).
+    pub start_of_frame: bool,
+    /// Last packet of a frame.
+    pub end_of_frame: bool,
+    pub template_id: u8,
+    pub frame_number: u16,
+    /// The template dependency structure, when this descriptor carries one.
+    pub structure: Option<DdStructure>,
+}
+
+/// Reads bits most significant first, as the AV1 RTP specification's `f(n)`.
+struct Bits<'a> {
+    data: &'a [u8],
+    at: usize,
+}
+
+impl Bits<'_> {
+    fn f(&mut self, n: u32) -> Option<u32> {
+        let mut v = 0u32;
+        for _ in 0..n {
+            let byte = *self.data.get(self.at / 8)?;
+            v = (v << 1) | u32::from((byte >> (7 - self.at % 8)) & 1);
+            self.at += 1;
+        }
+        Some(v)
+    }
+
+    /// `ns(n)`: a non-symmetric unsigned value in `0..n`.
+    fn ns(&mut self, n: u32) -> Option<u32> {
+        if n <= 1 {
+            return Some(0);
+        }
+        let w = 32 - n.leading_zeros();
+        let m = (1u32 << w) - n;
+        let v = self.f(w - 1)?;
+        if v < m {
+            return Some(v);
+        }
+        let extra = self.f(1)?;
+        Some((v << 1) - m + extra)
+    }
+}
+
+/// Parses a dependency descriptor (AV1 RTP specification, appendix A.8); `None` if it is
+/// truncated or malformed. Only the mandatory fields and, when present, the template
+/// structure's layers are kept; the rest of the structure (decode target indications,
+/// frame diffs, chains, resolutions) is read to validate it.
+pub fn parse_dd(data: &[u8]) -> Option<Dd> {
+    let mut b = Bits { data, at: 0 };
+    let start_of_frame = b.f(1)? == 1;
+    let end_of_frame = b.f(1)? == 1;
+    let template_id = b.f(6)? as u8;
+    let frame_number = b.f(16)? as u16;
+    let mut dd = Dd {
+        start_of_frame,
+        end_of_frame,
+        template_id,
+        frame_number,
+        structure: None,
+    };
+    if data.len() <= 3 {
+        return Some(dd);
+    }
+    let structure_present = b.f(1)? == 1;
+    let _active_decode_targets_present = b.f(1)?;
+    let _custom_dtis = b.f(1)?;
+    let _custom_fdiffs = b.f(1)?;
+    let _custom_chains = b.f(1)?;
+    if structure_present {
+        let template_id_offset = b.f(6)? as u8;
+        let dt_cnt = b.f(5)? + 1;
+        // template_layers()
+        let mut layers = Vec::new();
+        let (mut spatial, mut temporal) = (0u8, 0u8);
+        loop {
+            if layers.len() >= DD_MAX_TEMPLATES {
+                return None;
+            }
+            layers.push((spatial, temporal));
+            match b.f(2)? {
+                0 => {}
+                1 => temporal = temporal.checked_add(1)?,
+                2 => {
+                    temporal = 0;
+                    spatial = spatial.checked_add(1)?;
+                }
+                _ => break,
+            }
+        }
+        // template_dtis()
+        for _ in 0..layers.len() {
+            b.f(2 * dt_cnt)?;
+        }
+        // template_fdiffs()
+        for _ in 0..layers.len() {
+            let mut n = 0;
+            while b.f(1)? == 1 {
+                b.f(4)?;
+                n += 1;
+                if n > 15 {
+                    return None;
+                }
+            }
+        }
+        // template_chains()
+        let chains = b.ns(dt_cnt + 1)?;
+        if chains > 0 {
+            for _ in 0..dt_cnt {
+                b.ns(chains)?;
+            }
+            for _ in 0..layers.len() {
+                for _ in 0..chains {
+                    b.f(4)?;
+                }
+            }
+        }
+        // Resolutions, one per spatial layer.
+        if b.f(1)? == 1 {
+            for _ in 0..=spatial {
+                b.f(32)?;
+            }
+        }
+        dd.structure = Some(DdStructure {
+            template_id_offset,
+            layers,
+        });
+    }
+    Some(dd)
+}
+
+/// The raw bytes of a packet's dependency descriptor, as str0m hands them over
+/// (`ExtensionValues::user_values`) and writes them again on forwarded copies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DdBytes(pub std::sync::Arc<[u8]>);
+
+/// str0m (de)serializer of the dependency descriptor extension: the bytes pass through
+/// unchanged (the forwarder reads them with [`parse_dd`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DdSerializer;
+
+impl str0m::rtp::ExtensionSerializer for DdSerializer {
+    fn write_to(&self, buf: &mut [u8], ev: &str0m::rtp::ExtensionValues) -> usize {
+        match ev.user_values.get::<DdBytes>() {
+            Some(d) if d.0.len() <= buf.len() => {
+                buf[..d.0.len()].copy_from_slice(&d.0);
+                d.0.len()
+            }
+            _ => 0,
+        }
+    }
+
+    fn parse_value(&self, buf: &[u8], ev: &mut str0m::rtp::ExtensionValues) -> bool {
+        if buf.len() < 3 {
+            return false;
+        }
+        ev.user_values.set(DdBytes(buf.into()));
+        true
+    }
+
+    fn is_video(&self) -> bool {
+        true
+    }
+
+    fn is_audio(&self) -> bool {
+        false
+    }
+
+    fn requires_two_byte_form(&self, ev: &str0m::rtp::ExtensionValues) -> bool {
+        ev.user_values
+            .get::<DdBytes>()
+            .is_some_and(|d| d.0.len() > 16)
+    }
+}
+
 /// What the SVC layer selector needs to know about one packet of a layered stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SvcPacket {
@@ -387,6 +595,28 @@ impl SvcPacket {
             tid: d.tid,
             end: d.end,
             keyframe: d.keyframe_start(),
+            ts,
+            marker,
+        })
+    }
+}
+
+impl SvcPacket {
+    /// The SVC view of an AV1 packet from its dependency descriptor and the track's latest
+    /// template structure; `None` without either (the stream is forwarded whole).
+    pub fn av1(
+        dd: &Dd,
+        structure: &DdStructure,
+        keyframe: bool,
+        ts: u32,
+        marker: bool,
+    ) -> Option<SvcPacket> {
+        let (sid, tid) = structure.layer_of(dd.template_id)?;
+        Some(SvcPacket {
+            sid,
+            tid,
+            end: dd.end_of_frame,
+            keyframe,
             ts,
             marker,
         })
@@ -1203,5 +1433,97 @@ mod tests {
             vp8: None,
         };
         assert!(rw.rewrite(Instant::now(), &h).is_none());
+    }
+
+    /// Writes bits most significant first (the inverse of `Bits::f`).
+    #[derive(Default)]
+    struct BitWriter {
+        bytes: Vec<u8>,
+        n: usize,
+    }
+
+    impl BitWriter {
+        fn put(&mut self, v: u32, bits: u32) {
+            for i in (0..bits).rev() {
+                if self.n % 8 == 0 {
+                    self.bytes.push(0);
+                }
+                let bit = ((v >> i) & 1) as u8;
+                let last = self.bytes.len() - 1;
+                self.bytes[last] |= bit << (7 - self.n % 8);
+                self.n += 1;
+            }
+        }
+    }
+
+    /// A keyframe's descriptor with an L2T2 structure (templates S0T0, S0T1, S1T0, S1T1,
+    /// offset 5), then mandatory-only descriptors resolved through it.
+    #[test]
+    fn dependency_descriptor_structure_and_templates() {
+        let mut w = BitWriter::default();
+        w.put(1, 1); // start_of_frame
+        w.put(0, 1); // end_of_frame
+        w.put(5, 6); // template id
+        w.put(1234, 16); // frame number
+        w.put(1, 1); // structure present
+        w.put(0, 4); // active targets, custom dtis/fdiffs/chains
+        w.put(5, 6); // template_id_offset
+        w.put(3, 5); // dt_cnt - 1 = 3
+        for idc in [1, 2, 1, 3] {
+            w.put(idc, 2); // next_layer_idc
+        }
+        for _ in 0..4 {
+            w.put(0xaa, 8); // dtis: 4 targets x 2 bits
+        }
+        for fdiffs in [0u32, 1, 1, 2] {
+            for _ in 0..fdiffs {
+                w.put(1, 1);
+                w.put(0, 4);
+            }
+            w.put(0, 1);
+        }
+        w.put(0, 2); // chain_cnt = ns(5) = 0
+        w.put(1, 1); // resolutions
+        for _ in 0..2 {
+            w.put(319, 16);
+            w.put(179, 16);
+        }
+        let dd = parse_dd(&w.bytes).unwrap();
+        assert!(dd.start_of_frame && !dd.end_of_frame);
+        assert_eq!((dd.template_id, dd.frame_number), (5, 1234));
+        let st = dd.structure.clone().unwrap();
+        assert_eq!(st.layers, vec![(0, 0), (0, 1), (1, 0), (1, 1)]);
+        assert_eq!(st.layer_of(5), Some((0, 0)));
+        assert_eq!(st.layer_of(7), Some((1, 0)));
+        assert_eq!(st.layer_of(4), None);
+        // A mandatory-only descriptor: end of a frame of template 8 (S1T1).
+        let d = parse_dd(&[0x40 | 8, 0x04, 0xd3]).unwrap();
+        assert!(d.end_of_frame && d.structure.is_none());
+        let p = SvcPacket::av1(&d, &st, false, 90, false).unwrap();
+        assert_eq!((p.sid, p.tid, p.end), (1, 1, true));
+        // Truncated anywhere: refused, never a panic.
+        for n in 0..w.bytes.len() - 1 {
+            if n == 3 {
+                continue; // three bytes are a valid mandatory-only descriptor
+            }
+            assert!(parse_dd(&w.bytes[..n]).is_none(), "{n}");
+        }
+        // ns() corner cases and garbage.
+        let mut b = Bits {
+            data: &[0xff],
+            at: 0,
+        };
+        assert_eq!(b.ns(5), Some(4));
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        for _ in 0..20_000 {
+            let n = rng.random_range(0..40);
+            let buf: Vec<u8> = (0..n).map(|_| rng.random()).collect();
+            if let Some(d) = parse_dd(&buf) {
+                if let Some(st) = &d.structure {
+                    let _ = st.layer_of(d.template_id);
+                }
+            }
+        }
     }
 }
