@@ -6,7 +6,7 @@ The publisher is `livekit-client` in Debian Chromium with `videoCodec: 'vp9'` (l
 lower ones only in keyframes. Its fake camera plays the counter-grid clip of test_quality, so
 every frame a subscriber decodes is checked (helpers.read_counter).
 
-Two Python SDK subscribers watch at the same time, each asking for a quality
+Two Python SDK subscribers watch at the same time (and later a Chromium page, by resolution), each asking for a quality
 (`set_video_quality`, mapped through the TrackInfo's three SVC layers like simulcast): the server
 must drop, per subscriber, the spatial layers above the one it asked for (the decoded frames have
 that layer's size, and the low subscriber receives fewer bytes), switch layers up at a keyframe and
@@ -159,6 +159,26 @@ async def test_svc_layers_dropped_per_subscriber(arbor_open, page_base, camera_c
         # The former low subscriber steps down through the middle layer.
         mid = await to(low, "medium", S1)
         back = await to(low, "high", S2)
+
+        # A Chromium subscriber as well (a second decoder; the page reads the counter grid of
+        # every decoded frame): by resolution, as adaptive stream asks, base layer then full.
+        await browser.open("sub", page_base, url=arbor_open.ws_url,
+                           access_token=make_token("svc-browser", room), role="subscribe", grid=1)
+        br_times = []
+        for size in (S0, S2):
+            t0 = time.monotonic()
+            while True:
+                n = await browser.set_dimensions("sub", *size)
+                v = await browser.video("sub")
+                w = v.get("frameWidth") or 0
+                if n and abs(w - size[0]) <= 2:
+                    br_times.append(round(time.monotonic() - t0, 1))
+                    await asyncio.sleep(2.0)  # frames of this layer, grid-checked
+                    break
+                if time.monotonic() - t0 > 30:
+                    raise AssertionError(f"browser asked {size}, decoding {v} after 30 s")
+                await asyncio.sleep(0.5)
+        grid = (await browser.state("sub"))["grid"]
         await asyncio.sleep(1.0)
 
         report = []
@@ -174,7 +194,8 @@ async def test_svc_layers_dropped_per_subscriber(arbor_open, page_base, camera_c
         results(
             f"svc/{codec} L3T3_KEY {W}x{H}@{FPS}: steady (size, kbit/s, fps) {steady}; switch times (s): "
             f"low->high {up}, high->low {down}, high->medium {mid}, medium->high {back}; "
-            f"{'; '.join(report)}; publisher {rates}"
+            f"{'; '.join(report)}; browser by resolution (s to the layer) {br_times}, "
+            f"{grid['readable']}/{grid['frames']} readable {grid['sizes']}; publisher {rates}"
         )
         for s in (low, high):
             last = s.last
@@ -183,6 +204,7 @@ async def test_svc_layers_dropped_per_subscriber(arbor_open, page_base, camera_c
                 f"{s.label}: corrupt frames after SVC layer switches: {last['unreadable']} of "
                 f"{last['frames']} {s.unreadable()[:6]}"
             )
+        assert grid["readable"] >= 30 and grid["unreadable"] == 0, f"browser subscriber: {grid}"
         lo_kbps, hi_kbps = steady["low"][1], steady["high"][1]
         assert lo_kbps is not None and hi_kbps is not None, f"no byte counters: {steady}"
         # The base layer is a fraction of the whole stream; "less than 60%" is a generous bound.
