@@ -170,7 +170,8 @@ struct OutTrack {
     down_votes: u8,
     /// RTP mode: sequence number, timestamp and VP8 picture id rewriting.
     rw: Rewriter,
-    /// RTP mode, SVC stream (VP9 with layer indices): the spatial layer forwarded.
+    /// RTP mode, SVC stream (VP9 with layer indices, AV1 with a dependency descriptor): the
+    /// spatial layer forwarded.
     svc: SvcSelector,
     /// RTP mode, SVC stream: the packet the selector holds until it knows whether it ends
     /// its picture (see [`SvcSelector`]); at most one.
@@ -600,7 +601,8 @@ fn stun_local_ufrag(d: &[u8]) -> Option<&str> {
 
 /// RTP mode: what the forwarder reads from a payload, once for all subscribers: the VP8
 /// descriptor, the SVC layer of a VP9 packet with layer indices, and whether the packet starts
-/// a keyframe. Malformed payloads give `None`s and `false` (never a panic).
+/// a keyframe. Malformed payloads give `None`s and `false` (never a panic). (An AV1 packet's
+/// layer is in its dependency descriptor, a header extension: see `forward_rtp_from`.)
 fn read_payload(
     kind: PayloadKind,
     payload: &[u8],

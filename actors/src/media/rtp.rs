@@ -21,6 +21,12 @@
 //!   serialising each copy (`RtpWrite::vp8_patch`), so the shared payload is never copied or
 //!   modified.
 //!
+//! * **SVC layer dropping** ([`SvcSelector`]): a scalable stream (VP9 with layer indices in
+//!   its payload descriptor, [`vp9_descriptor`]; AV1 with the dependency descriptor header
+//!   extension, [`parse_dd`]) carries all spatial layers in one RTP stream. Per subscriber,
+//!   the selector drops the layers above its target and sets the marker bit where the
+//!   thinned picture ends; the [`Rewriter`] closes the sequence gaps ([`Rewriter::skip`]).
+//!
 //! Every parser here takes untrusted bytes and returns `None`/`false` on anything it does not
 //! understand; none of them can panic (see the unit tests and `fuzz/fuzz_targets/rtp.rs`).
 
