@@ -447,6 +447,7 @@ impl Config {
             node_id,
             region: self.region.clone(),
             enable_remote_unmute: self.room.enable_remote_unmute,
+            scalable_codecs: self.rtc.rtp_mode,
             events,
         }
     }

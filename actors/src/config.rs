@@ -94,6 +94,11 @@ pub struct RoomSettings {
     /// Let the server API unmute a participant's track (`room.enable_remote_unmute`);
     /// muting is always allowed.
     pub enable_remote_unmute: bool,
+    /// Offer the scalable codecs VP9 and AV1 to publishers (`enabled_publish_codecs` of the
+    /// JoinResponse) besides VP8 and H.264. On in RTP mode (`rtc.rtp_mode`), where the engine
+    /// thins a VP9 SVC stream's spatial layers per subscriber; frame mode forwards only what
+    /// it can depacketise and repacketise, so clients are steered to VP8 there.
+    pub scalable_codecs: bool,
     /// Where rooms report lifecycle events (webhooks); the default discards them.
     pub events: crate::events::EventSink,
 }
@@ -118,6 +123,7 @@ impl Default for RoomSettings {
             node_id: "ND_local".into(),
             region: String::new(),
             enable_remote_unmute: false,
+            scalable_codecs: true,
             events: crate::events::EventSink::default(),
         }
     }

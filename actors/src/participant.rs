@@ -305,6 +305,7 @@ impl Participant {
     fn handle_offer(&mut self, sd: lk::SessionDescription, ctx: &mut Context<Self>) {
         let sections = media_sections(&sd.sdp);
         let mut bind = Vec::new();
+        let mut prefs: Vec<(String, String)> = Vec::new();
         let mut newly: Vec<(lk::TrackInfo, TrackKey)> = Vec::new();
         for s in &sections {
             if !(s.kind == "audio" || s.kind == "video") || !s.is_sending() || s.mid.is_empty() {
@@ -320,6 +321,18 @@ impl Participant {
             info.mid = s.mid.clone();
             if let Some(c) = &s.codec {
                 info.mime_type = format!("{}/{}", s.kind, c);
+            }
+            // The codec the client asked for (`AddTrackRequest.simulcast_codecs`, e.g. "vp9")
+            // is put first in the offer, so the answer makes the client send it.
+            if let Some(want) = info.codecs.first().map(|c| c.mime_type.clone()) {
+                let name = want.rsplit('/').next().unwrap_or("").to_string();
+                if !name.is_empty()
+                    && s.kind == "video"
+                    && s.codecs.iter().any(|c| c.eq_ignore_ascii_case(&name))
+                {
+                    info.mime_type = format!("video/{}", name.to_ascii_uppercase());
+                    prefs.push((s.mid.clone(), name));
+                }
             }
             let key = new_track_key();
             bind.push((s.mid.clone(), key));
@@ -347,7 +360,7 @@ impl Participant {
         let unbind: Vec<TrackKey> = removed.iter().map(|(_, _, k)| *k).collect();
         let media = self.init.media.clone();
         let peer = self.pub_peer;
-        let sdp = sd.sdp;
+        let sdp = crate::media::sdp::prefer_codecs(&sd.sdp, &prefs);
         let offer_id = sd.id;
         let fut = async move { media.publisher_offer(peer, sdp, bind, unbind).await };
         ctx.wait(fut.into_actor(self).map(move |res, act, ctx| match res {
@@ -566,8 +579,15 @@ impl Actor for Participant {
                     debug_info: format!("arbor {}", env!("CARGO_PKG_VERSION")),
                     ..Default::default()
                 };
+                // Order matters to clients: the first video codec is their fallback.
+                let scalable: &[&str] = if s.scalable_codecs {
+                    &["video/VP9", "video/AV1"]
+                } else {
+                    &[]
+                };
                 let codecs = ["audio/opus", "video/VP8", "video/H264"]
                     .iter()
+                    .chain(scalable)
                     .map(|m| lk::Codec {
                         mime: m.to_string(),
                         fmtp_line: String::new(),

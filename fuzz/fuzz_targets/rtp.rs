@@ -1,9 +1,13 @@
 //! RTP payload parsing for forwarding (`media::rtp`): keyframe detection for every codec, the
-//! VP8 descriptor parser, and the rewriter fed with arbitrary headers. Nothing may panic.
+//! VP8 and VP9 descriptor parsers, the AV1 dependency descriptor parser, the SVC layer selector fed with what the VP9 parser
+//! accepts, and the rewriter (writes and skips) fed with arbitrary headers. Nothing may panic.
 #![no_main]
 use std::time::{Duration, Instant};
 
-use arbor_actors::media::rtp::{keyframe_start, vp8_descriptor, InHeader, PayloadKind, Rewriter};
+use arbor_actors::media::rtp::{
+    keyframe_start, parse_dd, vp8_descriptor, vp9_descriptor, InHeader, PayloadKind, Rewriter,
+    SvcPacket, SvcSelector,
+};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -19,6 +23,24 @@ fuzz_target!(|data: &[u8]| {
         let _ = keyframe_start(k, data);
     }
     let _ = vp8_descriptor(data);
+    // The dependency descriptor, and its template lookup.
+    if let Some(dd) = parse_dd(data) {
+        if let Some(st) = &dd.structure {
+            if let Some(p) = SvcPacket::av1(&dd, st, false, 0, dd.end_of_frame) {
+                let _ = SvcSelector::default().select(p.sid, &p);
+            }
+        }
+    }
+    // Every suffix through the VP9 parser, and what it accepts through one selector whose
+    // target follows the input.
+    let mut sel = SvcSelector::default();
+    for (i, _) in data.iter().enumerate().take(64) {
+        if let Some(d) = vp9_descriptor(&data[i..]) {
+            if let Some(p) = SvcPacket::vp9(&d, u32::from(data[i]) << 8, d.end) {
+                let _ = sel.select(data[i] & 7, &p);
+            }
+        }
+    }
     // Headers from the input, 16 bytes each: seq u64 | ts u32 | clock u16 | flags | pid.
     let t0 = Instant::now();
     let mut rw = Rewriter::default();
@@ -26,12 +48,22 @@ fuzz_target!(|data: &[u8]| {
         let seq = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
         let ts = u32::from_le_bytes([c[8], c[9], c[10], c[11]]);
         let clock = u32::from(u16::from_le_bytes([c[12], c[13]]));
-        let vp8 = (c[14] & 1 != 0).then_some((Some((u16::from(c[15]), c[14] & 2 != 0)), Some(c[15])));
-        let h = InHeader { seq, ts, clock, vp8 };
+        let vp8 =
+            (c[14] & 1 != 0).then_some((Some((u16::from(c[15]), c[14] & 2 != 0)), Some(c[15])));
+        let h = InHeader {
+            seq,
+            ts,
+            clock,
+            vp8,
+        };
         let now = t0 + Duration::from_millis(i as u64 * u64::from(c[14] >> 2));
         if c[14] & 4 != 0 || !rw.started() {
             rw.rebase(now, &h);
         }
-        let _ = rw.rewrite(now, &h);
+        if c[14] & 8 != 0 {
+            rw.skip(&h);
+        } else {
+            let _ = rw.rewrite(now, &h);
+        }
     }
 });

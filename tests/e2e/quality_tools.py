@@ -182,7 +182,7 @@ class Browser:
         await asyncio.sleep(seconds)
         b = await self.sender(page)
         dt = max(0.001, (b["t"] - a["t"]) / 1000)
-        active = {e["rid"]: e.get("active", True) for e in b["encodings"]}
+        active = {e.get("rid") or "-": e.get("active", True) for e in b["encodings"]}
         out = {}
         for rid, lb in b["layers"].items():
             la = a["layers"].get(rid, {"bytesSent": 0, "framesEncoded": 0})

@@ -217,6 +217,62 @@ impl Recovery {
     }
 }
 
+/// Spatial layers of an SVC stream the allocator tracks (rank = spatial id + 1).
+pub const SVC_MAX_SPATIAL: usize = 3;
+
+/// Per-spatial-layer byte counters of one SVC stream (VP9 with layer indices): the
+/// allocator's view of its layers, like the per-rid counters of simulcast.
+///
+/// An SVC stream is one RTP stream, but a subscriber of spatial layer *s* receives the layer
+/// frames of every layer up to *s*, so the cost of rank *s + 1* is the sum of the bitrates of
+/// layers `0..=s`. A layer not seen for `idle` is not offered (the publisher stopped sending
+/// it). Spatial ids above [`SVC_MAX_SPATIAL`] - 1 are counted with the top layer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SpatialRates {
+    /// Per spatial layer: bytes in the current window, smoothed bits/s, last packet seen.
+    layers: [(u64, u64, Option<Instant>); SVC_MAX_SPATIAL],
+}
+
+impl SpatialRates {
+    /// Count one packet of spatial layer `sid`.
+    pub fn observe(&mut self, now: Instant, sid: u8, bytes: usize) {
+        let i = usize::from(sid).min(SVC_MAX_SPATIAL - 1);
+        let l = &mut self.layers[i];
+        l.0 += bytes as u64;
+        l.2 = Some(now);
+    }
+
+    /// Close a measuring window of `secs` seconds (smoothed over about two windows, like the
+    /// simulcast counters).
+    pub fn roll(&mut self, secs: f64) {
+        for l in self.layers.iter_mut() {
+            let bps = (l.0 as f64 * 8.0 / secs.max(1e-3)) as u64;
+            l.1 = (l.1 + bps) / 2;
+            l.0 = 0;
+        }
+    }
+
+    /// Whether any layer was seen within `idle`: the stream is layered.
+    pub fn active(&self, now: Instant, idle: Duration) -> bool {
+        self.layers
+            .iter()
+            .any(|l| l.2.is_some_and(|t| now.saturating_duration_since(t) < idle))
+    }
+
+    /// Live layers as `(rank, cumulative bits/s)`, rank ascending, for [`AllocTrack::layers`].
+    pub fn live(&self, now: Instant, idle: Duration) -> Vec<(u8, u64)> {
+        let mut out = Vec::with_capacity(SVC_MAX_SPATIAL);
+        let mut sum = 0u64;
+        for (i, l) in self.layers.iter().enumerate() {
+            sum = sum.saturating_add(l.1);
+            if l.2.is_some_and(|t| now.saturating_duration_since(t) < idle) {
+                out.push((i as u8 + 1, sum.max(1)));
+            }
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -318,5 +374,35 @@ mod tests {
         assert!(!r.on_round(at(60_000), false, 0.0));
         assert!(!r.on_round(at(60_500), true, 0.0));
         assert!(r.on_round(at(63_500), true, 0.0));
+    }
+
+    /// An SVC stream's ranks cost the sum of the layers they carry; a layer that stopped
+    /// is no longer offered.
+    #[test]
+    fn spatial_rates_are_cumulative_and_expire() {
+        let t0 = Instant::now();
+        let mut r = SpatialRates::default();
+        assert!(!r.active(t0, Duration::from_secs(1)));
+        // One second: 10 kB of S0, 20 kB of S1, 40 kB of S2.
+        r.observe(t0, 0, 10_000);
+        r.observe(t0, 1, 20_000);
+        r.observe(t0, 2, 40_000);
+        r.observe(t0, 7, 0); // beyond the tracked layers: counted with the top one
+        r.roll(1.0);
+        r.roll(1.0); // decays by half per window without traffic
+        let idle = Duration::from_millis(1500);
+        assert!(r.active(t0, idle));
+        assert_eq!(
+            r.live(t0, idle),
+            vec![(1, 20_000), (2, 60_000), (3, 140_000)]
+        );
+        // S2 stops: 2 s later only S0 and S1 (seen again) are live.
+        let t1 = t0 + Duration::from_secs(2);
+        r.observe(t1, 0, 1);
+        r.observe(t1, 1, 1);
+        assert_eq!(
+            r.live(t1, idle).iter().map(|l| l.0).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
     }
 }

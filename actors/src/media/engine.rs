@@ -45,19 +45,21 @@ use str0m::media::{Direction, KeyframeRequestKind, MediaData, MediaKind, Mid, Ri
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output as RtcOutput, Rtc, RtcConfig};
 
-use crate::media::alloc::{allocate, next_step_bps, AllocTrack, Decision, Recovery};
+use crate::media::alloc::{allocate, next_step_bps, AllocTrack, Decision, Recovery, SpatialRates};
 use crate::media::audio::{LevelConfig, LevelMeter};
 use crate::media::relay::{
     self, RelayFrame, RelayLimits, RelayReceiver, RelayRtp, RelaySender, RELAY_METRICS,
 };
-use crate::media::rtp::{self as rtpfwd, InHeader, PayloadKind, Rewriter};
+use crate::media::rtp::{
+    self as rtpfwd, DdBytes, DdSerializer, InHeader, PayloadKind, Rewriter, SvcPacket, SvcSelector,
+};
 use crate::quality::LinkStats;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use str0m::format::{CodecExtra, PayloadParams};
 use str0m::media::Pt;
 use str0m::media::{ExtensionValues, Frequency};
-use str0m::rtp::{RtpPacket, RtpWrite, SeqNo, Ssrc, VideoOrientation};
+use str0m::rtp::{Extension, RtpPacket, RtpWrite, SeqNo, Ssrc, VideoOrientation};
 
 use crate::error::MediaError;
 use crate::media::{Command, PeerEvent, PeerId, PeerRole, TrackKey};
@@ -168,6 +170,12 @@ struct OutTrack {
     down_votes: u8,
     /// RTP mode: sequence number, timestamp and VP8 picture id rewriting.
     rw: Rewriter,
+    /// RTP mode, SVC stream (VP9 with layer indices, AV1 with a dependency descriptor): the
+    /// spatial layer forwarded.
+    svc: SvcSelector,
+    /// RTP mode, SVC stream: the packet the selector holds until it knows whether it ends
+    /// its picture (see [`SvcSelector`]); at most one.
+    held: Option<HeldRtp>,
     /// RTP mode: the publisher's payload type → this subscriber's (None: no match).
     pt_map: Vec<(Pt, Option<Pt>)>,
 }
@@ -259,6 +267,10 @@ struct FwdTrack {
     last_keyframe_request: HashMap<Option<Rid>, Instant>,
     /// Per layer (None: non-simulcast): bytes in the current window and the measured bitrate.
     rates: Vec<(Option<Rid>, u64, u64)>,
+    /// RTP mode, SVC stream: the same per spatial layer (the allocator's layers when live).
+    spatial: SpatialRates,
+    /// RTP mode, AV1: the latest dependency descriptor template structure.
+    dd_structure: Option<rtpfwd::DdStructure>,
     /// Audio tracks: speech level meter.
     meter: LevelMeter,
     /// Relayed track: fed by this (node, flow) instead of a local publisher.
@@ -284,6 +296,10 @@ struct PtInfo {
     json: Option<Arc<[u8]>>,
 }
 
+/// Our id for the dependency descriptor extension (free in str0m's standard map; a
+/// client's offer may use another, str0m maps by URI).
+const DD_EXTENSION_ID: u8 = 12;
+
 /// Payload types remembered per track (a track normally uses one or two).
 const MAX_PTS: usize = 8;
 /// SSRCs remembered per publisher connection (three simulcast layers per video track).
@@ -301,6 +317,12 @@ struct RtpIn {
     marker: bool,
     keyframe: bool,
     vp8: Option<rtpfwd::Vp8Descriptor>,
+    /// The packet's spatial/temporal layer if it belongs to an SVC stream (VP9 with layer
+    /// indices, AV1 with a dependency descriptor).
+    svc: Option<SvcPacket>,
+    /// The dependency descriptor, forwarded unchanged (local publishers only: relay
+    /// datagrams do not carry it yet).
+    dd: Option<DdBytes>,
     audio_level: Option<i8>,
     voice_activity: Option<bool>,
     video_orientation: Option<VideoOrientation>,
@@ -316,6 +338,16 @@ impl RtpIn {
             vp8: self.vp8.map(|d| (d.picture_id, d.tl0_pic_idx)),
         }
     }
+}
+
+/// RTP mode: a rewritten packet waiting for its marker bit (an SVC layer frame's end).
+#[derive(Debug)]
+struct HeldRtp {
+    pt: Pt,
+    seq: u64,
+    ts: u32,
+    payload: Arc<[u8]>,
+    ext: ExtensionValues,
 }
 
 /// One downstream link of a track.
@@ -347,6 +379,8 @@ impl FwdTrack {
             layers: Vec::new(),
             last_keyframe_request: HashMap::new(),
             rates: Vec::new(),
+            spatial: SpatialRates::default(),
+            dd_structure: None,
             meter: LevelMeter::default(),
             relay_src: None,
             receiver: None,
@@ -392,8 +426,12 @@ impl FwdTrack {
         }
     }
 
-    /// Live layers as `(rank, bits/s)` sorted by rank.
+    /// Live layers as `(rank, bits/s)` sorted by rank. An SVC stream's spatial layers are
+    /// its ranks (each costing the layers up to it).
     fn live_layers(&self, now: Instant) -> Vec<(u8, u64)> {
+        if self.spatial.active(now, LAYER_IDLE) {
+            return self.spatial.live(now, LAYER_IDLE);
+        }
         let mut v: Vec<(u8, u64)> = Vec::with_capacity(3);
         for (rid, _, bps) in &self.rates {
             let live = match rid {
@@ -559,6 +597,29 @@ fn stun_local_ufrag(d: &[u8]) -> Option<&str> {
         at += 4 + alen.div_ceil(4) * 4;
     }
     None
+}
+
+/// RTP mode: what the forwarder reads from a payload, once for all subscribers: the VP8
+/// descriptor, the SVC layer of a VP9 packet with layer indices, and whether the packet starts
+/// a keyframe. Malformed payloads give `None`s and `false` (never a panic). (An AV1 packet's
+/// layer is in its dependency descriptor, a header extension: see `forward_rtp_from`.)
+fn read_payload(
+    kind: PayloadKind,
+    payload: &[u8],
+    ts: u32,
+    marker: bool,
+) -> (Option<rtpfwd::Vp8Descriptor>, Option<SvcPacket>, bool) {
+    match kind {
+        PayloadKind::Vp8 => {
+            let d = rtpfwd::vp8_descriptor(payload);
+            (d, None, d.is_some_and(|d| d.keyframe_start))
+        }
+        PayloadKind::Vp9 => match rtpfwd::vp9_descriptor(payload) {
+            Some(d) => (None, SvcPacket::vp9(&d, ts, marker), d.keyframe_start()),
+            None => (None, None, false),
+        },
+        k => (None, None, rtpfwd::keyframe_start(k, payload)),
+    }
 }
 
 /// Rank of a simulcast rid: higher is better quality. LiveKit uses q/h/f (also 0/1/2 reversed).
@@ -1088,11 +1149,7 @@ impl Engine {
                     return;
                 };
                 let (params, kind) = (info.params, info.kind);
-                let vp8 = if kind == PayloadKind::Vp8 {
-                    rtpfwd::vp8_descriptor(r.payload)
-                } else {
-                    None
-                };
+                let (vp8, svc, _) = read_payload(kind, r.payload, r.rtp_ts, r.marker);
                 let input = RtpIn {
                     rid: r.rid.map(Rid::from),
                     pt,
@@ -1103,6 +1160,8 @@ impl Engine {
                     marker: r.marker,
                     keyframe: r.keyframe,
                     vp8,
+                    svc,
+                    dd: None,
                     audio_level: r.audio_level,
                     voice_activity: r.voice_activity,
                     video_orientation: None,
@@ -1277,6 +1336,14 @@ impl Engine {
             .set_send_buffer_video(self.limits.rtx_packets_video.max(1))
             .set_send_buffer_audio(self.limits.rtx_packets_audio.max(1))
             .set_rtp_mode(self.config.rtp_mode);
+        if self.config.rtp_mode {
+            // The AV1 dependency descriptor: read from publishers (layers of an AV1 SVC
+            // stream), passed on to subscribers unchanged.
+            cfg = cfg.set_extension(
+                DD_EXTENSION_ID,
+                Extension::with_serializer(rtpfwd::DD_URI, DdSerializer),
+            );
+        }
         if role == PeerRole::Subscriber {
             cfg = cfg.enable_bwe(Some(Bitrate::kbps(BWE_INITIAL_KBPS)));
         }
@@ -1390,7 +1457,11 @@ impl Engine {
         for track in unbind {
             self.unbind_track(now, track, out);
         }
-        Ok(answer.to_sdp_string())
+        // The client encodes with the first codec of the answer: keep its preference.
+        Ok(super::sdp::order_answer_like_offer(
+            sdp,
+            &answer.to_sdp_string(),
+        ))
     }
 
     fn subscriber_answer(
@@ -1493,6 +1564,8 @@ impl Engine {
             last_out: None,
             down_votes: 0,
             rw: Rewriter::default(),
+            svc: SvcSelector::default(),
+            held: None,
             pt_map: Vec::new(),
         });
         let _ = now;
@@ -2052,15 +2125,21 @@ impl Engine {
             }
         };
         let (params, kind) = info;
-        let vp8 = if kind == PayloadKind::Vp8 {
-            rtpfwd::vp8_descriptor(&pkt.payload)
-        } else {
-            None
-        };
-        let keyframe = match vp8 {
-            Some(d) => d.keyframe_start,
-            None => rtpfwd::keyframe_start(kind, &pkt.payload),
-        };
+        let (vp8, mut svc, keyframe) =
+            read_payload(kind, &pkt.payload, pkt.header.timestamp, pkt.header.marker);
+        // AV1 with the dependency descriptor: the layers come from the descriptor's template,
+        // looked up in the latest structure the track sent (with its keyframes).
+        let dd = pkt.header.ext_vals.user_values.get::<DdBytes>().cloned();
+        if kind == PayloadKind::Av1 {
+            if let Some(d) = dd.as_ref().and_then(|b| rtpfwd::parse_dd(&b.0)) {
+                if let Some(st) = &d.structure {
+                    ft.dd_structure = Some(st.clone());
+                }
+                svc = ft.dd_structure.as_ref().and_then(|st| {
+                    SvcPacket::av1(&d, st, keyframe, pkt.header.timestamp, pkt.header.marker)
+                });
+            }
+        }
         let ext = &pkt.header.ext_vals;
         let input = RtpIn {
             rid,
@@ -2072,6 +2151,8 @@ impl Engine {
             marker: pkt.header.marker,
             keyframe,
             vp8,
+            svc,
+            dd,
             audio_level: ext.audio_level,
             voice_activity: ext.voice_activity,
             video_orientation: ext.video_orientation,
@@ -2135,6 +2216,9 @@ impl Engine {
         }
 
         ft.observe_ingress(now, p.rid, len, p.audio_level, &self.level_config);
+        if let Some(svc) = &p.svc {
+            ft.spatial.observe(now, svc.sid, len);
+        }
         let header = p.header();
         let video = ft.kind == MediaKind::Video;
         // str0m's view of the VP8 descriptor (for patches), parsed once for all subscribers.
@@ -2184,6 +2268,38 @@ impl Engine {
             }
             if rebase || !o.rw.started() {
                 o.rw.rebase(now, &header);
+                o.svc.reset();
+                o.held = None;
+            }
+            let mut marker = p.marker;
+            let mut hold = false;
+            if let Some(svc) = &p.svc {
+                // SVC: drop the spatial layers above the one this subscriber may get.
+                let choice = o.svc.select(allowed.saturating_sub(1), svc);
+                if choice.want_keyframe {
+                    want_keyframe = Some(None);
+                }
+                let mut released = false;
+                if let (Some(m), Some(held)) = (choice.release, o.held.take()) {
+                    let w =
+                        RtpWrite::new(held.pt, SeqNo::from(held.seq), held.ts, now, held.payload)
+                            .marker(m)
+                            .nackable(true)
+                            .ext_vals(held.ext);
+                    if let Some(tx) = peer.rtc.direct_api().stream_tx_by_mid(mid, None) {
+                        tx.write_rtp(w);
+                        released = true;
+                    }
+                }
+                if !choice.forward {
+                    o.rw.skip(&header);
+                    if released {
+                        Self::drain(*sub, peer, &mut self.queue, out);
+                    }
+                    continue;
+                }
+                marker = choice.marker;
+                hold = choice.hold;
             }
             let Some(h) = o.rw.rewrite(now, &header) else {
                 continue;
@@ -2206,14 +2322,28 @@ impl Engine {
             let Some(out_pt) = out_pt else {
                 continue;
             };
-            let ext = ExtensionValues {
+            let mut ext = ExtensionValues {
                 audio_level: p.audio_level,
                 voice_activity: p.voice_activity,
                 video_orientation: p.video_orientation,
                 ..Default::default()
             };
+            if let Some(dd) = &p.dd {
+                ext.user_values.set(dd.clone());
+            }
+            if hold {
+                o.held = Some(HeldRtp {
+                    pt: out_pt,
+                    seq: h.seq,
+                    ts: h.ts,
+                    payload: p.payload.clone(),
+                    ext,
+                });
+                METRICS.add_forwarded(len);
+                continue;
+            }
             let mut w = RtpWrite::new(out_pt, SeqNo::from(h.seq), h.ts, now, p.payload.clone())
-                .marker(p.marker)
+                .marker(marker)
                 .nackable(video)
                 .ext_vals(ext);
             if h.picture_id != in_pid || h.tl0_pic_idx != in_tl0 {
@@ -2276,6 +2406,7 @@ impl Engine {
                 r.2 = (r.2 + bps) / 2;
                 r.1 = 0;
             }
+            ft.spatial.roll(secs);
             if ft.kind == MediaKind::Audio {
                 let (level, active) = ft.meter.take(&self.level_config);
                 out.event(

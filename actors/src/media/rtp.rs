@@ -21,6 +21,12 @@
 //!   serialising each copy (`RtpWrite::vp8_patch`), so the shared payload is never copied or
 //!   modified.
 //!
+//! * **SVC layer dropping** ([`SvcSelector`]): a scalable stream (VP9 with layer indices in
+//!   its payload descriptor, [`vp9_descriptor`]; AV1 with the dependency descriptor header
+//!   extension, [`parse_dd`]) carries all spatial layers in one RTP stream. Per subscriber,
+//!   the selector drops the layers above its target and sets the marker bit where the
+//!   thinned picture ends; the [`Rewriter`] closes the sequence gaps ([`Rewriter::skip`]).
+//!
 //! Every parser here takes untrusted bytes and returns `None`/`false` on anything it does not
 //! understand; none of them can panic (see the unit tests and `fuzz/fuzz_targets/rtp.rs`).
 
@@ -148,34 +154,158 @@ pub fn vp8_descriptor(p: &[u8]) -> Option<Vp8Descriptor> {
     Some(d)
 }
 
-/// VP9 (RFC 9628 §4.2): first byte `I P L F B E V Z`. A keyframe starts where the packet
-/// begins a frame (B), the frame is not inter-predicted (P=0), and it is the base spatial
-/// layer (no layer indices, or SID 0).
+/// VP9 (RFC 9628 §4.2): a keyframe starts where the packet begins a frame (B), the frame is
+/// not inter-predicted (P=0), and it is the base spatial layer (no layer indices, or SID 0).
 fn vp9_keyframe_start(p: &[u8]) -> bool {
-    let Some(&b0) = p.first() else {
-        return false;
+    vp9_descriptor(p).is_some_and(|d| d.keyframe_start())
+}
+
+/// The fields of a VP9 payload descriptor (RFC 9628 §4.2) the SVC forwarder uses.
+///
+/// ```text
+///       0 1 2 3 4 5 6 7
+///      +-+-+-+-+-+-+-+-+
+///      |I|P|L|F|B|E|V|Z| (REQUIRED)
+///      +-+-+-+-+-+-+-+-+
+/// I:   |M| PICTURE ID  | (M=1: 15 bits over two octets)
+///      +-+-+-+-+-+-+-+-+
+/// L:   | TID |U| SID |D| (layer indices)
+///      +-+-+-+-+-+-+-+-+
+///      |   TL0PICIDX   | (only with L=1 and F=0: non-flexible mode)
+///      +-+-+-+-+-+-+-+-+
+/// F,P: | P_DIFF      |N| (flexible mode, inter-picture predicted: up to 3 reference diffs)
+///      +-+-+-+-+-+-+-+-+
+/// V:   | SS            | (scalability structure, see below)
+/// ```
+///
+/// One *picture* (all spatial layers of one instant, one RTP timestamp) is sent as one
+/// *layer frame* per spatial layer, lowest first; B and E mark the first and last packet of
+/// each layer frame, and the RTP marker bit the last packet of the picture. Chromium's
+/// `L3T3_KEY` (three spatial, three temporal layers; upper spatial layers depend on lower
+/// ones only in keyframes) is sent in flexible mode with layer indices on every packet.
+///
+/// The scalability structure (on keyframes) is `N_S(3) Y G - - -`, then with Y=1 a 16-bit
+/// width and height per spatial layer, then with G=1 `N_G` and `N_G` picture-group entries
+/// `T(3) U R(2) - -` each followed by R P_DIFF octets. It is parsed fully (so that a
+/// truncated one is refused) and its layer count and sizes are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Vp9Descriptor {
+    /// PictureID and whether it is 15 bits wide.
+    pub picture_id: Option<(u16, bool)>,
+    /// P: the frame references earlier pictures (inter-picture predicted).
+    pub inter_picture: bool,
+    /// L: the descriptor carries layer indices (TID/SID). Without them the stream has no
+    /// layers this forwarder can drop.
+    pub layer_indices: bool,
+    /// F: flexible mode (reference diffs in the descriptor) rather than a picture group.
+    pub flexible: bool,
+    /// B: first packet of a layer frame.
+    pub begin: bool,
+    /// E: last packet of a layer frame.
+    pub end: bool,
+    /// Temporal layer id (0 without layer indices).
+    pub tid: u8,
+    /// U: switching-up point (no later frame of this temporal layer references an earlier
+    /// frame of the same or a higher temporal layer).
+    pub switch_up: bool,
+    /// Spatial layer id (0 without layer indices).
+    pub sid: u8,
+    /// D: the layer frame depends on the lower spatial layer of the same picture.
+    pub inter_layer: bool,
+    /// TL0PICIDX (non-flexible mode only).
+    pub tl0_pic_idx: Option<u8>,
+    /// From the scalability structure: the number of spatial layers (1..=8)...
+    pub spatial_layers: Option<u8>,
+    /// ... and the width and height of the first three (when the structure has sizes).
+    pub sizes: [Option<(u16, u16)>; 3],
+}
+
+impl Vp9Descriptor {
+    /// First packet of a keyframe: begins the base layer frame of a picture that references
+    /// no earlier picture.
+    pub fn keyframe_start(&self) -> bool {
+        self.begin && !self.inter_picture && self.sid == 0
+    }
+}
+
+/// Parses a VP9 payload descriptor; `None` if it is truncated or malformed.
+pub fn vp9_descriptor(p: &[u8]) -> Option<Vp9Descriptor> {
+    let b0 = *p.first()?;
+    let mut d = Vp9Descriptor {
+        inter_picture: b0 & 0x40 != 0,
+        layer_indices: b0 & 0x20 != 0,
+        flexible: b0 & 0x10 != 0,
+        begin: b0 & 0x08 != 0,
+        end: b0 & 0x04 != 0,
+        ..Default::default()
     };
-    let (i, pbit, l, b) = (
-        b0 & 0x80 != 0,
-        b0 & 0x40 != 0,
-        b0 & 0x20 != 0,
-        b0 & 0x08 != 0,
-    );
-    if pbit || !b {
-        return false;
-    }
-    if !l {
-        return true;
-    }
+    let has_ss = b0 & 0x02 != 0;
     let mut at = 1;
-    if i {
-        let Some(&m) = p.get(at) else {
-            return false;
-        };
-        at += if m & 0x80 != 0 { 2 } else { 1 };
+    if b0 & 0x80 != 0 {
+        let m = *p.get(at)?;
+        at += 1;
+        if m & 0x80 != 0 {
+            let lo = *p.get(at)?;
+            at += 1;
+            d.picture_id = Some(((u16::from(m & 0x7f) << 8) | u16::from(lo), true));
+        } else {
+            d.picture_id = Some((u16::from(m), false));
+        }
     }
-    // Layer indices: TID(3) U(1) SID(3) D(1).
-    p.get(at).is_some_and(|li| (li >> 1) & 0x07 == 0)
+    if d.layer_indices {
+        let li = *p.get(at)?;
+        at += 1;
+        d.tid = li >> 5;
+        d.switch_up = li & 0x10 != 0;
+        d.sid = (li >> 1) & 0x07;
+        d.inter_layer = li & 0x01 != 0;
+        if !d.flexible {
+            d.tl0_pic_idx = Some(*p.get(at)?);
+            at += 1;
+        }
+    }
+    if d.flexible && d.inter_picture {
+        // Up to three reference diffs, each with N (another follows).
+        for i in 0..3 {
+            let diff = *p.get(at)?;
+            at += 1;
+            if diff & 0x01 == 0 {
+                break;
+            }
+            if i == 2 {
+                return None;
+            }
+        }
+    }
+    if has_ss {
+        let ss = *p.get(at)?;
+        at += 1;
+        let n_s = (ss >> 5) + 1;
+        d.spatial_layers = Some(n_s);
+        if ss & 0x10 != 0 {
+            for i in 0..usize::from(n_s) {
+                let w = u16::from_be_bytes([*p.get(at)?, *p.get(at + 1)?]);
+                let h = u16::from_be_bytes([*p.get(at + 2)?, *p.get(at + 3)?]);
+                at += 4;
+                if let Some(s) = d.sizes.get_mut(i) {
+                    *s = Some((w, h));
+                }
+            }
+        }
+        if ss & 0x08 != 0 {
+            let n_g = *p.get(at)?;
+            at += 1;
+            for _ in 0..n_g {
+                let g = *p.get(at)?;
+                at += 1 + usize::from((g >> 2) & 0x03);
+            }
+        }
+    }
+    // Something must follow the descriptor: the VP9 frame data.
+    if at > p.len() {
+        return None;
+    }
+    Some(d)
 }
 
 /// H.264 (RFC 6184): a single NAL unit, a STAP-A aggregate or the first FU-A fragment that
@@ -237,6 +367,400 @@ fn av1_keyframe_start(p: &[u8]) -> bool {
     p.first().is_some_and(|h| h & 0x08 != 0 && h & 0x80 == 0)
 }
 
+/// The URI of the dependency descriptor RTP header extension (AV1 RTP specification,
+/// appendix A), as libwebrtc and livekit-client spell it.
+pub const DD_URI: &str =
+    "https://aomediacodec.github.io/av1-rtp-spec/#dependency-descriptor-rtp-header-extension";
+
+/// Most frame dependency templates a structure may have (the template id is 6 bits).
+const DD_MAX_TEMPLATES: usize = 64;
+
+/// The part of a dependency descriptor's *template dependency structure* the forwarder uses:
+/// which spatial and temporal layer each frame dependency template describes.
+///
+/// The structure is sent (at least) with every keyframe; later descriptors only name a
+/// template (`frame_dependency_template_id`), so the forwarder keeps the latest structure
+/// per track and looks the layers up in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DdStructure {
+    /// Template ids are `(template_id_offset + index) % 64`.
+    pub template_id_offset: u8,
+    /// `(spatial id, temporal id)` per template, in template order.
+    pub layers: Vec<(u8, u8)>,
+}
+
+impl DdStructure {
+    /// The (spatial, temporal) layer of a frame that uses template `id`.
+    pub fn layer_of(&self, id: u8) -> Option<(u8, u8)> {
+        let index = (usize::from(id) + DD_MAX_TEMPLATES - usize::from(self.template_id_offset))
+            % DD_MAX_TEMPLATES;
+        self.layers.get(index).copied()
+    }
+}
+
+/// One parsed dependency descriptor (the fields the forwarder uses).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dd {
+    /// First packet of a frame (one layer frame of a temporal unit).
+    pub start_of_frame: bool,
+    /// Last packet of a frame.
+    pub end_of_frame: bool,
+    pub template_id: u8,
+    pub frame_number: u16,
+    /// The template dependency structure, when this descriptor carries one.
+    pub structure: Option<DdStructure>,
+}
+
+/// Reads bits most significant first, as the AV1 RTP specification's `f(n)`.
+struct Bits<'a> {
+    data: &'a [u8],
+    at: usize,
+}
+
+impl Bits<'_> {
+    fn f(&mut self, n: u32) -> Option<u32> {
+        let mut v = 0u32;
+        for _ in 0..n {
+            let byte = *self.data.get(self.at / 8)?;
+            v = (v << 1) | u32::from((byte >> (7 - self.at % 8)) & 1);
+            self.at += 1;
+        }
+        Some(v)
+    }
+
+    /// `ns(n)`: a non-symmetric unsigned value in `0..n`.
+    fn ns(&mut self, n: u32) -> Option<u32> {
+        if n <= 1 {
+            return Some(0);
+        }
+        let w = 32 - n.leading_zeros();
+        let m = (1u32 << w) - n;
+        let v = self.f(w - 1)?;
+        if v < m {
+            return Some(v);
+        }
+        let extra = self.f(1)?;
+        Some((v << 1) - m + extra)
+    }
+}
+
+/// Parses a dependency descriptor (AV1 RTP specification, appendix A.8); `None` if it is
+/// truncated or malformed. Only the mandatory fields and, when present, the template
+/// structure's layers are kept; the rest of the structure (decode target indications,
+/// frame diffs, chains, resolutions) is read to validate it.
+pub fn parse_dd(data: &[u8]) -> Option<Dd> {
+    let mut b = Bits { data, at: 0 };
+    let start_of_frame = b.f(1)? == 1;
+    let end_of_frame = b.f(1)? == 1;
+    let template_id = b.f(6)? as u8;
+    let frame_number = b.f(16)? as u16;
+    let mut dd = Dd {
+        start_of_frame,
+        end_of_frame,
+        template_id,
+        frame_number,
+        structure: None,
+    };
+    if data.len() <= 3 {
+        return Some(dd);
+    }
+    let structure_present = b.f(1)? == 1;
+    let _active_decode_targets_present = b.f(1)?;
+    let _custom_dtis = b.f(1)?;
+    let _custom_fdiffs = b.f(1)?;
+    let _custom_chains = b.f(1)?;
+    if structure_present {
+        let template_id_offset = b.f(6)? as u8;
+        let dt_cnt = b.f(5)? + 1;
+        // template_layers()
+        let mut layers = Vec::new();
+        let (mut spatial, mut temporal) = (0u8, 0u8);
+        loop {
+            if layers.len() >= DD_MAX_TEMPLATES {
+                return None;
+            }
+            layers.push((spatial, temporal));
+            match b.f(2)? {
+                0 => {}
+                1 => temporal = temporal.checked_add(1)?,
+                2 => {
+                    temporal = 0;
+                    spatial = spatial.checked_add(1)?;
+                }
+                _ => break,
+            }
+        }
+        // template_dtis()
+        for _ in 0..layers.len() {
+            b.f(2 * dt_cnt)?;
+        }
+        // template_fdiffs()
+        for _ in 0..layers.len() {
+            let mut n = 0;
+            while b.f(1)? == 1 {
+                b.f(4)?;
+                n += 1;
+                if n > 15 {
+                    return None;
+                }
+            }
+        }
+        // template_chains()
+        let chains = b.ns(dt_cnt + 1)?;
+        if chains > 0 {
+            for _ in 0..dt_cnt {
+                b.ns(chains)?;
+            }
+            for _ in 0..layers.len() {
+                for _ in 0..chains {
+                    b.f(4)?;
+                }
+            }
+        }
+        // Resolutions, one per spatial layer.
+        if b.f(1)? == 1 {
+            for _ in 0..=spatial {
+                b.f(32)?;
+            }
+        }
+        dd.structure = Some(DdStructure {
+            template_id_offset,
+            layers,
+        });
+    }
+    Some(dd)
+}
+
+/// The raw bytes of a packet's dependency descriptor, as str0m hands them over
+/// (`ExtensionValues::user_values`) and writes them again on forwarded copies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DdBytes(pub std::sync::Arc<[u8]>);
+
+/// str0m (de)serializer of the dependency descriptor extension: the bytes pass through
+/// unchanged (the forwarder reads them with [`parse_dd`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DdSerializer;
+
+impl str0m::rtp::ExtensionSerializer for DdSerializer {
+    fn write_to(&self, buf: &mut [u8], ev: &str0m::rtp::ExtensionValues) -> usize {
+        match ev.user_values.get::<DdBytes>() {
+            Some(d) if d.0.len() <= buf.len() => {
+                buf[..d.0.len()].copy_from_slice(&d.0);
+                d.0.len()
+            }
+            _ => 0,
+        }
+    }
+
+    fn parse_value(&self, buf: &[u8], ev: &mut str0m::rtp::ExtensionValues) -> bool {
+        if buf.len() < 3 {
+            return false;
+        }
+        ev.user_values.set(DdBytes(buf.into()));
+        true
+    }
+
+    fn is_video(&self) -> bool {
+        true
+    }
+
+    fn is_audio(&self) -> bool {
+        false
+    }
+
+    fn requires_two_byte_form(&self, ev: &str0m::rtp::ExtensionValues) -> bool {
+        ev.user_values
+            .get::<DdBytes>()
+            .is_some_and(|d| d.0.len() > 16)
+    }
+}
+
+/// What the SVC layer selector needs to know about one packet of a layered stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SvcPacket {
+    /// Spatial layer id.
+    pub sid: u8,
+    /// Temporal layer id.
+    pub tid: u8,
+    /// Last packet of its layer frame (VP9: E bit).
+    pub end: bool,
+    /// First packet of a keyframe (the base layer of a picture that references nothing).
+    pub keyframe: bool,
+    /// RTP timestamp: every layer frame of one picture carries the same one.
+    pub ts: u32,
+    /// The publisher's marker bit (last packet of the whole picture).
+    pub marker: bool,
+}
+
+impl SvcPacket {
+    /// The SVC view of a VP9 packet; `None` when its descriptor carries no layer indices
+    /// (a stream without layers is forwarded whole).
+    pub fn vp9(d: &Vp9Descriptor, ts: u32, marker: bool) -> Option<SvcPacket> {
+        d.layer_indices.then_some(SvcPacket {
+            sid: d.sid,
+            tid: d.tid,
+            end: d.end,
+            keyframe: d.keyframe_start(),
+            ts,
+            marker,
+        })
+    }
+}
+
+impl SvcPacket {
+    /// The SVC view of an AV1 packet from its dependency descriptor and the track's latest
+    /// template structure; `None` without either (the stream is forwarded whole).
+    pub fn av1(
+        dd: &Dd,
+        structure: &DdStructure,
+        keyframe: bool,
+        ts: u32,
+        marker: bool,
+    ) -> Option<SvcPacket> {
+        let (sid, tid) = structure.layer_of(dd.template_id)?;
+        Some(SvcPacket {
+            sid,
+            tid,
+            end: dd.end_of_frame,
+            keyframe,
+            ts,
+            marker,
+        })
+    }
+}
+
+/// The selector's verdict on one packet for one subscriber.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SvcChoice {
+    /// Forward the packet (else drop it and let the [`Rewriter`] close the gap).
+    pub forward: bool,
+    /// The marker bit to write: set on the last packet of the highest forwarded layer
+    /// frame, so that the subscriber's decoder emits the picture without waiting for layers
+    /// it will never get.
+    pub marker: bool,
+    /// The subscriber wants a higher spatial layer than it can switch to now: ask the
+    /// publisher for a keyframe.
+    pub want_keyframe: bool,
+    /// Hold this (forwarded) packet back instead of writing it now: it ends a layer frame
+    /// below the forwarded layer, and whether it ends the *picture* is only known when the
+    /// next packet arrives (see [`SvcSelector`]).
+    pub hold: bool,
+    /// Write the packet held earlier, before this one, with this marker bit.
+    pub release: Option<bool>,
+}
+
+/// Per-subscriber spatial layer selection of an SVC stream (VP9 `L3T3_KEY` and the like):
+/// every layer frame above the forwarded spatial layer is dropped. Sans-IO and pure.
+///
+/// Rules (the same as LiveKit's VP9 selector, from its documentation of the behaviour):
+///
+/// * A stream starts at a keyframe, at the target layer.
+/// * **Up**: only at a keyframe. In `K-SVC` (`_KEY` modes) an upper spatial layer references
+///   the lower one only in keyframes and otherwise its own earlier frames, so a subscriber
+///   that did not get those frames can only join the layer at the next keyframe.
+/// * **Down**: at the first packet of the next picture (a newer RTP timestamp), so the
+///   picture in flight is finished with the layers it started with.
+/// * Lower spatial layers are always forwarded with the chosen one: the decoder decodes the
+///   whole (thinned) picture and shows its highest layer.
+/// * The marker bit goes on the end of the forwarded layer's frame (the publisher's own
+///   marker is kept too).
+/// * A picture may lack upper layers: libvpx drops single layer frames when it overshoots
+///   its rate, after the lower ones were sent without the marker (measured with Chromium's
+///   `L3T3_KEY` at a few hundred kbit/s: about a third of the pictures). A libwebrtc receiver
+///   decodes a picture only once a packet with the marker completes it, so such a picture,
+///   and everything that references it, would never be shown. So the last packet of a
+///   layer frame below the forwarded layer is *held* until the next packet shows whether a
+///   forwarded layer of the same picture follows (written without the marker) or not (a new
+///   picture, or a higher layer: written with it). One packet per subscriber at most, held
+///   for the gap to the publisher's next packet.
+///
+/// Temporal layers are all forwarded (no frame-rate thinning yet).
+#[derive(Debug, Clone, Default)]
+pub struct SvcSelector {
+    /// The spatial layer forwarded now (`None`: not started, waiting for a keyframe).
+    current: Option<u8>,
+    /// RTP timestamp of the newest picture seen.
+    picture_ts: Option<u32>,
+    /// The held packet's (timestamp, spatial id).
+    held: Option<(u32, u8)>,
+}
+
+impl SvcSelector {
+    /// The spatial layer forwarded now.
+    pub fn current(&self) -> Option<u8> {
+        self.current
+    }
+
+    /// Forget the stream (a pause, or a new source): the next forwarded packet must be a
+    /// keyframe's.
+    pub fn reset(&mut self) {
+        *self = SvcSelector::default();
+    }
+
+    /// Decide about one packet, `target` being the spatial layer the subscriber should get.
+    pub fn select(&mut self, target: u8, p: &SvcPacket) -> SvcChoice {
+        let new_picture = self
+            .picture_ts
+            .is_none_or(|t| (p.ts.wrapping_sub(t) as i32) > 0);
+        // A packet of an earlier picture (a retransmission, or reordered by the network).
+        let late = self
+            .picture_ts
+            .is_some_and(|t| (p.ts.wrapping_sub(t) as i32) < 0);
+        if new_picture {
+            self.picture_ts = Some(p.ts);
+        }
+        let mut want_keyframe = false;
+        let current = match self.current {
+            None if p.keyframe => target,
+            None => {
+                return SvcChoice {
+                    forward: false,
+                    marker: false,
+                    want_keyframe: true,
+                    hold: false,
+                    release: None,
+                };
+            }
+            Some(c) if target > c && p.keyframe => target,
+            Some(c) if target > c => {
+                want_keyframe = new_picture;
+                c
+            }
+            Some(c) if target < c && new_picture => target,
+            Some(c) => c,
+        };
+        self.current = Some(current);
+        let forward = p.sid <= current;
+        // The held packet ends its picture unless this packet is a forwarded layer frame of
+        // the same picture above it. A late packet says nothing about the current picture:
+        // it is written as it is and the held one stays.
+        let release = if late {
+            None
+        } else {
+            self.held
+                .take()
+                .map(|(ts, sid)| !(forward && ts == p.ts && p.sid > sid))
+        };
+        let marker = forward && (p.marker || (p.end && p.sid == current));
+        let hold = forward && p.end && !marker && !late;
+        if hold {
+            self.held = Some((p.ts, p.sid));
+        }
+        SvcChoice {
+            forward,
+            marker,
+            want_keyframe,
+            hold,
+            release,
+        }
+    }
+
+    /// Whether a packet is held (the engine keeps it until [`SvcChoice::release`]).
+    pub fn holding(&self) -> bool {
+        self.held.is_some()
+    }
+}
+
 /// A VP8 packet's picture id (value, 15 bits wide?) and TL0PICIDX, each if present.
 pub type Vp8Ids = (Option<(u16, bool)>, Option<u8>);
 
@@ -283,10 +807,21 @@ pub struct Rewriter {
     tl0_off: u8,
     /// The incoming sequence number at which the current source was rebased.
     base: Option<u64>,
+    /// Highest incoming sequence number of the current source seen (written or skipped).
+    in_high: u64,
+    /// Where `seq_off` changed within the current source because packets were skipped:
+    /// `(first incoming sequence number, offset from there on)`, oldest first, at most
+    /// [`SKIP_HISTORY`] entries. A late packet (a retransmission, or one reordered by the
+    /// network) gets the offset that was in force at its place in the stream.
+    offsets: std::collections::VecDeque<(u64, u64)>,
     /// Highest outgoing sequence number written, and the timestamp, instant, picture id and
     /// TL0PICIDX written with it.
     last: Option<Last>,
 }
+
+/// Offset changes remembered per source; a packet older than the oldest is refused (it is
+/// hundreds of packets late: its decoder gave up on it long ago).
+pub const SKIP_HISTORY: usize = 64;
 
 #[derive(Debug, Clone, Copy)]
 struct Last {
@@ -307,15 +842,19 @@ impl Rewriter {
     /// stream written so far.
     pub fn rebase(&mut self, now: Instant, first: &InHeader) {
         self.base = Some(first.seq);
+        self.in_high = first.seq;
+        self.offsets.clear();
         let Some(last) = self.last else {
             // The very first source: keep its timestamps and picture ids, number from 1.
             self.seq_off = 1u64.wrapping_sub(first.seq);
             self.ts_off = 0;
             self.pid_off = 0;
             self.tl0_off = 0;
+            self.offsets.push_back((first.seq, self.seq_off));
             return;
         };
         self.seq_off = last.seq.wrapping_add(1).wrapping_sub(first.seq);
+        self.offsets.push_back((first.seq, self.seq_off));
         let hz = u64::from(first.clock.max(1));
         let elapsed = now.saturating_duration_since(last.at).as_micros() as u64;
         let gap = (elapsed.saturating_mul(hz) / 1_000_000).max(hz / 30).max(1);
@@ -338,7 +877,9 @@ impl Rewriter {
         if p.seq < base {
             return None;
         }
-        let seq = p.seq.wrapping_add(self.seq_off);
+        let off = self.offset_at(p.seq)?;
+        self.in_high = self.in_high.max(p.seq);
+        let seq = p.seq.wrapping_add(off);
         let ts = p.ts.wrapping_add(self.ts_off);
         let (picture_id, tl0_pic_idx) = match p.vp8 {
             Some((pid, tl0)) => (
@@ -366,6 +907,36 @@ impl Rewriter {
             picture_id,
             tl0_pic_idx,
         })
+    }
+
+    /// A packet of the current source that is deliberately not forwarded (an SVC layer the
+    /// subscriber does not get): the packets after it move one number down, so the outgoing
+    /// stream has no gap (which the subscriber would NACK and nobody could repair).
+    ///
+    /// Only a packet newer than every one seen can be closed over; a late one (its
+    /// neighbours already written) leaves its hole.
+    pub fn skip(&mut self, p: &InHeader) {
+        let Some(base) = self.base else {
+            return;
+        };
+        if p.seq < base || p.seq <= self.in_high {
+            return;
+        }
+        self.in_high = p.seq;
+        self.seq_off = self.seq_off.wrapping_sub(1);
+        if self.offsets.len() >= SKIP_HISTORY {
+            self.offsets.pop_front();
+        }
+        self.offsets.push_back((p.seq + 1, self.seq_off));
+    }
+
+    /// The sequence offset in force at incoming `seq` (`None`: older than the history).
+    fn offset_at(&self, seq: u64) -> Option<u64> {
+        self.offsets
+            .iter()
+            .rev()
+            .find(|(from, _)| *from <= seq)
+            .map(|(_, off)| *off)
     }
 }
 
@@ -432,8 +1003,16 @@ mod tests {
         // VP9: B=1, P=0 (no layer indices) / P=1 / SID 1.
         assert!(keyframe_start(PayloadKind::Vp9, &[0x08, 0]));
         assert!(!keyframe_start(PayloadKind::Vp9, &[0x48, 0]));
-        assert!(keyframe_start(PayloadKind::Vp9, &[0xa8, 0x81, 0x02, 0x00]));
-        assert!(!keyframe_start(PayloadKind::Vp9, &[0xa8, 0x81, 0x02, 0x02]));
+        assert!(keyframe_start(
+            PayloadKind::Vp9,
+            &[0xa8, 0x81, 0x02, 0x00, 0x05]
+        ));
+        assert!(!keyframe_start(
+            PayloadKind::Vp9,
+            &[0xa8, 0x81, 0x02, 0x02, 0x05]
+        ));
+        // Non-flexible mode without its TL0PICIDX: truncated.
+        assert!(!keyframe_start(PayloadKind::Vp9, &[0xa8, 0x81, 0x02, 0x00]));
         // H.264: IDR, SPS in a STAP-A, FU-A start of an IDR, a P slice.
         assert!(keyframe_start(PayloadKind::H264, &[0x65, 1]));
         assert!(keyframe_start(
@@ -480,7 +1059,266 @@ mod tests {
                 let _ = keyframe_start(k, &buf);
             }
             let _ = vp8_descriptor(&buf);
+            if let Some(d) = vp9_descriptor(&buf) {
+                let mut sel = SvcSelector::default();
+                if let Some(p) = SvcPacket::vp9(&d, 0, false) {
+                    let _ = sel.select(d.sid, &p);
+                }
+            }
         }
+    }
+
+    /// A VP9 packet as Chromium sends `L3T3_KEY`: flexible mode, 15-bit picture id, layer
+    /// indices; inter-picture frames carry one reference diff; the keyframe's base layer
+    /// carries the scalability structure (three layers with sizes).
+    fn vp9_packet(pid: u16, sid: u8, tid: u8, inter: bool, begin: bool, end: bool) -> Vec<u8> {
+        let b0 = 0x80
+            | if inter { 0x40 } else { 0 }
+            | 0x20
+            | 0x10
+            | if begin { 0x08 } else { 0 }
+            | if end { 0x04 } else { 0 }
+            | if !inter && sid == 0 && begin { 0x02 } else { 0 };
+        let mut v = vec![b0, 0x80 | (pid >> 8) as u8, pid as u8];
+        v.push((tid << 5) | (sid << 1) | u8::from(!inter && sid > 0));
+        if inter {
+            v.push(1 << 1); // P_DIFF 1, N=0
+        }
+        if b0 & 0x02 != 0 {
+            v.push((2 << 5) | 0x10); // N_S = 3, Y
+            for (w, h) in [(240u16, 135u16), (480, 270), (960, 540)] {
+                v.extend_from_slice(&w.to_be_bytes());
+                v.extend_from_slice(&h.to_be_bytes());
+            }
+        }
+        v.extend_from_slice(&[0xaa, 0xbb]); // frame data
+        v
+    }
+
+    #[test]
+    fn vp9_descriptor_fields() {
+        let k = vp9_packet(0x1234, 0, 0, false, true, false);
+        let d = vp9_descriptor(&k).unwrap();
+        assert_eq!(d.picture_id, Some((0x1234, true)));
+        assert!(d.flexible && d.layer_indices && d.begin && !d.end && !d.inter_picture);
+        assert_eq!((d.sid, d.tid), (0, 0));
+        assert_eq!(d.spatial_layers, Some(3));
+        assert_eq!(
+            d.sizes,
+            [Some((240, 135)), Some((480, 270)), Some((960, 540))]
+        );
+        assert!(d.keyframe_start());
+        // The keyframe's S1: inter-layer predicted, not a keyframe start.
+        let d = vp9_descriptor(&vp9_packet(7, 1, 0, false, true, true)).unwrap();
+        assert_eq!(d.sid, 1);
+        assert!(d.inter_layer && d.end && !d.keyframe_start());
+        // A delta frame of S2, temporal layer 2.
+        let d = vp9_descriptor(&vp9_packet(8, 2, 2, true, false, true)).unwrap();
+        assert_eq!((d.sid, d.tid, d.inter_picture), (2, 2, true));
+        // Non-flexible mode: TL0PICIDX after the layer indices.
+        let d = vp9_descriptor(&[0xac, 0x05, 0x42, 0x09, 0xff]).unwrap();
+        assert_eq!((d.tid, d.switch_up, d.sid), (2, false, 1));
+        assert_eq!(d.tl0_pic_idx, Some(9));
+        // Three reference diffs all saying "another follows": malformed.
+        assert!(vp9_descriptor(&[0x70, 0x00, 0x03, 0x03, 0x03, 0x00]).is_none());
+        // Truncated anywhere inside the descriptor: refused, never a panic.
+        let desc_len = k.len() - 2;
+        for n in 0..desc_len {
+            assert!(vp9_descriptor(&k[..n]).is_none(), "{n}");
+        }
+    }
+
+    /// One subscriber of an `L3T3_KEY` stream (three spatial layers, two packets per layer
+    /// frame): only the layers up to its target are forwarded, the end of its top layer
+    /// carries the marker, the outgoing sequence numbers have no gaps; up-switches wait for
+    /// a keyframe (and ask for one), down-switches happen at the next picture.
+    #[test]
+    fn svc_selector_thins_layers_and_keeps_the_stream_continuous() {
+        let t0 = Instant::now();
+        let mut sel = SvcSelector::default();
+        let mut rw = Rewriter::default();
+        let mut seq = 5_000u64;
+        let mut out: Vec<(u64, u8, bool)> = Vec::new();
+        let mut keyframe_asked = 0;
+        // Sends picture `n` (keyframe or not) with the subscriber at `target`.
+        let mut picture = |sel: &mut SvcSelector,
+                           n: u32,
+                           key: bool,
+                           target: u8,
+                           out: &mut Vec<(u64, u8, bool)>| {
+            let mut asked = false;
+            for sid in 0..3u8 {
+                for part in 0..2 {
+                    let payload = vp9_packet(n as u16, sid, 0, !key, part == 0, part == 1);
+                    let d = vp9_descriptor(&payload).unwrap();
+                    let ts = 3000 * n;
+                    let marker = sid == 2 && part == 1;
+                    let p = SvcPacket::vp9(&d, ts, marker).unwrap();
+                    let h = InHeader {
+                        seq,
+                        ts,
+                        clock: 90_000,
+                        vp8: None,
+                    };
+                    seq += 1;
+                    if !rw.started() {
+                        if !p.keyframe {
+                            continue;
+                        }
+                        rw.rebase(t0, &h);
+                    }
+                    let c = sel.select(target, &p);
+                    asked |= c.want_keyframe;
+                    if c.forward {
+                        let o = rw.rewrite(t0, &h).unwrap();
+                        out.push((o.seq, sid, c.marker));
+                    } else {
+                        assert!(!c.marker);
+                        rw.skip(&h);
+                    }
+                }
+            }
+            asked
+        };
+        // Starts at the keyframe on the low layer.
+        picture(&mut sel, 0, true, 0, &mut out);
+        picture(&mut sel, 1, false, 0, &mut out);
+        assert_eq!(
+            out,
+            vec![(1, 0, false), (2, 0, true), (3, 0, false), (4, 0, true)]
+        );
+        out.clear();
+        // Asks for the top layer: delta pictures stay on S0 and a keyframe is requested.
+        for n in 2..4 {
+            keyframe_asked += u32::from(picture(&mut sel, n, false, 2, &mut out));
+        }
+        assert_eq!(keyframe_asked, 2);
+        assert_eq!(
+            out.iter().map(|o| o.1).collect::<Vec<_>>(),
+            vec![0, 0, 0, 0]
+        );
+        assert_eq!(sel.current(), Some(0));
+        out.clear();
+        // The keyframe: all three layers, marker only at the end of S2.
+        assert!(!picture(&mut sel, 4, true, 2, &mut out));
+        assert_eq!(
+            out,
+            vec![
+                (9, 0, false),
+                (10, 0, false),
+                (11, 1, false),
+                (12, 1, false),
+                (13, 2, false),
+                (14, 2, true)
+            ]
+        );
+        out.clear();
+        // Down to S1 at the next picture (no keyframe needed): S2 dropped, S1 ends it.
+        picture(&mut sel, 5, false, 1, &mut out);
+        assert_eq!(
+            out,
+            vec![
+                (15, 0, false),
+                (16, 0, false),
+                (17, 1, false),
+                (18, 1, true)
+            ]
+        );
+        assert_eq!(sel.current(), Some(1));
+    }
+
+    /// A picture whose upper layers the encoder dropped after sending the lower ones without
+    /// the marker: the end of each forwarded lower layer frame is held until the next packet
+    /// says whether the picture goes on (released without marker) or not (with it).
+    #[test]
+    fn svc_selector_marks_pictures_that_lack_upper_layers() {
+        let mut sel = SvcSelector::default();
+        let pkt = |sid: u8, ts: u32, end: bool, key: bool, marker: bool| SvcPacket {
+            sid,
+            tid: 0,
+            end,
+            keyframe: key,
+            ts,
+            marker,
+        };
+        // Keyframe picture with all three layers (one packet each): S0 and S1 ends are held
+        // and released unmarked as the next layer follows; S2 carries the marker.
+        let c = sel.select(2, &pkt(0, 0, true, true, false));
+        assert!(c.forward && c.hold && c.release.is_none());
+        let c = sel.select(2, &pkt(1, 0, true, false, false));
+        assert_eq!((c.forward, c.hold, c.release), (true, true, Some(false)));
+        let c = sel.select(2, &pkt(2, 0, true, false, true));
+        assert_eq!(
+            (c.forward, c.hold, c.marker, c.release),
+            (true, false, true, Some(false))
+        );
+        assert!(!sel.holding());
+        // Picture 2: only S0 and S1, no marker from the publisher.
+        let c = sel.select(2, &pkt(0, 3000, true, false, false));
+        assert!(c.hold && c.release.is_none());
+        let c = sel.select(2, &pkt(1, 3000, true, false, false));
+        assert_eq!((c.hold, c.release), (true, Some(false)));
+        // Picture 3 begins: the held S1 end closes picture 2 with the marker.
+        let c = sel.select(2, &pkt(0, 6000, false, false, false));
+        assert_eq!((c.forward, c.hold, c.release), (true, false, Some(true)));
+        // Picture 3 skips S1: S2 of the same picture follows S0, so S0's end goes out
+        // unmarked and S2 ends the picture.
+        let c = sel.select(2, &pkt(0, 6000, true, false, false));
+        assert!(c.hold);
+        let c = sel.select(2, &pkt(2, 6000, true, false, true));
+        assert_eq!((c.marker, c.release), (true, Some(false)));
+        // A subscriber on S0 never holds: the end of S0 is its picture's end.
+        let mut low = SvcSelector::default();
+        let c = low.select(0, &pkt(0, 0, true, true, false));
+        assert!(c.forward && c.marker && !c.hold);
+        // A packet above the forwarded layer right after a held end of the same picture
+        // means no forwarded layer follows: the held one is marked.
+        let mut mid = SvcSelector::default();
+        assert!(mid.select(1, &pkt(0, 0, true, true, false)).hold);
+        let c = mid.select(1, &pkt(2, 0, true, false, true));
+        assert_eq!((c.forward, c.release), (false, Some(true)));
+        // A late packet of an earlier picture neither releases nor replaces the held one.
+        assert!(mid.select(1, &pkt(0, 3000, true, false, false)).hold);
+        let c = mid.select(1, &pkt(0, 0, true, false, false));
+        assert_eq!((c.forward, c.hold, c.release), (true, false, None));
+        assert!(mid.holding());
+        let c = mid.select(1, &pkt(1, 3000, true, false, false));
+        assert_eq!((c.marker, c.release), (true, Some(false)));
+    }
+
+    /// Skipped packets close up the outgoing numbering, and a late packet (reordered or
+    /// retransmitted) still gets the number it would have had in order.
+    #[test]
+    fn rewriter_skips_close_gaps_and_late_packets_keep_their_place() {
+        let t0 = Instant::now();
+        let mut rw = Rewriter::default();
+        let h = |seq: u64| InHeader {
+            seq,
+            ts: 0,
+            clock: 90_000,
+            vp8: None,
+        };
+        rw.rebase(t0, &h(100));
+        assert_eq!(rw.rewrite(t0, &h(100)).unwrap().seq, 1);
+        // 101 is late, 102 dropped, 103 written; 101 then arrives and takes number 2.
+        rw.skip(&h(102));
+        assert_eq!(rw.rewrite(t0, &h(103)).unwrap().seq, 3);
+        assert_eq!(rw.rewrite(t0, &h(101)).unwrap().seq, 2);
+        // A late packet that must be dropped leaves its hole (nothing moves back).
+        rw.skip(&h(101));
+        assert_eq!(rw.rewrite(t0, &h(104)).unwrap().seq, 4);
+        // The history is bounded: after many skips, very old packets are refused.
+        for i in 0..(SKIP_HISTORY as u64 + 10) {
+            rw.skip(&h(105 + 2 * i));
+            rw.rewrite(t0, &h(106 + 2 * i)).unwrap();
+        }
+        assert!(rw.rewrite(t0, &h(103)).is_none());
+        // A new source starts right after the last written number.
+        let last = rw
+            .rewrite(t0, &h(106 + 2 * (SKIP_HISTORY as u64 + 9)))
+            .unwrap();
+        rw.rebase(t0, &h(9));
+        assert_eq!(rw.rewrite(t0, &h(9)).unwrap().seq, last.seq + 1);
     }
 
     /// A simulcast switch from layer A to layer B (different sequence numbers, timestamps and
@@ -601,5 +1439,97 @@ mod tests {
             vp8: None,
         };
         assert!(rw.rewrite(Instant::now(), &h).is_none());
+    }
+
+    /// Writes bits most significant first (the inverse of `Bits::f`).
+    #[derive(Default)]
+    struct BitWriter {
+        bytes: Vec<u8>,
+        n: usize,
+    }
+
+    impl BitWriter {
+        fn put(&mut self, v: u32, bits: u32) {
+            for i in (0..bits).rev() {
+                if self.n.is_multiple_of(8) {
+                    self.bytes.push(0);
+                }
+                let bit = ((v >> i) & 1) as u8;
+                let last = self.bytes.len() - 1;
+                self.bytes[last] |= bit << (7 - self.n % 8);
+                self.n += 1;
+            }
+        }
+    }
+
+    /// A keyframe's descriptor with an L2T2 structure (templates S0T0, S0T1, S1T0, S1T1,
+    /// offset 5), then mandatory-only descriptors resolved through it.
+    #[test]
+    fn dependency_descriptor_structure_and_templates() {
+        let mut w = BitWriter::default();
+        w.put(1, 1); // start_of_frame
+        w.put(0, 1); // end_of_frame
+        w.put(5, 6); // template id
+        w.put(1234, 16); // frame number
+        w.put(1, 1); // structure present
+        w.put(0, 4); // active targets, custom dtis/fdiffs/chains
+        w.put(5, 6); // template_id_offset
+        w.put(3, 5); // dt_cnt - 1 = 3
+        for idc in [1, 2, 1, 3] {
+            w.put(idc, 2); // next_layer_idc
+        }
+        for _ in 0..4 {
+            w.put(0xaa, 8); // dtis: 4 targets x 2 bits
+        }
+        for fdiffs in [0u32, 1, 1, 2] {
+            for _ in 0..fdiffs {
+                w.put(1, 1);
+                w.put(0, 4);
+            }
+            w.put(0, 1);
+        }
+        w.put(0, 2); // chain_cnt = ns(5) = 0
+        w.put(1, 1); // resolutions
+        for _ in 0..2 {
+            w.put(319, 16);
+            w.put(179, 16);
+        }
+        let dd = parse_dd(&w.bytes).unwrap();
+        assert!(dd.start_of_frame && !dd.end_of_frame);
+        assert_eq!((dd.template_id, dd.frame_number), (5, 1234));
+        let st = dd.structure.clone().unwrap();
+        assert_eq!(st.layers, vec![(0, 0), (0, 1), (1, 0), (1, 1)]);
+        assert_eq!(st.layer_of(5), Some((0, 0)));
+        assert_eq!(st.layer_of(7), Some((1, 0)));
+        assert_eq!(st.layer_of(4), None);
+        // A mandatory-only descriptor: end of a frame of template 8 (S1T1).
+        let d = parse_dd(&[0x40 | 8, 0x04, 0xd3]).unwrap();
+        assert!(d.end_of_frame && d.structure.is_none());
+        let p = SvcPacket::av1(&d, &st, false, 90, false).unwrap();
+        assert_eq!((p.sid, p.tid, p.end), (1, 1, true));
+        // Truncated anywhere: refused, never a panic.
+        for n in 0..w.bytes.len() - 1 {
+            if n == 3 {
+                continue; // three bytes are a valid mandatory-only descriptor
+            }
+            assert!(parse_dd(&w.bytes[..n]).is_none(), "{n}");
+        }
+        // ns() corner cases and garbage.
+        let mut b = Bits {
+            data: &[0xff],
+            at: 0,
+        };
+        assert_eq!(b.ns(5), Some(4));
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        for _ in 0..20_000 {
+            let n = rng.random_range(0..40);
+            let buf: Vec<u8> = (0..n).map(|_| rng.random()).collect();
+            if let Some(d) = parse_dd(&buf) {
+                if let Some(st) = &d.structure {
+                    let _ = st.layer_of(d.template_id);
+                }
+            }
+        }
     }
 }

@@ -21,6 +21,8 @@ pub struct MediaSection {
     pub rids: Vec<String>,
     /// The first codec name of the section's `a=rtpmap` lines, e.g. `VP8`, `opus`.
     pub codec: Option<String>,
+    /// Every codec name of its `a=rtpmap` lines, in order (at most 64).
+    pub codecs: Vec<String>,
 }
 
 impl MediaSection {
@@ -47,6 +49,7 @@ pub fn media_sections(sdp: &str) -> Vec<MediaSection> {
                 port_zero,
                 rids: Vec::new(),
                 codec: None,
+                codecs: Vec::new(),
             });
             continue;
         }
@@ -67,13 +70,16 @@ pub fn media_sections(sdp: &str) -> Vec<MediaSection> {
                 cur.rids.push(id.to_string());
             }
         } else if let Some(v) = line.strip_prefix("a=rtpmap:") {
-            if cur.codec.is_none() {
-                let name = v
-                    .split_whitespace()
-                    .nth(1)
-                    .and_then(|e| e.split('/').next());
-                if let Some(n) = name {
+            let name = v
+                .split_whitespace()
+                .nth(1)
+                .and_then(|e| e.split('/').next());
+            if let Some(n) = name {
+                if cur.codec.is_none() {
                     cur.codec = Some(n.to_string());
+                }
+                if cur.codecs.len() < 64 {
+                    cur.codecs.push(n.to_string());
                 }
             }
         } else if matches!(
@@ -98,6 +104,122 @@ pub fn candidate_from_init(json: &str) -> Option<String> {
     } else {
         Some(c.to_string())
     }
+}
+
+/// Moves the payload types of a preferred codec to the front of the `m=` line of the sections
+/// named in `prefs` (`(mid, codec name)`, e.g. `("1", "vp9")`, matched case-insensitively
+/// against `a=rtpmap`), with their RTX payload types (`a=fmtp:<rtx> apt=<pt>`).
+///
+/// This is how the codec a client asked for in `AddTrackRequest` wins (LiveKit does the
+/// same): Chromium offers VP8 first whatever codec livekit-client wants, and encodes with the
+/// first codec of the answer, whose order [`order_answer_like_offer`] then takes from this
+/// rewritten offer. A section without the codec is left as it is.
+pub fn prefer_codecs(sdp: &str, prefs: &[(String, String)]) -> String {
+    if prefs.is_empty() {
+        return sdp.to_string();
+    }
+    let sep = if sdp.contains("\r\n") { "\r\n" } else { "\n" };
+    let mut lines: Vec<String> = sdp.split(sep).map(str::to_string).collect();
+    // Section boundaries: (index of the m= line, end exclusive).
+    let starts: Vec<usize> = (0..lines.len())
+        .filter(|i| lines[*i].starts_with("m="))
+        .collect();
+    for (n, &at) in starts.iter().enumerate() {
+        let end = starts.get(n + 1).copied().unwrap_or(lines.len());
+        let body = &lines[at + 1..end];
+        let Some(mid) = body.iter().find_map(|l| l.strip_prefix("a=mid:")) else {
+            continue;
+        };
+        let Some((_, codec)) = prefs.iter().find(|(m, _)| m == mid.trim()) else {
+            continue;
+        };
+        let mut chosen: Vec<String> = body
+            .iter()
+            .filter_map(|l| {
+                let v = l.strip_prefix("a=rtpmap:")?;
+                let (pt, name) = v.split_once(' ')?;
+                let name = name.split('/').next()?;
+                name.eq_ignore_ascii_case(codec).then(|| pt.to_string())
+            })
+            .collect();
+        if chosen.is_empty() {
+            continue;
+        }
+        let rtx: Vec<String> = body
+            .iter()
+            .filter_map(|l| {
+                let v = l.strip_prefix("a=fmtp:")?;
+                let (pt, params) = v.split_once(' ')?;
+                let apt = params
+                    .split(';')
+                    .find_map(|kv| kv.trim().strip_prefix("apt="))?;
+                chosen.iter().any(|c| c == apt).then(|| pt.to_string())
+            })
+            .collect();
+        chosen.extend(rtx);
+        let mut parts: Vec<&str> = lines[at].split(' ').collect();
+        if parts.len() <= 4 {
+            continue;
+        }
+        parts[3..].sort_by_key(|pt| !chosen.iter().any(|c| c == pt));
+        lines[at] = parts.join(" ");
+    }
+    lines.join(sep)
+}
+
+/// Reorders the payload types of each `m=` line of `answer` into the order the same m-section
+/// (by `a=mid`) lists them in `offer`.
+///
+/// A WebRTC sender encodes with the *first* codec of the answer's `m=` line. str0m answers in
+/// its own configured order (VP8 first), so a client that put VP9 or AV1 first in its offer
+/// (livekit-client does, with `setCodecPreferences`, for `videoCodec: 'vp9'`) would be made to
+/// send VP8. The answer keeps its codecs; only their order changes: payload types the offer
+/// lists come first, in the offer's order, anything else after them as it was. Sections or
+/// lines that do not parse are left untouched.
+pub fn order_answer_like_offer(offer: &str, answer: &str) -> String {
+    // The offer's payload type order per mid.
+    let mut orders: Vec<(String, Vec<String>)> = Vec::new();
+    let mut fmts: Option<Vec<String>> = None;
+    for line in offer.lines() {
+        let line = line.trim_end_matches('\r');
+        if let Some(rest) = line.strip_prefix("m=") {
+            fmts = Some(
+                rest.split_whitespace()
+                    .skip(3)
+                    .map(str::to_string)
+                    .collect(),
+            );
+        } else if let Some(mid) = line.strip_prefix("a=mid:") {
+            if let Some(f) = fmts.take() {
+                orders.push((mid.trim().to_string(), f));
+            }
+        }
+    }
+    // The answer: find each section's mid first, then rewrite its m= line.
+    let lines: Vec<&str> = answer.split("\r\n").collect();
+    let mut out: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+    let mut m_at: Option<usize> = None;
+    for (i, line) in lines.iter().enumerate() {
+        if line.starts_with("m=") {
+            m_at = Some(i);
+        } else if let Some(mid) = line.strip_prefix("a=mid:") {
+            let Some(at) = m_at.take() else {
+                continue;
+            };
+            let Some((_, order)) = orders.iter().find(|(m, _)| m == mid.trim()) else {
+                continue;
+            };
+            let mut parts: Vec<&str> = lines[at].split(' ').collect();
+            if parts.len() <= 4 {
+                continue;
+            }
+            let rank = |pt: &str| order.iter().position(|o| o == pt).unwrap_or(usize::MAX);
+            // A stable sort keeps the answer's order among payload types the offer lacks.
+            parts[3..].sort_by_key(|pt| rank(pt));
+            out[at] = parts.join(" ");
+        }
+    }
+    out.join("\r\n")
 }
 
 #[cfg(test)]
@@ -139,5 +261,50 @@ m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=mid:3\r\n";
         assert!(candidate_from_init(j).unwrap().starts_with("candidate:1"));
         assert_eq!(candidate_from_init(r#"{"candidate":""}"#), None);
         assert_eq!(candidate_from_init("not json"), None);
+    }
+
+    #[test]
+    fn answer_follows_the_offers_codec_order() {
+        let offer = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111 63\r\na=mid:0\r\n\
+m=video 9 UDP/TLS/RTP/SAVPF 98 99 96 97 45\r\na=mid:1\r\n";
+        let answer = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\n\
+m=video 9 UDP/TLS/RTP/SAVPF 96 97 98 99 45 120\r\nc=IN IP4 0.0.0.0\r\na=mid:1\r\na=rtpmap:96 VP8/90000\r\n";
+        let fixed = order_answer_like_offer(offer, answer);
+        assert!(
+            fixed.contains("m=video 9 UDP/TLS/RTP/SAVPF 98 99 96 97 45 120\r\nc="),
+            "{fixed}"
+        );
+        assert!(fixed.contains("m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0"));
+        assert!(fixed.contains("a=rtpmap:96 VP8/90000"));
+        // Garbage in either argument changes nothing and never panics.
+        assert_eq!(order_answer_like_offer("\u{0}m=", answer), answer);
+        assert_eq!(
+            order_answer_like_offer(offer, "m=\r\na=mid:1"),
+            "m=\r\na=mid:1"
+        );
+    }
+
+    #[test]
+    fn preferred_codec_goes_first_with_its_rtx() {
+        let offer = "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96 97 98 99 45\r\na=mid:1\r\n\
+a=rtpmap:96 VP8/90000\r\na=rtpmap:97 rtx/90000\r\na=fmtp:97 apt=96\r\n\
+a=rtpmap:98 VP9/90000\r\na=rtpmap:99 rtx/90000\r\na=fmtp:99 apt=98\r\na=rtpmap:45 AV1/90000\r\n\
+m=video 9 UDP/TLS/RTP/SAVPF 96 98\r\na=mid:2\r\na=rtpmap:96 VP8/90000\r\n";
+        let prefs = vec![
+            ("1".to_string(), "vp9".to_string()),
+            ("2".into(), "av1".into()),
+        ];
+        let out = prefer_codecs(offer, &prefs);
+        assert!(
+            out.contains("m=video 9 UDP/TLS/RTP/SAVPF 98 99 96 97 45\r\na=mid:1"),
+            "{out}"
+        );
+        // Section 2 has no AV1: unchanged.
+        assert!(out.contains("m=video 9 UDP/TLS/RTP/SAVPF 96 98\r\na=mid:2"));
+        assert_eq!(prefer_codecs(offer, &[]), offer);
+        assert_eq!(
+            prefer_codecs("m=\na=mid:1\na=rtpmap:", &prefs),
+            "m=\na=mid:1\na=rtpmap:"
+        );
     }
 }

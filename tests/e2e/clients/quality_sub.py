@@ -46,6 +46,7 @@ QUALITY_NAMES = {
 INBOUND_FIELDS = (
     "frames_decoded", "key_frames_decoded", "frames_dropped", "frame_width", "frame_height",
     "freeze_count", "nack_count", "pli_count", "fir_count", "retransmitted_packets_received",
+    "bytes_received",
 )
 
 

@@ -90,6 +90,9 @@ window.arborSenderStats = async () => {
         firCount: s.firCount || 0,
         keyFramesEncoded: s.keyFramesEncoded || 0,
         retransmittedPacketsSent: s.retransmittedPacketsSent || 0,
+        scalabilityMode: s.scalabilityMode,
+        encoderImplementation: s.encoderImplementation,
+        mimeType: s.codecId && report.get(s.codecId) ? report.get(s.codecId).mimeType : undefined,
       };
     }
   });
@@ -175,7 +178,11 @@ async function watchGrid(mediaStreamTrack) {
 async function main() {
   const url = params.get('url');
   const token = params.get('access_token');
-  const simulcastRole = state.role === 'simulcast';
+  // role=svc: one SVC-encoded camera track (codec=vp9|av1, scalabilityMode L3T3_KEY), the
+  // layered stream the server thins per subscriber; dynacast on, as for role=simulcast.
+  const svcRole = state.role === 'svc';
+  const simulcastRole = state.role === 'simulcast' || svcRole;
+  const svcCodec = params.get('codec') || 'vp9';
   const width = Number(params.get('width') || 960);
   const height = Number(params.get('height') || 540);
   const fps = Number(params.get('fps') || 30);
@@ -186,11 +193,16 @@ async function main() {
     videoCaptureDefaults: simulcastRole
       ? { resolution: { width, height, frameRate: fps } }
       : { resolution: VideoPresets.h360.resolution },
-    publishDefaults: simulcastRole
-      ? { simulcast: true, videoCodec: 'vp8', videoSimulcastLayers: [VideoPresets.h180, VideoPresets.h360] }
-      : undefined,
+    publishDefaults: svcRole
+      ? { videoCodec: svcCodec, scalabilityMode: 'L3T3_KEY', backupCodec: false, degradationPreference: 'maintain-resolution' }
+      : simulcastRole
+        ? { simulcast: true, videoCodec: 'vp8', videoSimulcastLayers: [VideoPresets.h180, VideoPresets.h360] }
+        : undefined,
   });
   window.arborRoom = room;
+  // What this Chromium can encode (the SVC test skips a codec it lacks).
+  state.sendCodecs = [...new Set(((RTCRtpSender.getCapabilities && RTCRtpSender.getCapabilities('video')) || { codecs: [] })
+    .codecs.map((c) => c.mimeType))];
   // Record the server's dynacast requests as they arrive (the SDK acts on them itself).
   room.engine.on('subscribedQualityUpdate', (u) => {
     const qualities = (u.subscribedCodecs && u.subscribedCodecs[0] ? u.subscribedCodecs[0].qualities : u.subscribedQualities) || [];
