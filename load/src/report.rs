@@ -34,14 +34,18 @@ pub struct Row {
     pub join_failures: u64,
     /// Load generator's own CPU, percent of one core (to show it was not the bottleneck).
     pub client_cpu_pct: f64,
+    /// Media time delivered per wall time over the window, percent, averaged over the tracks
+    /// that received something (100 = real time). Below 100 the server is falling behind:
+    /// it queues what it cannot send, which `loss_pct` (sequence gaps) does not show.
+    pub realtime_pct: f64,
 }
 
-pub const HEADER: &str = "target,scenario,step,participants,subscriptions,server_cpu_pct,fwd_pps,cpu_us_per_pkt,rss_kib_per_sub,server_rss_mib,loss_pct,jitter_ms,join_p50_ms,join_p95_ms,join_failures,client_cpu_pct";
+pub const HEADER: &str = "target,scenario,step,participants,subscriptions,server_cpu_pct,fwd_pps,cpu_us_per_pkt,rss_kib_per_sub,server_rss_mib,loss_pct,jitter_ms,join_p50_ms,join_p95_ms,join_failures,client_cpu_pct,realtime_pct";
 
 impl Row {
     pub fn csv(&self) -> String {
         format!(
-            "{},{},{},{},{},{:.1},{:.0},{:.2},{:.1},{:.1},{:.3},{:.2},{:.0},{:.0},{},{:.1}",
+            "{},{},{},{},{},{:.1},{:.0},{:.2},{:.1},{:.1},{:.3},{:.2},{:.0},{:.0},{},{:.1},{:.1}",
             self.target,
             self.scenario,
             self.step,
@@ -57,14 +61,16 @@ impl Row {
             self.join_p50_ms,
             self.join_p95_ms,
             self.join_failures,
-            self.client_cpu_pct
+            self.client_cpu_pct,
+            self.realtime_pct
         )
     }
 
     /// Parses a line written by [`Row::csv`].
     pub fn parse(line: &str) -> Option<Self> {
         let f: Vec<&str> = line.trim().split(',').collect();
-        if f.len() != 16 {
+        // 16 fields: files written before `realtime_pct` existed.
+        if f.len() != 16 && f.len() != 17 {
             return None;
         }
         let n = |i: usize| f[i].parse::<f64>().ok();
@@ -85,21 +91,22 @@ impl Row {
             join_p95_ms: n(13)?,
             join_failures: f[14].parse().ok()?,
             client_cpu_pct: n(15)?,
+            realtime_pct: if f.len() == 17 { n(16)? } else { 0.0 },
         })
     }
 }
 
 pub fn table_header() -> String {
     format!(
-        "{:<7} {:<10} {:>5} {:>5} {:>6} {:>6} {:>8} {:>7} {:>8} {:>7} {:>6} {:>7} {:>7} {:>7} {:>5} {:>6}",
+        "{:<7} {:<10} {:>5} {:>5} {:>6} {:>6} {:>8} {:>7} {:>8} {:>7} {:>6} {:>7} {:>7} {:>7} {:>5} {:>6} {:>6}",
         "target", "scenario", "step", "parts", "subs", "cpu%", "fwd/s", "us/pkt", "KiB/sub", "RSS MiB",
-        "loss%", "jit ms", "join50", "join95", "fail", "cli%"
+        "loss%", "jit ms", "join50", "join95", "fail", "cli%", "rt%"
     )
 }
 
 pub fn table_row(r: &Row) -> String {
     format!(
-        "{:<7} {:<10} {:>5} {:>5} {:>6} {:>6.1} {:>8.0} {:>7.2} {:>8.1} {:>7.1} {:>6.2} {:>7.2} {:>7.0} {:>7.0} {:>5} {:>6.1}",
+        "{:<7} {:<10} {:>5} {:>5} {:>6} {:>6.1} {:>8.0} {:>7.2} {:>8.1} {:>7.1} {:>6.2} {:>7.2} {:>7.0} {:>7.0} {:>5} {:>6.1} {:>6.1}",
         r.target,
         r.scenario,
         r.step,
@@ -115,7 +122,8 @@ pub fn table_row(r: &Row) -> String {
         r.join_p50_ms,
         r.join_p95_ms,
         r.join_failures,
-        r.client_cpu_pct
+        r.client_cpu_pct,
+        r.realtime_pct
     )
 }
 

@@ -25,6 +25,11 @@ pub struct TrackCounters {
     pub expected: AtomicU64,
     /// Current RFC 3550 jitter estimate, in microseconds.
     pub jitter_us: AtomicU64,
+    /// Media time received, in microseconds: (highest extended RTP timestamp - first) / clock
+    /// rate. Over a window it should advance as fast as the wall clock; a server that queues
+    /// what it cannot send delivers media slower than real time, which sequence-gap loss
+    /// cannot see (the gaps have not happened yet).
+    pub media_us: AtomicU64,
 }
 
 /// All tracks of a run. The registry only grows while a run lasts (a track that ended keeps its
@@ -75,6 +80,22 @@ impl Registry {
             .lock()
             .map(|mut j| std::mem::take(&mut *j))
             .unwrap_or_default()
+    }
+
+    /// `(received, media_us)` of every track, in registration order (see [`Registry::per_track`]).
+    pub fn media_times(&self) -> Vec<(u64, u64)> {
+        match self.tracks.lock() {
+            Ok(t) => t
+                .iter()
+                .map(|c| {
+                    (
+                        c.received.load(Ordering::Relaxed),
+                        c.media_us.load(Ordering::Relaxed),
+                    )
+                })
+                .collect(),
+            Err(_) => Vec::new(),
+        }
     }
 
     /// `(received, expected)` of every track, in registration order (a track's index is
@@ -128,6 +149,9 @@ pub struct TrackRecv {
     /// Last arrival and its RTP timestamp, for the jitter estimate.
     last: Option<(Instant, u32)>,
     jitter: f64,
+    /// First and highest extended RTP timestamp (for [`TrackCounters::media_us`]).
+    first_ts: Option<u64>,
+    max_ts: u64,
 }
 
 impl TrackRecv {
@@ -139,40 +163,15 @@ impl TrackRecv {
             max_ext: 0,
             last: None,
             jitter: 0.0,
+            first_ts: None,
+            max_ts: 0,
         }
     }
 
     /// Accounts one received packet (`seq`, RTP `ts`) that arrived at `now`.
     pub fn on_packet(&mut self, now: Instant, seq: u16, ts: u32) {
-        let ext = match self.first_ext {
-            None => {
-                // Start the extended sequence space high enough that a few reordered packets
-                // before the first one do not underflow.
-                let e = (1u64 << 32) + seq as u64;
-                self.first_ext = Some(e);
-                self.max_ext = e;
-                e
-            }
-            Some(_) => {
-                // Pick the extension of `seq` closest to the highest one seen so far.
-                let base = self.max_ext & !0xffff;
-                let cands = [base.wrapping_sub(0x10000), base, base + 0x10000];
-                let mut best = base + seq as u64;
-                let mut best_d = u64::MAX;
-                for b in cands {
-                    let e = b + seq as u64;
-                    let d = e.abs_diff(self.max_ext);
-                    if d < best_d {
-                        best_d = d;
-                        best = e;
-                    }
-                }
-                best
-            }
-        };
-        if ext > self.max_ext {
-            self.max_ext = ext;
-        }
+        let ext = extend(&mut self.first_ext, &mut self.max_ext, seq as u64, 16);
+        let ts_ext = extend(&mut self.first_ts, &mut self.max_ts, ts as u64, 32);
         // RFC 3550 §6.4.1: J += (|D(i-1,i)| - J) / 16, with D in RTP timestamp units.
         if let Some((t0, ts0)) = self.last {
             let arrival = now.saturating_duration_since(t0).as_secs_f64() * self.clock_rate;
@@ -190,7 +189,47 @@ impl TrackRecv {
             (self.jitter / self.clock_rate * 1e6) as u64,
             Ordering::Relaxed,
         );
+        let first_ts = self.first_ts.unwrap_or(ts_ext);
+        c.media_us.store(
+            ((self.max_ts - first_ts) as f64 / self.clock_rate * 1e6) as u64,
+            Ordering::Relaxed,
+        );
     }
+}
+
+/// Extends a wrapping `bits`-bit counter (RTP sequence number or timestamp) to 64 bits: the
+/// extension closest to the highest value seen so far. Updates `first` and `max`; returns the
+/// extended value.
+fn extend(first: &mut Option<u64>, max: &mut u64, v: u64, bits: u32) -> u64 {
+    let span = 1u64 << bits;
+    let ext = match first {
+        None => {
+            // Start the extended space high enough that a few reordered values before the
+            // first one do not underflow.
+            let e = (1u64 << 40) + v;
+            *first = Some(e);
+            *max = e;
+            e
+        }
+        Some(_) => {
+            let base = *max & !(span - 1);
+            let mut best = base + v;
+            let mut best_d = u64::MAX;
+            for b in [base.wrapping_sub(span), base, base + span] {
+                let e = b + v;
+                let d = e.abs_diff(*max);
+                if d < best_d {
+                    best_d = d;
+                    best = e;
+                }
+            }
+            best
+        }
+    };
+    if ext > *max {
+        *max = ext;
+    }
+    ext
 }
 
 /// CPU time and memory of one process, read from `/proc`.
@@ -258,6 +297,23 @@ mod tests {
         }
         assert_eq!(c.received.load(Ordering::Relaxed), 10);
         assert_eq!(c.expected.load(Ordering::Relaxed), 12);
+    }
+
+    #[test]
+    fn media_time_follows_timestamps_across_the_wrap() {
+        let reg = Registry::default();
+        let c = reg.track();
+        let mut r = TrackRecv::new(c.clone(), 90_000);
+        let t = Instant::now();
+        // 2 s of 30 fps video whose timestamps wrap at 2^32 halfway.
+        let start = u32::MAX - 90_000 + 1;
+        for i in 0..=60u32 {
+            r.on_packet(t, i as u16, start.wrapping_add(3000 * i));
+        }
+        assert_eq!(c.media_us.load(Ordering::Relaxed), 2_000_000);
+        // A late packet from before does not move it back.
+        r.on_packet(t, 61, start);
+        assert_eq!(c.media_us.load(Ordering::Relaxed), 2_000_000);
     }
 
     #[test]

@@ -927,7 +927,10 @@ impl Rewriter {
         if self.offsets.len() >= SKIP_HISTORY {
             self.offsets.pop_front();
         }
-        self.offsets.push_back((p.seq + 1, self.seq_off));
+        // Saturating: the extended sequence number is str0m's u64, far from its end in
+        // practice, but it is input.
+        self.offsets
+            .push_back((p.seq.saturating_add(1), self.seq_off));
     }
 
     /// The sequence offset in force at incoming `seq` (`None`: older than the history).
@@ -1319,6 +1322,24 @@ mod tests {
             .unwrap();
         rw.rebase(t0, &h(9));
         assert_eq!(rw.rewrite(t0, &h(9)).unwrap().seq, last.seq + 1);
+    }
+
+    /// Found by the `rtp` fuzz target: a skip at the very end of the extended sequence space
+    /// overflowed `seq + 1`.
+    #[test]
+    fn skip_at_the_end_of_the_sequence_space_does_not_overflow() {
+        let t0 = Instant::now();
+        let mut rw = Rewriter::default();
+        let h = |seq: u64| InHeader {
+            seq,
+            ts: 0,
+            clock: 90_000,
+            vp8: None,
+        };
+        rw.rebase(t0, &h(u64::MAX - 1));
+        let _ = rw.rewrite(t0, &h(u64::MAX - 1));
+        rw.skip(&h(u64::MAX));
+        let _ = rw.rewrite(t0, &h(u64::MAX));
     }
 
     /// A simulcast switch from layer A to layer B (different sequence numbers, timestamps and
