@@ -84,30 +84,24 @@ impl Registry {
 
     /// `(received, media_us)` of every track, in registration order (see [`Registry::per_track`]).
     pub fn media_times(&self) -> Vec<(u64, u64)> {
-        match self.tracks.lock() {
-            Ok(t) => t
-                .iter()
-                .map(|c| {
-                    (
-                        c.received.load(Ordering::Relaxed),
-                        c.media_us.load(Ordering::Relaxed),
-                    )
-                })
-                .collect(),
-            Err(_) => Vec::new(),
-        }
+        self.snapshot(|c| &c.media_us)
     }
 
     /// `(received, expected)` of every track, in registration order (a track's index is
     /// stable for the whole run, so two snapshots can be subtracted).
     pub fn per_track(&self) -> Vec<(u64, u64)> {
+        self.snapshot(|c| &c.expected)
+    }
+
+    /// `(received, field)` of every track, in registration order.
+    fn snapshot(&self, field: impl Fn(&TrackCounters) -> &AtomicU64) -> Vec<(u64, u64)> {
         match self.tracks.lock() {
             Ok(t) => t
                 .iter()
                 .map(|c| {
                     (
                         c.received.load(Ordering::Relaxed),
-                        c.expected.load(Ordering::Relaxed),
+                        field(c).load(Ordering::Relaxed),
                     )
                 })
                 .collect(),

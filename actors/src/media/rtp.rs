@@ -113,6 +113,21 @@ pub struct Vp8Descriptor {
     pub keyframe_start: bool,
 }
 
+/// The picture id of a VP8 or VP9 payload descriptor at `p[*at..]` (the same encoding in both,
+/// RFC 7741 §4.2 and RFC 9628 §4.2): one byte of 7 bits, or with the M bit two bytes of 15 bits.
+/// Returns `(id, fifteen_bits)` and advances `at`; `None` if the payload ends first.
+fn picture_id(p: &[u8], at: &mut usize) -> Option<(u16, bool)> {
+    let m = *p.get(*at)?;
+    *at += 1;
+    if m & 0x80 != 0 {
+        let lo = *p.get(*at)?;
+        *at += 1;
+        Some(((u16::from(m & 0x7f) << 8) | u16::from(lo), true))
+    } else {
+        Some((u16::from(m), false))
+    }
+}
+
 /// Parses a VP8 payload descriptor; `None` if it is truncated or malformed.
 pub fn vp8_descriptor(p: &[u8]) -> Option<Vp8Descriptor> {
     let b0 = *p.first()?;
@@ -127,15 +142,7 @@ pub fn vp8_descriptor(p: &[u8]) -> Option<Vp8Descriptor> {
         let x = *p.get(at)?;
         at += 1;
         if x & 0x80 != 0 {
-            let m = *p.get(at)?;
-            at += 1;
-            if m & 0x80 != 0 {
-                let lo = *p.get(at)?;
-                at += 1;
-                d.picture_id = Some(((u16::from(m & 0x7f) << 8) | u16::from(lo), true));
-            } else {
-                d.picture_id = Some((u16::from(m), false));
-            }
+            d.picture_id = Some(picture_id(p, &mut at)?);
         }
         if x & 0x40 != 0 {
             d.tl0_pic_idx = Some(*p.get(at)?);
@@ -242,15 +249,7 @@ pub fn vp9_descriptor(p: &[u8]) -> Option<Vp9Descriptor> {
     let has_ss = b0 & 0x02 != 0;
     let mut at = 1;
     if b0 & 0x80 != 0 {
-        let m = *p.get(at)?;
-        at += 1;
-        if m & 0x80 != 0 {
-            let lo = *p.get(at)?;
-            at += 1;
-            d.picture_id = Some(((u16::from(m & 0x7f) << 8) | u16::from(lo), true));
-        } else {
-            d.picture_id = Some((u16::from(m), false));
-        }
+        d.picture_id = Some(picture_id(p, &mut at)?);
     }
     if d.layer_indices {
         let li = *p.get(at)?;
