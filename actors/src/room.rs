@@ -1266,10 +1266,7 @@ impl Handler<RemoveParticipant> for Room {
             Ok(sid) => sid,
             Err(e) => {
                 // Served by another node: ask it, over the link the participant is known by.
-                let Some((sid, link)) = self
-                    .remote_by_identity(&msg.identity)
-                    .map(|(sid, r)| (sid.clone(), r.link))
-                else {
+                let Some((sid, link)) = self.remote_link(&msg.identity) else {
                     return Err(e);
                 };
                 let frame = LinkMsg::Remove(wire::RemoveParticipant {
@@ -1455,10 +1452,7 @@ impl Handler<AdminUpdateSubscriptions> for Room {
             Ok(sid) => sid,
             Err(e) => {
                 // Served by another node: its node subscribes it.
-                let Some((sid, link)) = self
-                    .remote_by_identity(&msg.identity)
-                    .map(|(sid, r)| (sid.clone(), r.link))
-                else {
+                let Some((sid, link)) = self.remote_link(&msg.identity) else {
                     return Err(e);
                 };
                 self.send_to(
@@ -1600,10 +1594,7 @@ impl Handler<PerformRpc> for Room {
             Err(e) => {
                 // Served by another node: the call travels there, its answers come back as
                 // `RpcReply` frames; the timeouts stay here.
-                let Some((sid, link)) = self
-                    .remote_by_identity(&msg.identity)
-                    .map(|(sid, r)| (sid.clone(), r.link))
-                else {
+                let Some((sid, link)) = self.remote_link(&msg.identity) else {
                     return Err(e);
                 };
                 self.send_to(
@@ -1855,6 +1846,12 @@ impl Room {
         self.remotes
             .iter()
             .find(|(_, r)| r.info.identity == identity)
+    }
+
+    /// `(sid, link)` of the remote participant `identity` (served by another node).
+    fn remote_link(&self, identity: &str) -> Option<(String, u64)> {
+        self.remote_by_identity(identity)
+            .map(|(sid, r)| (sid.clone(), r.link))
     }
 
     /// The link towards remote participant `sid`'s node for a request that arrived on link
