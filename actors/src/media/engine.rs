@@ -320,8 +320,7 @@ struct RtpIn {
     /// The packet's spatial/temporal layer if it belongs to an SVC stream (VP9 with layer
     /// indices, AV1 with a dependency descriptor).
     svc: Option<SvcPacket>,
-    /// The dependency descriptor, forwarded unchanged (local publishers only: relay
-    /// datagrams do not carry it yet).
+    /// The dependency descriptor, forwarded unchanged (to subscribers and relay links).
     dd: Option<DdBytes>,
     audio_level: Option<i8>,
     voice_activity: Option<bool>,
@@ -620,6 +619,24 @@ fn read_payload(
         },
         k => (None, None, rtpfwd::keyframe_start(k, payload)),
     }
+}
+
+/// The SVC layer of an AV1 packet from its dependency descriptor: the descriptor names a
+/// frame dependency template, whose (spatial, temporal) layer is looked up in the latest
+/// template structure the track sent (keyframes carry it; `structure` remembers it).
+/// `None` without a descriptor, before the first structure, or for a malformed descriptor.
+fn av1_layer(
+    structure: &mut Option<rtpfwd::DdStructure>,
+    dd: Option<&DdBytes>,
+    keyframe: bool,
+    ts: u32,
+    marker: bool,
+) -> Option<SvcPacket> {
+    let d = rtpfwd::parse_dd(&dd?.0)?;
+    if let Some(st) = &d.structure {
+        *structure = Some(st.clone());
+    }
+    SvcPacket::av1(&d, structure.as_ref()?, keyframe, ts, marker)
 }
 
 /// Rank of a simulcast rid: higher is better quality. LiveKit uses q/h/f (also 0/1/2 reversed).
@@ -1149,7 +1166,19 @@ impl Engine {
                     return;
                 };
                 let (params, kind) = (info.params, info.kind);
-                let (vp8, svc, _) = read_payload(kind, r.payload, r.rtp_ts, r.marker);
+                let (vp8, mut svc, _) = read_payload(kind, r.payload, r.rtp_ts, r.marker);
+                // The dependency descriptor crossed the link byte for byte: this node drops
+                // AV1 SVC layers per subscriber exactly like the publisher's node.
+                let dd = r.dd.map(|d| DdBytes(d.into()));
+                if kind == PayloadKind::Av1 {
+                    svc = av1_layer(
+                        &mut ft.dd_structure,
+                        dd.as_ref(),
+                        r.keyframe,
+                        r.rtp_ts,
+                        r.marker,
+                    );
+                }
                 let input = RtpIn {
                     rid: r.rid.map(Rid::from),
                     pt,
@@ -1161,7 +1190,7 @@ impl Engine {
                     keyframe: r.keyframe,
                     vp8,
                     svc,
-                    dd: None,
+                    dd,
                     audio_level: r.audio_level,
                     voice_activity: r.voice_activity,
                     video_orientation: None,
@@ -2127,18 +2156,15 @@ impl Engine {
         let (params, kind) = info;
         let (vp8, mut svc, keyframe) =
             read_payload(kind, &pkt.payload, pkt.header.timestamp, pkt.header.marker);
-        // AV1 with the dependency descriptor: the layers come from the descriptor's template,
-        // looked up in the latest structure the track sent (with its keyframes).
         let dd = pkt.header.ext_vals.user_values.get::<DdBytes>().cloned();
         if kind == PayloadKind::Av1 {
-            if let Some(d) = dd.as_ref().and_then(|b| rtpfwd::parse_dd(&b.0)) {
-                if let Some(st) = &d.structure {
-                    ft.dd_structure = Some(st.clone());
-                }
-                svc = ft.dd_structure.as_ref().and_then(|st| {
-                    SvcPacket::av1(&d, st, keyframe, pkt.header.timestamp, pkt.header.marker)
-                });
-            }
+            svc = av1_layer(
+                &mut ft.dd_structure,
+                dd.as_ref(),
+                keyframe,
+                pkt.header.timestamp,
+                pkt.header.marker,
+            );
         }
         let ext = &pkt.header.ext_vals;
         let input = RtpIn {
@@ -2199,6 +2225,7 @@ impl Engine {
                 audio_level: p.audio_level,
                 voice_activity: p.voice_activity,
                 rid: p.rid,
+                dd: p.dd.as_ref().map(|d| &d.0[..]),
                 payload: &p.payload,
             };
             let rank = p.rid.as_ref().map_or(1, rid_rank);
@@ -2812,6 +2839,7 @@ mod relay_tests {
                     audio_level: None,
                     voice_activity: None,
                     rid: Some(rid.into()),
+                    dd: None,
                     payload: &payload,
                 };
                 let mut ds = Vec::new();

@@ -37,8 +37,10 @@
 //! kind u8 = 3 (keyframe)  flow u64 | rank u8 (0: every layer)
 //! kind u8 = 4 (congestion) flow u64 | loss u16 (per mille, before repair)
 //! kind u8 = 5 (rtp)       flow u64 | seq u32 | flags u8 | pt u8 | rtp_seq u64 | rtp_ts u32
-//!   | ingest u64 | [level i8 if flags&4] | rid_len u8 | rid | payload
-//!   flags: 1 keyframe start, 4 audio level, 8 marker, 16 voice activity
+//!   | ingest u64 | [level i8 if flags&4] | rid_len u8 | rid | [dd_len u8 | dd if flags&32]
+//!   | payload
+//!   flags: 1 keyframe start, 4 audio level, 8 marker, 16 voice activity,
+//!   32 AV1 dependency descriptor follows (3..=MAX_DD bytes, as the publisher sent it)
 //! kind u8 = 6 (params)    flow u64 | seq u32 | pt u8 | len u16 | PayloadParams JSON
 //! ```
 //!
@@ -74,6 +76,13 @@ const FLAG_PARAMS: u8 = 2;
 const FLAG_LEVEL: u8 = 4;
 const FLAG_MARKER: u8 = 8;
 const FLAG_VOICE: u8 = 16;
+const FLAG_DD: u8 = 32;
+
+/// Largest dependency descriptor carried in an RTP datagram (the RTP two-byte header
+/// extension form caps an element at 255 bytes).
+pub const MAX_DD: usize = 255;
+/// Smallest valid dependency descriptor (its mandatory fields).
+const MIN_DD: usize = 3;
 
 /// Largest number of sequence numbers in one NACK datagram.
 pub const MAX_NACK_SEQS: usize = 128;
@@ -326,6 +335,9 @@ pub struct RtpDatagram<'a> {
     pub audio_level: Option<i8>,
     pub voice_activity: Option<bool>,
     pub rid: Option<&'a str>,
+    /// The AV1 dependency descriptor the publisher sent with this packet, byte for byte (the
+    /// receiving node's SVC selector reads the layers from it and forwards it).
+    pub dd: Option<&'a [u8]>,
     pub payload: &'a [u8],
 }
 
@@ -341,6 +353,8 @@ pub struct RelayRtp<'a> {
     pub audio_level: Option<i8>,
     pub voice_activity: Option<bool>,
     pub rid: Option<Rid>,
+    /// The AV1 dependency descriptor to carry (dropped when longer than [`MAX_DD`]).
+    pub dd: Option<&'a [u8]>,
     pub payload: &'a [u8],
 }
 
@@ -503,6 +517,15 @@ pub fn decode(buf: &[u8]) -> Result<Datagram<'_>, RelayError> {
                 None
             };
             let rid = r.rid()?;
+            let dd = if flags & FLAG_DD != 0 {
+                let n = r.u8()? as usize;
+                if n < MIN_DD {
+                    return Err(RelayError::Invalid("dependency descriptor length"));
+                }
+                Some(r.take(n)?)
+            } else {
+                None
+            };
             Ok(Datagram::Rtp(RtpDatagram {
                 flow,
                 seq,
@@ -515,6 +538,7 @@ pub fn decode(buf: &[u8]) -> Result<Datagram<'_>, RelayError> {
                 audio_level,
                 voice_activity: (flags & FLAG_LEVEL != 0).then_some(flags & FLAG_VOICE != 0),
                 rid,
+                dd,
                 payload: r.0,
             }))
         }
@@ -706,7 +730,9 @@ impl RelaySender {
     ) {
         let rid: &str = p.rid.as_deref().unwrap_or("");
         let rid = &rid[..rid.len().min(MAX_RID)];
-        if RTP_HEADER + rid.len() + p.payload.len() > max_datagram {
+        let dd = p.dd.filter(|d| (MIN_DD..=MAX_DD).contains(&d.len()));
+        let dd_len = dd.map_or(0, |d| 1 + d.len());
+        if RTP_HEADER + rid.len() + dd_len + p.payload.len() > max_datagram {
             RELAY_METRICS.datagrams_dropped.fetch_add(1, Relaxed);
             return;
         }
@@ -738,7 +764,10 @@ impl RelaySender {
                 flags |= FLAG_VOICE;
             }
         }
-        let mut d = Vec::with_capacity(RTP_HEADER + rid.len() + p.payload.len());
+        if dd.is_some() {
+            flags |= FLAG_DD;
+        }
+        let mut d = Vec::with_capacity(RTP_HEADER + rid.len() + dd_len + p.payload.len());
         d.push(KIND_RTP);
         d.extend_from_slice(&self.flow.to_be_bytes());
         d.extend_from_slice(&self.next_seq.to_be_bytes());
@@ -752,6 +781,10 @@ impl RelaySender {
         }
         d.push(rid.len() as u8);
         d.extend_from_slice(rid.as_bytes());
+        if let Some(dd) = dd {
+            d.push(dd.len() as u8);
+            d.extend_from_slice(dd);
+        }
         d.extend_from_slice(p.payload);
         self.store(d.into(), &mut emit);
         RELAY_METRICS.frames_sent.fetch_add(1, Relaxed);
@@ -1167,9 +1200,13 @@ mod tests {
             audio_level: i.is_multiple_of(3).then_some(-30),
             voice_activity: i.is_multiple_of(3).then_some(true),
             rid: Some("f".into()),
+            dd: i.is_multiple_of(2).then_some(&DD[..]),
             payload,
         }
     }
+
+    /// A dependency descriptor as the relay carries it (opaque bytes here).
+    const DD: [u8; 5] = [0x80, 0x01, 0x02, 0x03, 0x04];
 
     /// RTP mode: a packet crosses a link byte for byte with its header fields; the codec
     /// parameters go first (first packet, keyframes, every PARAMS_EVERY packets) and take a
@@ -1204,17 +1241,25 @@ mod tests {
             (9, 1, 96, 70_000, 0, false, true)
         );
         assert_eq!(
-            (r.audio_level, r.voice_activity, r.rid),
-            (Some(-30), Some(true), Some("f"))
+            (r.audio_level, r.voice_activity, r.rid, r.dd),
+            (Some(-30), Some(true), Some("f"), Some(&DD[..]))
         );
         assert_eq!(r.payload, &payload[..]);
         let Ok(Datagram::Rtp(r)) = decode(&got[2]) else {
             panic!("a packet");
         };
         assert_eq!(
-            (r.rtp_seq, r.marker, r.keyframe, r.audio_level),
-            (70_001, true, false, None)
+            (r.rtp_seq, r.marker, r.keyframe, r.audio_level, r.dd),
+            (70_001, true, false, None, None)
         );
+        assert_eq!(r.payload, &payload[..]);
+        // A descriptor shorter than its mandatory fields is refused (never read as payload).
+        let mut short = got[1].clone();
+        // The length byte follows the header (level byte and rid length included) and "f".
+        let at = RTP_HEADER + 1;
+        assert_eq!(short[at], DD.len() as u8);
+        short[at] = 2;
+        assert!(decode(&short).is_err());
         assert!(matches!(
             decode(&got[PARAMS_EVERY as usize + 1]),
             Ok(Datagram::Params { .. })
