@@ -320,8 +320,9 @@ struct RtpIn {
     /// The packet's spatial/temporal layer if it belongs to an SVC stream (VP9 with layer
     /// indices, AV1 with a dependency descriptor).
     svc: Option<SvcPacket>,
-    /// The dependency descriptor, forwarded unchanged (to subscribers and relay links).
-    dd: Option<DdBytes>,
+    /// The dependency descriptor, forwarded unchanged (to subscribers and relay links). An
+    /// `Arc`, which str0m takes as it is (`set_arc`): no allocation per subscriber for it.
+    dd: Option<Arc<DdBytes>>,
     audio_level: Option<i8>,
     voice_activity: Option<bool>,
     video_orientation: Option<VideoOrientation>,
@@ -1169,11 +1170,11 @@ impl Engine {
                 let (vp8, mut svc, _) = read_payload(kind, r.payload, r.rtp_ts, r.marker);
                 // The dependency descriptor crossed the link byte for byte: this node drops
                 // AV1 SVC layers per subscriber exactly like the publisher's node.
-                let dd = r.dd.map(|d| DdBytes(d.into()));
+                let dd = r.dd.map(|d| Arc::new(DdBytes(d.into())));
                 if kind == PayloadKind::Av1 {
                     svc = av1_layer(
                         &mut ft.dd_structure,
-                        dd.as_ref(),
+                        dd.as_deref(),
                         r.keyframe,
                         r.rtp_ts,
                         r.marker,
@@ -2156,11 +2157,11 @@ impl Engine {
         let (params, kind) = info;
         let (vp8, mut svc, keyframe) =
             read_payload(kind, &pkt.payload, pkt.header.timestamp, pkt.header.marker);
-        let dd = pkt.header.ext_vals.user_values.get::<DdBytes>().cloned();
+        let dd = pkt.header.ext_vals.user_values.get_arc::<DdBytes>();
         if kind == PayloadKind::Av1 {
             svc = av1_layer(
                 &mut ft.dd_structure,
-                dd.as_ref(),
+                dd.as_deref(),
                 keyframe,
                 pkt.header.timestamp,
                 pkt.header.marker,
@@ -2356,7 +2357,7 @@ impl Engine {
                 ..Default::default()
             };
             if let Some(dd) = &p.dd {
-                ext.user_values.set(dd.clone());
+                ext.user_values.set_arc(dd.clone());
             }
             if hold {
                 o.held = Some(HeldRtp {
