@@ -216,6 +216,17 @@ impl Room {
         }
     }
 
+    /// The shell's loop without sockets: `handle_timeout` while the engine's deadline is due
+    /// (bounded: each round pops only the peers due when it starts).
+    fn run_due_timers(&mut self) {
+        for _ in 0..8 {
+            if self.engine.poll_timeout(self.now) > self.now {
+                break;
+            }
+            self.engine.handle_timeout(self.now, &mut self.wire);
+        }
+    }
+
     /// One frame: the publisher writes a frame (if `media`), datagrams cross the wire both
     /// ways, time advances by [`FRAME`]. Returns the time spent inside the engine.
     pub fn step(&mut self, media: bool) -> Duration {
@@ -267,6 +278,11 @@ impl Room {
                 }
             }
         }
+        // What the shell does after every wake-up: the timers due now (str0m's pacer releases
+        // a written packet on a timeout, and asks for another one right after sending it).
+        let t0 = Instant::now();
+        self.run_due_timers();
+        engine_time += t0.elapsed();
         // Engine → clients (not timed).
         for (source, destination, data) in std::mem::take(&mut self.wire.to_clients) {
             let Some(&c) = self.by_addr.get(&destination) else {
@@ -289,7 +305,7 @@ impl Room {
             let _ = c.rtc.handle_input(Input::Timeout(self.now));
         }
         let t0 = Instant::now();
-        self.engine.handle_timeout(self.now, &mut self.wire);
+        self.run_due_timers();
         engine_time += t0.elapsed();
         let _ = self.server;
         engine_time
