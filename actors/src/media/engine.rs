@@ -51,7 +51,8 @@ use crate::media::relay::{
     self, RelayFrame, RelayLimits, RelayReceiver, RelayRtp, RelaySender, RELAY_METRICS,
 };
 use crate::media::rtp::{
-    self as rtpfwd, DdBytes, DdSerializer, InHeader, PayloadKind, Rewriter, SvcPacket, SvcSelector,
+    self as rtpfwd, DdBytes, DdSerializer, FrameRates, InHeader, PayloadKind, Rewriter, SvcPacket,
+    SvcSelector, TemporalSelector, ALL_TEMPORAL,
 };
 use crate::quality::LinkStats;
 use std::sync::atomic::Ordering::Relaxed;
@@ -158,6 +159,12 @@ struct OutTrack {
     need_keyframe: bool,
     /// The best layer rank the subscriber asked for (`UpdateTrackSettings`); 0 = disabled.
     max_rank: u8,
+    /// The frame rate the subscriber asked for (`UpdateTrackSettings.fps`; 0 = all): RTP
+    /// mode forwards the lowest temporal layer that has it.
+    fps: u32,
+    /// RTP mode, a non-SVC stream with temporal layers (VP8 with TIDs): the temporal layer
+    /// forwarded (an SVC stream's is in `svc`).
+    temporal: TemporalSelector,
     /// The allocator's decision under this subscriber's bandwidth estimate.
     alloc: Decision,
     /// Whether the subscriber was last told the stream is paused.
@@ -269,6 +276,9 @@ struct FwdTrack {
     rates: Vec<(Option<Rid>, u64, u64)>,
     /// RTP mode, SVC stream: the same per spatial layer (the allocator's layers when live).
     spatial: SpatialRates,
+    /// RTP mode: the frame rate of each temporal layer, per simulcast layer (index rank - 1;
+    /// a non-simulcast or SVC stream uses the first).
+    frame_rates: [FrameRates; 3],
     /// RTP mode, AV1: the latest dependency descriptor template structure.
     dd_structure: Option<rtpfwd::DdStructure>,
     /// Audio tracks: speech level meter.
@@ -379,6 +389,7 @@ impl FwdTrack {
             last_keyframe_request: HashMap::new(),
             rates: Vec::new(),
             spatial: SpatialRates::default(),
+            frame_rates: [FrameRates::default(); 3],
             dd_structure: None,
             meter: LevelMeter::default(),
             relay_src: None,
@@ -956,11 +967,13 @@ impl Engine {
                 sub,
                 track,
                 max_rank,
+                fps,
             } => {
                 if let Some(p) = self.peers.get_mut(&sub) {
                     if let Some(o) = p.media_out.iter_mut().find(|o| o.track == track) {
                         let was = o.allowed_rank();
                         o.max_rank = max_rank;
+                        o.fps = fps;
                         if was == 0 && o.allowed_rank() > 0 {
                             o.need_keyframe = o.kind == MediaKind::Video;
                         }
@@ -1587,6 +1600,8 @@ impl Engine {
             rid: None,
             need_keyframe: kind == MediaKind::Video,
             max_rank: 3,
+            fps: 0,
+            temporal: TemporalSelector::default(),
             alloc: Decision::Layer(u8::MAX),
             reported_paused: false,
             ts_offset: 0,
@@ -2246,6 +2261,13 @@ impl Engine {
         if let Some(svc) = &p.svc {
             ft.spatial.observe(now, svc.sid, len);
         }
+        // The packet's temporal layer (VP8 TID, or the SVC layer's), measured per simulcast
+        // layer.
+        let tid = p.svc.map(|s| s.tid).or(p.vp8.and_then(|d| d.tid));
+        let rates_at = usize::from(p.rid.as_ref().map_or(1, rid_rank).clamp(1, 3) - 1);
+        if let Some(t) = tid {
+            ft.frame_rates[rates_at].observe(now, p.ts, t);
+        }
         let header = p.header();
         let video = ft.kind == MediaKind::Video;
         // str0m's view of the VP8 descriptor (for patches), parsed once for all subscribers.
@@ -2296,13 +2318,29 @@ impl Engine {
             if rebase || !o.rw.started() {
                 o.rw.rebase(now, &header);
                 o.svc.reset();
+                o.temporal.reset();
                 o.held = None;
             }
+            // The highest temporal layer that gives the subscriber the frame rate it asked for.
+            let temporal = if video && o.fps > 0 {
+                ft.frame_rates[rates_at].layer_for_fps(o.fps)
+            } else {
+                ALL_TEMPORAL
+            };
             let mut marker = p.marker;
             let mut hold = false;
+            if let (None, Some(d), Some(t)) = (&p.svc, p.vp8, tid) {
+                // VP8 with temporal layers: drop whole frames above the temporal target.
+                let sync = d.begin && d.layer_sync;
+                if !o.temporal.select(temporal, t, p.ts, sync, p.keyframe) {
+                    o.rw.skip(&header);
+                    continue;
+                }
+            }
             if let Some(svc) = &p.svc {
-                // SVC: drop the spatial layers above the one this subscriber may get.
-                let choice = o.svc.select(allowed.saturating_sub(1), svc);
+                // SVC: drop the spatial layers above the one this subscriber may get, and the
+                // temporal layers above its temporal target.
+                let choice = o.svc.select(allowed.saturating_sub(1), temporal, svc);
                 if choice.want_keyframe {
                     want_keyframe = Some(None);
                 }
