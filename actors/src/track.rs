@@ -146,13 +146,14 @@ impl Track {
         }
         sub.applied = effective;
         sub.applied_fps = sub.fps;
+        let fps = sub.fps;
         let _ = self.media.send(Command::SetTrackSettings {
             sub: sub.peer,
             track: self.key,
             max_rank: effective,
-            fps: sub.fps,
+            fps,
         });
-        tracing::debug!(parent: &self.span, subscriber = %participant_sid, rank = effective, fps = sub.fps, "subscriber layer cap");
+        tracing::debug!(parent: &self.span, subscriber = %participant_sid, rank = effective, fps, "subscriber layer cap");
     }
 
     fn update_dynacast(&mut self) {

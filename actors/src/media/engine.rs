@@ -52,7 +52,7 @@ use crate::media::relay::{
 };
 use crate::media::rtp::{
     self as rtpfwd, DdBytes, DdSerializer, FrameRates, InHeader, PayloadKind, Rewriter, SvcPacket,
-    SvcSelector, TemporalSelector, ALL_TEMPORAL,
+    SvcSelector, SwitchHint, TemporalSelector, ALL_TEMPORAL,
 };
 use crate::quality::LinkStats;
 use std::sync::atomic::Ordering::Relaxed;
@@ -2021,6 +2021,17 @@ impl Engine {
             data.ext_vals.audio_level,
             &self.level_config,
         );
+        // VP8 temporal layers (str0m reads the TID and the layer sync bit while it
+        // depacketises; 0 without the T bit): measured here, thinned per subscriber below.
+        let frame_ts = data.time.numer() as u32;
+        let rates_at = usize::from(data.rid.as_ref().map_or(1, rid_rank).clamp(1, 3) - 1);
+        let vp8_layer = match data.codec_extra {
+            CodecExtra::Vp8(e) => Some((e.layer_index, e.sync)),
+            _ => None,
+        };
+        if let Some((tid, _)) = vp8_layer {
+            ft.frame_rates[rates_at].observe(now, frame_ts, tid);
+        }
         let mut want_keyframe: Option<Option<Rid>> = None;
         for sub in &ft.subscribers {
             let Some(peer) = self.peers.get_mut(sub) else {
@@ -2062,6 +2073,8 @@ impl Engine {
                     if is_keyframe {
                         o.rid = best;
                         o.need_keyframe = false;
+                        // Another layer: another RTP timestamp base.
+                        o.temporal.reset();
                         // Continue the outgoing timeline from the last frame written.
                         if let Some((last_ts, last_at)) = o.last_out {
                             let hz = data.time.frequency().get() as u64;
@@ -2088,6 +2101,25 @@ impl Engine {
                     continue;
                 }
                 o.need_keyframe = false;
+                o.temporal.reset();
+            }
+            if let (Some((tid, sync)), true) = (vp8_layer, o.fps > 0 || o.temporal.current().is_some()) {
+                // Frames above the temporal layer that gives the requested rate are not
+                // written; str0m numbers the written ones (sequence and picture id) without
+                // gaps, and a subscriber that joins a layer again does so at a sync frame.
+                let target = if o.fps > 0 {
+                    ft.frame_rates[rates_at].layer_for_fps(o.fps)
+                } else {
+                    ALL_TEMPORAL
+                };
+                let hint = if sync {
+                    SwitchHint::LayerSync
+                } else {
+                    SwitchHint::None
+                };
+                if !o.temporal.select(target, tid, frame_ts, hint, is_keyframe) {
+                    continue;
+                }
             }
             let ts = (data.time.numer() as i64 + o.ts_offset).max(0) as u64;
             let time = MediaTime::new(ts, data.time.frequency());
@@ -2331,8 +2363,12 @@ impl Engine {
             let mut hold = false;
             if let (None, Some(d), Some(t)) = (&p.svc, p.vp8, tid) {
                 // VP8 with temporal layers: drop whole frames above the temporal target.
-                let sync = d.begin && d.layer_sync;
-                if !o.temporal.select(temporal, t, p.ts, sync, p.keyframe) {
+                let hint = if d.begin && d.layer_sync {
+                    SwitchHint::LayerSync
+                } else {
+                    SwitchHint::None
+                };
+                if !o.temporal.select(temporal, t, p.ts, hint, p.keyframe) {
                     o.rw.skip(&header);
                     continue;
                 }

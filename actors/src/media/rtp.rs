@@ -608,8 +608,11 @@ pub struct SvcPacket {
     pub tid: u8,
     /// Last packet of its layer frame (VP9: E bit).
     pub end: bool,
-    /// First packet of a frame that is a temporal switching-up point (VP9: B and U bits;
-    /// AV1: start of a frame whose template is a switch point for some decode target).
+    /// First packet of a frame after which higher temporal layers may be joined: no later
+    /// frame of a higher layer references one from before it (VP9: B and U bits, U being
+    /// set by libwebrtc when every higher temporal decode target switches here; AV1: start
+    /// of a frame whose template switches some decode target, which in libwebrtc's
+    /// structures are the targets above the frame's own temporal layer or its own T0).
     pub switch_up: bool,
     /// First packet of a keyframe (the base layer of a picture that references nothing).
     pub keyframe: bool,
@@ -751,16 +754,30 @@ impl FrameRates {
     }
 }
 
+/// What a packet says about joining higher temporal layers (see [`TemporalSelector`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SwitchHint {
+    None,
+    /// The first packet of a frame after which higher temporal layers can be decoded from
+    /// their next frame on (VP9 U bit, AV1 switch template).
+    UpSwitch,
+    /// The first packet of a frame of its layer that references only the base layer (VP8
+    /// Y bit): its layer can be decoded from here.
+    LayerSync,
+}
+
 /// Per-subscriber temporal layer selection: the frames of temporal layers above the one
 /// forwarded are dropped, so the subscriber gets a fraction of the frame rate. Sans-IO, pure.
 ///
 /// * The stream starts (after [`TemporalSelector::reset`], at a keyframe) at the target.
 /// * **Down**: at the first packet of the next picture (a newer RTP timestamp), so a frame
 ///   is never cut.
-/// * **Up**: only where the higher layer can be decoded without the frames the subscriber
-///   did not get: at a keyframe (to the target), or at the first packet of a frame of a
-///   layer between the current and the target that is a *switching point* (VP8 Y bit, VP9
-///   U bit, AV1 switch template), which then becomes the current layer.
+/// * **Up**: only where the higher layers can be decoded without the frames the subscriber
+///   did not get: at a keyframe (to the target); at a forwarded frame that is an *up-switch
+///   point* (VP9 U bit, AV1 switch template: later frames of higher layers reference none
+///   from before it), to the target; or at a *layer sync* frame (VP8 Y bit: the frame
+///   references only the base layer) of a layer between the current and the target, to
+///   that layer.
 /// * A dropped frame is always a whole picture, so the frames forwarded keep their own
 ///   end-of-frame marker; the caller closes the sequence gap ([`Rewriter::skip`]).
 #[derive(Debug, Clone, Copy, Default)]
@@ -782,10 +799,11 @@ impl TemporalSelector {
         *self = TemporalSelector::default();
     }
 
-    /// Whether to forward one packet of temporal layer `tid`, `target` being the highest
-    /// layer the subscriber should get; `switch_up`: the packet starts a frame that is a
-    /// temporal switching point; `keyframe`: it starts a keyframe.
-    pub fn select(&mut self, target: u8, tid: u8, ts: u32, switch_up: bool, keyframe: bool) -> bool {
+    /// Whether to forward one packet of temporal layer `tid` with RTP timestamp `ts`,
+    /// `target` being the highest layer the subscriber should get. `hint` says whether the
+    /// packet starts an up-switch point or a layer sync frame; `keyframe`: it starts a
+    /// keyframe.
+    pub fn select(&mut self, target: u8, tid: u8, ts: u32, hint: SwitchHint, keyframe: bool) -> bool {
         let new_picture = self
             .picture_ts
             .is_none_or(|t| (ts.wrapping_sub(t) as i32) > 0);
@@ -804,7 +822,10 @@ impl TemporalSelector {
             None => target,
             Some(_) if keyframe => target,
             Some(c) if target < c => target,
-            Some(c) if target > c && switch_up && tid > c && tid <= target => tid,
+            Some(c) if target > c && hint == SwitchHint::UpSwitch && tid <= c => target,
+            Some(c) if target > c && hint == SwitchHint::LayerSync && tid > c && tid <= target => {
+                tid
+            }
             Some(c) => c,
         };
         self.current = Some(current);
@@ -923,9 +944,14 @@ impl SvcSelector {
             Some(c) => c,
         };
         self.current = Some(current);
+        let hint = if p.switch_up {
+            SwitchHint::UpSwitch
+        } else {
+            SwitchHint::None
+        };
         let in_time = self
             .temporal
-            .select(temporal, p.tid, p.ts, p.switch_up, p.keyframe);
+            .select(temporal, p.tid, p.ts, hint, p.keyframe);
         let forward = p.sid <= current && in_time;
         // The held packet ends its picture unless this packet is a forwarded layer frame of
         // the same picture above it. A late packet says nothing about the current picture:
@@ -1589,7 +1615,11 @@ mod tests {
         // (out seq, out picture id, tid, marker) of every packet written.
         let mut out: Vec<(u64, u16, u8, bool)> = Vec::new();
         let mut seq = 1000u64;
-        let mut frame = |n: u32, target: u8, sync: bool, out: &mut Vec<(u64, u16, u8, bool)>| {
+        let mut frame = |sel: &mut TemporalSelector,
+                         n: u32,
+                         target: u8,
+                         sync: bool,
+                         out: &mut Vec<(u64, u16, u8, bool)>| {
             let tid = l1t3(n);
             for part in 0..2u8 {
                 let payload = vp8_temporal(
@@ -1606,7 +1636,12 @@ mod tests {
                 if !rw.started() {
                     rw.rebase(t0, &h);
                 }
-                let fwd = sel.select(target, tid, h.ts, d.begin && d.layer_sync, d.keyframe_start);
+                let hint = if d.begin && d.layer_sync {
+                    SwitchHint::LayerSync
+                } else {
+                    SwitchHint::None
+                };
+                let fwd = sel.select(target, tid, h.ts, hint, d.keyframe_start);
                 if fwd {
                     let o = rw.rewrite(t0, &h).unwrap();
                     out.push((o.seq, o.picture_id.unwrap(), tid, part == 1));
@@ -1617,20 +1652,20 @@ mod tests {
         };
         // Base layer only (a quarter of the frame rate).
         for n in 0..8 {
-            frame(n, 0, false, &mut out);
+            frame(&mut sel, n, 0, false, &mut out);
         }
         assert_eq!(out.iter().map(|o| o.2).collect::<Vec<_>>(), vec![0, 0, 0, 0]);
         // Up to TL1: not at the TL2 frame 9 without sync, nor at TL1 frame 10 without sync;
         // TL2 frame 13 with sync is above the target; TL1 frame 14 with sync is the switch.
         for n in 8..16 {
-            frame(n, 1, matches!(n, 13 | 14), &mut out);
+            frame(&mut sel, n, 1, matches!(n, 13 | 14), &mut out);
         }
         assert_eq!(sel.current(), Some(1));
         // Down to TL0 at the next frame, then up to everything at a sync frame (17: TL2).
-        frame(16, 0, false, &mut out);
-        frame(17, 2, true, &mut out);
-        frame(18, 2, false, &mut out);
-        frame(19, 2, false, &mut out);
+        frame(&mut sel, 16, 0, false, &mut out);
+        frame(&mut sel, 17, 2, true, &mut out);
+        frame(&mut sel, 18, 2, false, &mut out);
+        frame(&mut sel, 19, 2, false, &mut out);
         let tids: Vec<u8> = out.iter().step_by(2).map(|o| o.2).collect();
         assert_eq!(tids, vec![0, 0, 0, 0, 1, 0, 2, 1, 2]);
         // Contiguous sequence numbers and picture ids, the marker on each frame's end.
@@ -1644,15 +1679,23 @@ mod tests {
         let o = rw.rewrite(t0, &hdr(1001, 0, &payload)).unwrap();
         assert_eq!((o.seq, o.picture_id), (2, Some(100)));
         // A keyframe goes straight to the target.
+        let none = SwitchHint::None;
         let mut sel = TemporalSelector::default();
-        assert!(sel.select(0, 0, 0, false, true));
-        assert!(!sel.select(0, 2, 3000, false, false));
-        assert!(sel.select(2, 0, 6000, false, true));
-        assert!(sel.select(2, 2, 9000, false, false));
+        assert!(sel.select(0, 0, 0, none, true));
+        assert!(!sel.select(0, 2, 3000, none, false));
+        assert!(sel.select(2, 0, 6000, none, true));
+        assert!(sel.select(2, 2, 9000, none, false));
         // A late packet of an older picture is judged by the current layer.
-        assert!(sel.select(0, 2, 3000, false, false));
-        assert!(sel.select(0, 0, 12000, false, false));
-        assert!(!sel.select(0, 2, 9000, false, false));
+        assert!(sel.select(0, 2, 3000, none, false));
+        assert!(sel.select(0, 0, 12000, none, false));
+        assert!(!sel.select(0, 2, 9000, none, false));
+        // An up-switch point of a layer above the current one is not one to join there (its
+        // own references may be missing); one of a forwarded layer is.
+        let up = SwitchHint::UpSwitch;
+        assert!(!sel.select(2, 1, 15000, up, false));
+        assert_eq!(sel.current(), Some(0));
+        assert!(sel.select(2, 0, 18000, up, false));
+        assert_eq!(sel.current(), Some(2));
     }
 
     /// VP9 L3T3 thinned in space and time at once: pictures above the temporal target are
@@ -1666,7 +1709,11 @@ mod tests {
         let mut seq = 0u64;
         // (out seq, picture, sid, marker)
         let mut out: Vec<(u64, u32, u8, bool)> = Vec::new();
-        let mut picture = |n: u32, spatial: u8, temporal: u8, up: bool, out: &mut Vec<_>| {
+        let mut picture = |n: u32,
+                           spatial: u8,
+                           temporal: u8,
+                           up: bool,
+                           out: &mut Vec<(u64, u32, u8, bool)>| {
             let tid = l1t3(n);
             for sid in 0..3u8 {
                 let mut payload = vp9_packet(n as u16, sid, tid, n > 0, true, true);
@@ -1712,9 +1759,10 @@ mod tests {
             vec![(1, 0, 0, false), (2, 0, 1, true), (3, 4, 0, false), (4, 4, 1, true)]
         );
         out.clear();
-        // TL1 wanted: picture 10 (TL1) has no U bit, picture 14 (TL1) has.
+        // TL1 wanted: picture 8 (TL0) has no U bit; picture 10 (TL1) has, but is above the
+        // forwarded layer; picture 12 (TL0) has: TL1 is forwarded from there on.
         for n in 8..16 {
-            picture(n, 1, 1, n == 14, &mut out);
+            picture(n, 1, 1, matches!(n, 10 | 12), &mut out);
         }
         let pictures: Vec<u32> = out.iter().map(|o| o.1).collect();
         assert_eq!(pictures, vec![8, 8, 12, 12, 14, 14]);
