@@ -63,7 +63,7 @@ async def check_fps_follows_request(browser: Browser, label: str, results, publi
     """The shared scenario: full rate, then `setVideoFPS(FPS / 4)` and `(FPS / 2)`, then back."""
     # Full rate first (the subscriber asked for nothing): the reference.
     await browser.set_fps("sub", 0)
-    _, full = await settle(browser, "sub", lambda f: f >= 0.6 * FPS, 40)
+    _, full = await settle(browser, "sub", lambda f: f >= 0.8 * FPS, 40)
     full_fps = full[0]
     steps = {"full": full}
     times = {}

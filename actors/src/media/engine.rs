@@ -279,8 +279,9 @@ struct FwdTrack {
     /// RTP mode: the frame rate of each temporal layer, per simulcast layer (index rank - 1;
     /// a non-simulcast or SVC stream uses the first).
     frame_rates: [FrameRates; 3],
-    /// RTP mode, AV1: the latest dependency descriptor template structure.
-    dd_structure: Option<rtpfwd::DdStructure>,
+    /// RTP mode: the latest dependency descriptor template structure, per simulcast layer
+    /// (index rank - 1; an SVC stream uses the first).
+    dd_structures: [Option<rtpfwd::DdStructure>; 3],
     /// Audio tracks: speech level meter.
     meter: LevelMeter,
     /// Relayed track: fed by this (node, flow) instead of a local publisher.
@@ -330,6 +331,9 @@ struct RtpIn {
     /// The packet's spatial/temporal layer if it belongs to an SVC stream (VP9 with layer
     /// indices, AV1 with a dependency descriptor).
     svc: Option<SvcPacket>,
+    /// The packet's temporal layer and what it says about joining higher ones (see
+    /// [`temporal_of`]); `None` for a stream without temporal layers.
+    temporal: Option<(u8, SwitchHint)>,
     /// The dependency descriptor, forwarded unchanged (to subscribers and relay links).
     dd: Option<DdBytes>,
     audio_level: Option<i8>,
@@ -390,7 +394,7 @@ impl FwdTrack {
             rates: Vec::new(),
             spatial: SpatialRates::default(),
             frame_rates: [FrameRates::default(); 3],
-            dd_structure: None,
+            dd_structures: [None, None, None],
             meter: LevelMeter::default(),
             relay_src: None,
             receiver: None,
@@ -648,6 +652,64 @@ fn av1_layer(
         *structure = Some(st.clone());
     }
     SvcPacket::av1(&d, structure.as_ref()?, keyframe, ts, marker)
+}
+
+/// The temporal layer of a packet and whether a subscriber may join higher layers at it:
+///
+/// * an SVC packet (VP9 with layer indices, AV1 with a dependency descriptor): its TID, and
+///   an up-switch point where the VP9 U bit or the AV1 template says so;
+/// * VP8 with the descriptor's T bit: its TID, and a layer sync frame where the Y bit is set;
+/// * any other packet with a dependency descriptor (Chromium sends VP8 without picture id or
+///   T bit once the descriptor is negotiated, the layers being in the descriptor): the TID
+///   of its template in the latest structure of its stream (`structure`, kept up to date
+///   here), and an up-switch point where the template switches some decode target.
+///
+/// `None`: no temporal layers known (the stream is forwarded whole in time).
+fn temporal_of(
+    kind: PayloadKind,
+    vp8: Option<rtpfwd::Vp8Descriptor>,
+    svc: Option<&SvcPacket>,
+    dd: Option<&DdBytes>,
+    structure: &mut Option<rtpfwd::DdStructure>,
+) -> Option<(u8, SwitchHint)> {
+    if let Some(s) = svc {
+        let hint = if s.switch_up {
+            SwitchHint::UpSwitch
+        } else {
+            SwitchHint::None
+        };
+        return Some((s.tid, hint));
+    }
+    if let Some(tid) = vp8.and_then(|d| d.tid) {
+        let sync = vp8.is_some_and(|d| d.begin && d.layer_sync);
+        let hint = if sync {
+            SwitchHint::LayerSync
+        } else {
+            SwitchHint::None
+        };
+        return Some((tid, hint));
+    }
+    if kind == PayloadKind::Av1 || kind == PayloadKind::Audio {
+        // AV1 without an SVC view has no usable structure; audio has no layers.
+        return None;
+    }
+    let d = rtpfwd::parse_dd(&dd?.0)?;
+    if let Some(st) = &d.structure {
+        *structure = Some(st.clone());
+    }
+    let st = structure.as_ref()?;
+    let (_, tid) = st.layer_of(d.template_id)?;
+    let hint = if d.start_of_frame && st.is_switch(d.template_id) {
+        SwitchHint::UpSwitch
+    } else {
+        SwitchHint::None
+    };
+    Some((tid, hint))
+}
+
+/// Index of a simulcast layer in per-layer tables (rank - 1; 0 without a rid).
+fn rid_index(rid: Option<&Rid>) -> usize {
+    usize::from(rid.map_or(1, rid_rank).clamp(1, 3) - 1)
 }
 
 /// Rank of a simulcast rid: higher is better quality. LiveKit uses q/h/f (also 0/1/2 reversed).
@@ -1183,17 +1245,14 @@ impl Engine {
                 // The dependency descriptor crossed the link byte for byte: this node drops
                 // AV1 SVC layers per subscriber exactly like the publisher's node.
                 let dd = r.dd.map(|d| DdBytes(d.into()));
+                let rid = r.rid.map(Rid::from);
+                let structure = &mut ft.dd_structures[rid_index(rid.as_ref())];
                 if kind == PayloadKind::Av1 {
-                    svc = av1_layer(
-                        &mut ft.dd_structure,
-                        dd.as_ref(),
-                        r.keyframe,
-                        r.rtp_ts,
-                        r.marker,
-                    );
+                    svc = av1_layer(structure, dd.as_ref(), r.keyframe, r.rtp_ts, r.marker);
                 }
+                let temporal = temporal_of(kind, vp8, svc.as_ref(), dd.as_ref(), structure);
                 let input = RtpIn {
-                    rid: r.rid.map(Rid::from),
+                    rid,
                     pt,
                     params,
                     kind,
@@ -1203,6 +1262,7 @@ impl Engine {
                     keyframe: r.keyframe,
                     vp8,
                     svc,
+                    temporal,
                     dd,
                     audio_level: r.audio_level,
                     voice_activity: r.voice_activity,
@@ -2024,7 +2084,7 @@ impl Engine {
         // VP8 temporal layers (str0m reads the TID and the layer sync bit while it
         // depacketises; 0 without the T bit): measured here, thinned per subscriber below.
         let frame_ts = data.time.numer() as u32;
-        let rates_at = usize::from(data.rid.as_ref().map_or(1, rid_rank).clamp(1, 3) - 1);
+        let rates_at = rid_index(data.rid.as_ref());
         let vp8_layer = match data.codec_extra {
             CodecExtra::Vp8(e) => Some((e.layer_index, e.sync)),
             _ => None,
@@ -2204,15 +2264,17 @@ impl Engine {
         let (vp8, mut svc, keyframe) =
             read_payload(kind, &pkt.payload, pkt.header.timestamp, pkt.header.marker);
         let dd = pkt.header.ext_vals.user_values.get::<DdBytes>().cloned();
+        let structure = &mut ft.dd_structures[rid_index(rid.as_ref())];
         if kind == PayloadKind::Av1 {
             svc = av1_layer(
-                &mut ft.dd_structure,
+                structure,
                 dd.as_ref(),
                 keyframe,
                 pkt.header.timestamp,
                 pkt.header.marker,
             );
         }
+        let temporal = temporal_of(kind, vp8, svc.as_ref(), dd.as_ref(), structure);
         let ext = &pkt.header.ext_vals;
         let input = RtpIn {
             rid,
@@ -2225,6 +2287,7 @@ impl Engine {
             keyframe,
             vp8,
             svc,
+            temporal,
             dd,
             audio_level: ext.audio_level,
             voice_activity: ext.voice_activity,
@@ -2295,8 +2358,8 @@ impl Engine {
         }
         // The packet's temporal layer (VP8 TID, or the SVC layer's), measured per simulcast
         // layer.
-        let tid = p.svc.map(|s| s.tid).or(p.vp8.and_then(|d| d.tid));
-        let rates_at = usize::from(p.rid.as_ref().map_or(1, rid_rank).clamp(1, 3) - 1);
+        let tid = p.temporal.map(|t| t.0);
+        let rates_at = rid_index(p.rid.as_ref());
         if let Some(t) = tid {
             ft.frame_rates[rates_at].observe(now, p.ts, t);
         }
@@ -2361,13 +2424,9 @@ impl Engine {
             };
             let mut marker = p.marker;
             let mut hold = false;
-            if let (None, Some(d), Some(t)) = (&p.svc, p.vp8, tid) {
-                // VP8 with temporal layers: drop whole frames above the temporal target.
-                let hint = if d.begin && d.layer_sync {
-                    SwitchHint::LayerSync
-                } else {
-                    SwitchHint::None
-                };
+            if let (None, Some((t, hint))) = (&p.svc, p.temporal) {
+                // A non-SVC stream with temporal layers (VP8 simulcast layers are L1T3): drop
+                // whole frames above the temporal target.
                 if !o.temporal.select(temporal, t, p.ts, hint, p.keyframe) {
                     o.rw.skip(&header);
                     continue;
