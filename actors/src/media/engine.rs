@@ -2163,7 +2163,9 @@ impl Engine {
                 o.need_keyframe = false;
                 o.temporal.reset();
             }
-            if let (Some((tid, sync)), true) = (vp8_layer, o.fps > 0 || o.temporal.current().is_some()) {
+            if let (Some((tid, sync)), true) =
+                (vp8_layer, o.fps > 0 || o.temporal.current().is_some())
+            {
                 // Frames above the temporal layer that gives the requested rate are not
                 // written; str0m numbers the written ones (sequence and picture id) without
                 // gaps, and a subscriber that joins a layer again does so at a sync frame.

@@ -701,7 +701,11 @@ impl FrameRates {
                 let secs = elapsed.as_secs_f32();
                 for (f, n) in self.fps.iter_mut().zip(self.frames.iter()) {
                     let now_fps = f32::from(*n) / secs;
-                    *f = if *f == 0.0 { now_fps } else { (*f + now_fps) / 2.0 };
+                    *f = if *f == 0.0 {
+                        now_fps
+                    } else {
+                        (*f + now_fps) / 2.0
+                    };
                 }
             } else {
                 self.fps = [0.0; MAX_TEMPORAL];
@@ -709,10 +713,7 @@ impl FrameRates {
             self.frames = [0; MAX_TEMPORAL];
             self.start = Some(now);
         }
-        if self
-            .last_ts
-            .is_none_or(|t| (ts.wrapping_sub(t) as i32) > 0)
-        {
+        if self.last_ts.is_none_or(|t| (ts.wrapping_sub(t) as i32) > 0) {
             self.last_ts = Some(ts);
             let i = usize::from(tid).min(MAX_TEMPORAL - 1);
             self.frames[i] = self.frames[i].saturating_add(1);
@@ -803,7 +804,14 @@ impl TemporalSelector {
     /// `target` being the highest layer the subscriber should get. `hint` says whether the
     /// packet starts an up-switch point or a layer sync frame; `keyframe`: it starts a
     /// keyframe.
-    pub fn select(&mut self, target: u8, tid: u8, ts: u32, hint: SwitchHint, keyframe: bool) -> bool {
+    pub fn select(
+        &mut self,
+        target: u8,
+        tid: u8,
+        ts: u32,
+        hint: SwitchHint,
+        keyframe: bool,
+    ) -> bool {
         let new_picture = self
             .picture_ts
             .is_none_or(|t| (ts.wrapping_sub(t) as i32) > 0);
@@ -1535,11 +1543,17 @@ mod tests {
         // A packet above the forwarded layer right after a held end of the same picture
         // means no forwarded layer follows: the held one is marked.
         let mut mid = SvcSelector::default();
-        assert!(mid.select(1, ALL_TEMPORAL, &pkt(0, 0, true, true, false)).hold);
+        assert!(
+            mid.select(1, ALL_TEMPORAL, &pkt(0, 0, true, true, false))
+                .hold
+        );
         let c = mid.select(1, ALL_TEMPORAL, &pkt(2, 0, true, false, true));
         assert_eq!((c.forward, c.release), (false, Some(true)));
         // A late packet of an earlier picture neither releases nor replaces the held one.
-        assert!(mid.select(1, ALL_TEMPORAL, &pkt(0, 3000, true, false, false)).hold);
+        assert!(
+            mid.select(1, ALL_TEMPORAL, &pkt(0, 3000, true, false, false))
+                .hold
+        );
         let c = mid.select(1, ALL_TEMPORAL, &pkt(0, 0, true, false, false));
         assert_eq!((c.forward, c.hold, c.release), (true, false, None));
         assert!(mid.holding());
@@ -1574,7 +1588,11 @@ mod tests {
     fn frame_rates_measure_each_temporal_layer() {
         let t0 = Instant::now();
         let mut r = FrameRates::default();
-        assert_eq!(r.layer_for_fps(5), ALL_TEMPORAL, "nothing measured yet: everything");
+        assert_eq!(
+            r.layer_for_fps(5),
+            ALL_TEMPORAL,
+            "nothing measured yet: everything"
+        );
         // 20 fps for 3 s, two packets per frame (counted once), L1T3.
         for n in 0..60u32 {
             let at = t0 + Duration::from_millis(50 * u64::from(n));
@@ -1583,9 +1601,15 @@ mod tests {
         }
         let per = r.per_layer();
         let near = |a: f32, b: f32| (a - b).abs() < 0.6;
-        assert!(near(per[0], 5.0) && near(per[1], 5.0) && near(per[2], 10.0), "{per:?}");
+        assert!(
+            near(per[0], 5.0) && near(per[1], 5.0) && near(per[2], 10.0),
+            "{per:?}"
+        );
         let cum = r.cumulative();
-        assert!(near(cum[0], 5.0) && near(cum[1], 10.0) && near(cum[2], 20.0), "{cum:?}");
+        assert!(
+            near(cum[0], 5.0) && near(cum[1], 10.0) && near(cum[2], 20.0),
+            "{cum:?}"
+        );
         assert_eq!(r.layer_for_fps(0), ALL_TEMPORAL);
         assert_eq!(r.layer_for_fps(1), 0);
         assert_eq!(r.layer_for_fps(5), 0);
@@ -1593,7 +1617,11 @@ mod tests {
         assert_eq!(r.layer_for_fps(10), 1);
         assert_eq!(r.layer_for_fps(15), 2);
         assert_eq!(r.layer_for_fps(20), 2);
-        assert_eq!(r.layer_for_fps(60), ALL_TEMPORAL, "more than all layers have");
+        assert_eq!(
+            r.layer_for_fps(60),
+            ALL_TEMPORAL,
+            "more than all layers have"
+        );
         // Late packets (older timestamps) are not frames; a TID beyond the table counts with
         // the top layer instead of indexing out of it.
         r.observe(t0 + Duration::from_millis(3000), 0, 0);
@@ -1622,14 +1650,8 @@ mod tests {
                          out: &mut Vec<(u64, u16, u8, bool)>| {
             let tid = l1t3(n);
             for part in 0..2u8 {
-                let payload = vp8_temporal(
-                    100 + n as u16,
-                    (n / 4) as u8,
-                    tid,
-                    sync,
-                    part == 0,
-                    n == 0,
-                );
+                let payload =
+                    vp8_temporal(100 + n as u16, (n / 4) as u8, tid, sync, part == 0, n == 0);
                 let d = vp8_descriptor(&payload).unwrap();
                 let h = hdr(seq, 3000 * n, &payload);
                 seq += 1;
@@ -1654,7 +1676,10 @@ mod tests {
         for n in 0..8 {
             frame(&mut sel, n, 0, false, &mut out);
         }
-        assert_eq!(out.iter().map(|o| o.2).collect::<Vec<_>>(), vec![0, 0, 0, 0]);
+        assert_eq!(
+            out.iter().map(|o| o.2).collect::<Vec<_>>(),
+            vec![0, 0, 0, 0]
+        );
         // Up to TL1: not at the TL2 frame 9 without sync, nor at TL1 frame 10 without sync;
         // TL2 frame 13 with sync is above the target; TL1 frame 14 with sync is the switch.
         for n in 8..16 {
@@ -1709,54 +1734,56 @@ mod tests {
         let mut seq = 0u64;
         // (out seq, picture, sid, marker)
         let mut out: Vec<(u64, u32, u8, bool)> = Vec::new();
-        let mut picture = |n: u32,
-                           spatial: u8,
-                           temporal: u8,
-                           up: bool,
-                           out: &mut Vec<(u64, u32, u8, bool)>| {
-            let tid = l1t3(n);
-            for sid in 0..3u8 {
-                let mut payload = vp9_packet(n as u16, sid, tid, n > 0, true, true);
-                if up {
-                    payload[3] |= 0x10; // U
-                }
-                let d = vp9_descriptor(&payload).unwrap();
-                let ts = 3000 * n;
-                let p = SvcPacket::vp9(&d, ts, sid == 2).unwrap();
-                let h = InHeader {
-                    seq,
-                    ts,
-                    clock: 90_000,
-                    vp8: None,
-                };
-                seq += 1;
-                if !rw.started() {
-                    rw.rebase(t0, &h);
-                }
-                let c = sel.select(spatial, temporal, &p);
-                if c.forward {
-                    let o = rw.rewrite(t0, &h).unwrap();
-                    // The marker of a held packet is decided later: the test's packets are
-                    // one per layer frame, so a held one is released by the next packet.
-                    if let Some(m) = c.release {
-                        out.last_mut().unwrap().3 = m;
+        let mut picture =
+            |n: u32, spatial: u8, temporal: u8, up: bool, out: &mut Vec<(u64, u32, u8, bool)>| {
+                let tid = l1t3(n);
+                for sid in 0..3u8 {
+                    let mut payload = vp9_packet(n as u16, sid, tid, n > 0, true, true);
+                    if up {
+                        payload[3] |= 0x10; // U
                     }
-                    out.push((o.seq, n, sid, c.marker));
-                } else {
-                    if let Some(m) = c.release {
-                        out.last_mut().unwrap().3 = m;
+                    let d = vp9_descriptor(&payload).unwrap();
+                    let ts = 3000 * n;
+                    let p = SvcPacket::vp9(&d, ts, sid == 2).unwrap();
+                    let h = InHeader {
+                        seq,
+                        ts,
+                        clock: 90_000,
+                        vp8: None,
+                    };
+                    seq += 1;
+                    if !rw.started() {
+                        rw.rebase(t0, &h);
                     }
-                    rw.skip(&h);
+                    let c = sel.select(spatial, temporal, &p);
+                    if c.forward {
+                        let o = rw.rewrite(t0, &h).unwrap();
+                        // The marker of a held packet is decided later: the test's packets are
+                        // one per layer frame, so a held one is released by the next packet.
+                        if let Some(m) = c.release {
+                            out.last_mut().unwrap().3 = m;
+                        }
+                        out.push((o.seq, n, sid, c.marker));
+                    } else {
+                        if let Some(m) = c.release {
+                            out.last_mut().unwrap().3 = m;
+                        }
+                        rw.skip(&h);
+                    }
                 }
-            }
-        };
+            };
         // S1 at TL0: pictures 0 and 4 only, two layer frames each, the marker on S1.
         for n in 0..8 {
             picture(n, 1, 0, false, &mut out);
         }
         assert_eq!(
             out,
-            vec![(1, 0, 0, false), (2, 0, 1, true), (3, 4, 0, false), (4, 4, 1, true)]
+            vec![
+                (1, 0, 0, false),
+                (2, 0, 1, true),
+                (3, 4, 0, false),
+                (4, 4, 1, true)
+            ]
         );
         out.clear();
         // TL1 wanted: picture 8 (TL0) has no U bit; picture 10 (TL1) has, but is above the
