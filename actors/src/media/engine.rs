@@ -3277,3 +3277,90 @@ mod lookup_tests {
         assert_eq!(stun_local_ufrag(&long), None);
     }
 }
+
+#[cfg(test)]
+mod temporal_tests {
+    //! Where a packet's temporal layer comes from ([`temporal_of`]).
+    use super::*;
+
+    /// Bits, most significant first.
+    fn bits(fields: &[(u32, u32)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut n = 0usize;
+        for &(v, width) in fields {
+            for i in (0..width).rev() {
+                if n % 8 == 0 {
+                    out.push(0);
+                }
+                let last = out.len() - 1;
+                out[last] |= (((v >> i) & 1) as u8) << (7 - n % 8);
+                n += 1;
+            }
+        }
+        out
+    }
+
+    /// A keyframe's dependency descriptor with libwebrtc's L1T3 structure: templates T0
+    /// (`SSS`), T1 (`-DS`), T2 (`--D`), ids 0-2.
+    fn l1t3_keyframe_dd() -> DdBytes {
+        let b = bits(&[
+            (1, 1),        // start of frame
+            (1, 1),        // end of frame
+            (0, 6),        // template 0
+            (7, 16),       // frame number
+            (1, 1),        // structure present
+            (0, 4),        // active targets, custom dtis/fdiffs/chains
+            (0, 6),        // template id offset
+            (2, 5),        // three decode targets
+            (1, 2),        // T0 -> next temporal layer
+            (1, 2),        // T1 -> next temporal layer
+            (3, 2),        // T2: end
+            (0b101010, 6), // T0: S S S
+            (0b000110, 6), // T1: - D S
+            (0b000001, 6), // T2: - - D
+            (0, 1),        // no fdiffs, x3
+            (0, 1),
+            (0, 1),
+            (0, 2), // no chains
+            (0, 1), // no resolutions
+        ]);
+        DdBytes(b.into())
+    }
+
+    fn dd(start: bool, template: u8) -> DdBytes {
+        DdBytes(vec![(u8::from(start) << 7) | template, 0, 9].into())
+    }
+
+    #[test]
+    fn temporal_layer_from_the_vp8_descriptor_or_the_dependency_descriptor() {
+        let mut st = None;
+        // Chromium's VP8 once the descriptor is negotiated: no T bit in the payload.
+        let plain = rtpfwd::vp8_descriptor(&[0x10, 0x00]);
+        assert_eq!(plain.and_then(|d| d.tid), None);
+        let key = l1t3_keyframe_dd();
+        let t = |st: &mut _, d: &DdBytes| temporal_of(PayloadKind::Vp8, plain, None, Some(d), st);
+        assert_eq!(t(&mut st, &key), Some((0, SwitchHint::UpSwitch)));
+        assert!(st.is_some(), "the structure is kept for later packets");
+        assert_eq!(t(&mut st, &dd(true, 1)), Some((1, SwitchHint::UpSwitch)));
+        assert_eq!(t(&mut st, &dd(false, 1)), Some((1, SwitchHint::None)));
+        assert_eq!(t(&mut st, &dd(true, 2)), Some((2, SwitchHint::None)));
+        assert_eq!(t(&mut st, &dd(true, 9)), None, "unknown template");
+        // Without a structure yet, or without a descriptor: no layer.
+        assert_eq!(t(&mut None, &dd(true, 1)), None);
+        assert_eq!(
+            temporal_of(PayloadKind::Vp8, plain, None, None, &mut st),
+            None
+        );
+        // The VP8 T bit wins, with its Y bit as a layer sync.
+        let tbit = rtpfwd::vp8_descriptor(&[0x90, 0x20, 0x60, 0x00]);
+        assert_eq!(
+            temporal_of(PayloadKind::Vp8, tbit, None, Some(&key), &mut st),
+            Some((1, SwitchHint::LayerSync))
+        );
+        // Audio has no layers.
+        assert_eq!(
+            temporal_of(PayloadKind::Audio, None, None, Some(&key), &mut st),
+            None
+        );
+    }
+}
