@@ -3289,7 +3289,7 @@ mod temporal_tests {
         let mut n = 0usize;
         for &(v, width) in fields {
             for i in (0..width).rev() {
-                if n % 8 == 0 {
+                if n.is_multiple_of(8) {
                     out.push(0);
                 }
                 let last = out.len() - 1;
