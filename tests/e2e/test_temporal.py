@@ -23,6 +23,7 @@ import pytest
 
 from helpers import make_token
 from quality_tools import Browser
+from test_fabric import cluster3  # noqa: F401 - pytest fixture, used by name
 from test_quality import (  # noqa: F401 - pytest fixtures, used by name
     FPS,
     PUBLISHER,
@@ -122,6 +123,29 @@ async def test_vp8_simulcast_temporal_layers_follow_requested_fps(arbor_open, pa
         await browser.open("sub", page_base, url=arbor_open.ws_url,
                            access_token=make_token("fps-viewer", room), role="subscribe", grid=1)
         await check_fps_follows_request(browser, "vp8 simulcast", results, f"modes {modes}")
+    finally:
+        if browser:
+            await browser.close()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("codec", ["vp8", "vp9"])
+async def test_temporal_layers_thinned_on_a_remote_node(cluster3, page_base, camera_clip, results, codec):
+    """The publisher on node A, the subscriber on node C of a three-node cluster: the relay
+    link carries every temporal layer (and, for Chromium's VP8, the dependency descriptor
+    that names them), and node C thins them for its subscriber."""
+    a_node, _b_node, c_node = cluster3.nodes
+    room = f"temporal-remote-{codec}"
+    browser: Optional[Browser] = None
+    try:
+        if codec == "vp8":
+            browser = await start_browser_publisher(a_node, page_base, camera_clip, room)
+        else:
+            browser = await start_svc_publisher(a_node, page_base, camera_clip, room, codec)
+        await browser.open("sub", page_base, url=c_node.ws_url,
+                           access_token=make_token("fps-remote-viewer", room), role="subscribe", grid=1)
+        await check_fps_follows_request(browser, f"{codec} on a remote node", results, "on node A")
+        assert c_node.metric("arbor_relay_datagrams_received_total") > 0, "node C received nothing over the relay"
     finally:
         if browser:
             await browser.close()
