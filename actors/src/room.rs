@@ -1710,6 +1710,7 @@ impl Handler<TrackSettings> for Room {
                     quality,
                     width: st.width,
                     height: st.height,
+                    fps: st.fps,
                 });
             }
         }

@@ -64,6 +64,10 @@ struct Sub {
     cap: u8,
     /// The rank last sent to the media engine.
     applied: u8,
+    /// The frame rate the subscriber asked for (`UpdateTrackSettings.fps`, 0: all).
+    fps: u32,
+    /// The frame rate last sent to the media engine.
+    applied_fps: u32,
 }
 
 /// The best layer rank (1 low, 2 medium, 3 high) that satisfies a subscriber's settings, given
@@ -137,16 +141,19 @@ impl Track {
             return;
         };
         let effective = sub.requested.min(sub.cap).min(policy);
-        if effective == sub.applied {
+        if effective == sub.applied && sub.fps == sub.applied_fps {
             return;
         }
         sub.applied = effective;
+        sub.applied_fps = sub.fps;
+        let fps = sub.fps;
         let _ = self.media.send(Command::SetTrackSettings {
             sub: sub.peer,
             track: self.key,
             max_rank: effective,
+            fps,
         });
-        tracing::debug!(parent: &self.span, subscriber = %participant_sid, rank = effective, "subscriber layer cap");
+        tracing::debug!(parent: &self.span, subscriber = %participant_sid, rank = effective, fps, "subscriber layer cap");
     }
 
     fn update_dynacast(&mut self) {
@@ -275,6 +282,8 @@ impl Handler<AddSubscriber> for Track {
                         requested: 3,
                         cap: msg.cap,
                         applied: 3,
+                        fps: 0,
+                        applied_fps: 0,
                     },
                 );
                 self.apply(&sid);
@@ -336,6 +345,8 @@ pub struct SubscriberSettings {
     pub quality: Option<i32>,
     pub width: u32,
     pub height: u32,
+    /// Frames per second (0: all).
+    pub fps: u32,
 }
 
 impl Handler<SubscriberSettings> for Track {
@@ -351,6 +362,7 @@ impl Handler<SubscriberSettings> for Track {
             return;
         };
         sub.requested = rank;
+        sub.fps = msg.fps;
         self.apply(&msg.participant_sid);
         self.update_dynacast();
     }

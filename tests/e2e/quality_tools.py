@@ -175,6 +175,10 @@ class Browser:
     async def set_dimensions(self, page: str, width: int, height: int) -> int:
         return (await self.call("dims", page=page, width=width, height=height))["n"]
 
+    async def set_fps(self, page: str, fps: int) -> int:
+        """`setVideoFPS(fps)` on every remote video publication of the page."""
+        return (await self.call("fps", page=page, fps=fps))["n"]
+
     async def layer_rates(self, page: str, seconds: float = 2.0) -> dict:
         """Per simulcast layer over `seconds`: sent kbit/s, encoded frames/s, size, sender
         `active` flag (from getParameters) and Chromium's quality limitation reason."""

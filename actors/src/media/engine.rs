@@ -51,7 +51,8 @@ use crate::media::relay::{
     self, RelayFrame, RelayLimits, RelayReceiver, RelayRtp, RelaySender, RELAY_METRICS,
 };
 use crate::media::rtp::{
-    self as rtpfwd, DdBytes, DdSerializer, InHeader, PayloadKind, Rewriter, SvcPacket, SvcSelector,
+    self as rtpfwd, DdBytes, DdSerializer, FrameRates, InHeader, PayloadKind, Rewriter, SvcPacket,
+    SvcSelector, SwitchHint, TemporalSelector, ALL_TEMPORAL,
 };
 use crate::quality::LinkStats;
 use std::sync::atomic::Ordering::Relaxed;
@@ -158,6 +159,12 @@ struct OutTrack {
     need_keyframe: bool,
     /// The best layer rank the subscriber asked for (`UpdateTrackSettings`); 0 = disabled.
     max_rank: u8,
+    /// The frame rate the subscriber asked for (`UpdateTrackSettings.fps`; 0 = all): RTP
+    /// mode forwards the lowest temporal layer that has it.
+    fps: u32,
+    /// RTP mode, a non-SVC stream with temporal layers (VP8 with TIDs): the temporal layer
+    /// forwarded (an SVC stream's is in `svc`).
+    temporal: TemporalSelector,
     /// The allocator's decision under this subscriber's bandwidth estimate.
     alloc: Decision,
     /// Whether the subscriber was last told the stream is paused.
@@ -269,8 +276,12 @@ struct FwdTrack {
     rates: Vec<(Option<Rid>, u64, u64)>,
     /// RTP mode, SVC stream: the same per spatial layer (the allocator's layers when live).
     spatial: SpatialRates,
-    /// RTP mode, AV1: the latest dependency descriptor template structure.
-    dd_structure: Option<rtpfwd::DdStructure>,
+    /// RTP mode: the frame rate of each temporal layer, per simulcast layer (index rank - 1;
+    /// a non-simulcast or SVC stream uses the first).
+    frame_rates: [FrameRates; 3],
+    /// RTP mode: the latest dependency descriptor template structure, per simulcast layer
+    /// (index rank - 1; an SVC stream uses the first).
+    dd_structures: [Option<rtpfwd::DdStructure>; 3],
     /// Audio tracks: speech level meter.
     meter: LevelMeter,
     /// Relayed track: fed by this (node, flow) instead of a local publisher.
@@ -320,6 +331,9 @@ struct RtpIn {
     /// The packet's spatial/temporal layer if it belongs to an SVC stream (VP9 with layer
     /// indices, AV1 with a dependency descriptor).
     svc: Option<SvcPacket>,
+    /// The packet's temporal layer and what it says about joining higher ones (see
+    /// [`temporal_of`]); `None` for a stream without temporal layers.
+    temporal: Option<(u8, SwitchHint)>,
     /// The dependency descriptor, forwarded unchanged (to subscribers and relay links). An
     /// `Arc`, which str0m takes as it is (`set_arc`): no allocation per subscriber for it.
     dd: Option<Arc<DdBytes>>,
@@ -380,7 +394,8 @@ impl FwdTrack {
             last_keyframe_request: HashMap::new(),
             rates: Vec::new(),
             spatial: SpatialRates::default(),
-            dd_structure: None,
+            frame_rates: [FrameRates::default(); 3],
+            dd_structures: [None, None, None],
             meter: LevelMeter::default(),
             relay_src: None,
             receiver: None,
@@ -638,6 +653,64 @@ fn av1_layer(
         *structure = Some(st.clone());
     }
     SvcPacket::av1(&d, structure.as_ref()?, keyframe, ts, marker)
+}
+
+/// The temporal layer of a packet and whether a subscriber may join higher layers at it:
+///
+/// * an SVC packet (VP9 with layer indices, AV1 with a dependency descriptor): its TID, and
+///   an up-switch point where the VP9 U bit or the AV1 template says so;
+/// * VP8 with the descriptor's T bit: its TID, and a layer sync frame where the Y bit is set;
+/// * any other packet with a dependency descriptor (Chromium sends VP8 without picture id or
+///   T bit once the descriptor is negotiated, the layers being in the descriptor): the TID
+///   of its template in the latest structure of its stream (`structure`, kept up to date
+///   here), and an up-switch point where the template switches some decode target.
+///
+/// `None`: no temporal layers known (the stream is forwarded whole in time).
+fn temporal_of(
+    kind: PayloadKind,
+    vp8: Option<rtpfwd::Vp8Descriptor>,
+    svc: Option<&SvcPacket>,
+    dd: Option<&DdBytes>,
+    structure: &mut Option<rtpfwd::DdStructure>,
+) -> Option<(u8, SwitchHint)> {
+    if let Some(s) = svc {
+        let hint = if s.switch_up {
+            SwitchHint::UpSwitch
+        } else {
+            SwitchHint::None
+        };
+        return Some((s.tid, hint));
+    }
+    if let Some(tid) = vp8.and_then(|d| d.tid) {
+        let sync = vp8.is_some_and(|d| d.begin && d.layer_sync);
+        let hint = if sync {
+            SwitchHint::LayerSync
+        } else {
+            SwitchHint::None
+        };
+        return Some((tid, hint));
+    }
+    if kind == PayloadKind::Av1 || kind == PayloadKind::Audio {
+        // AV1 without an SVC view has no usable structure; audio has no layers.
+        return None;
+    }
+    let d = rtpfwd::parse_dd(&dd?.0)?;
+    if let Some(st) = &d.structure {
+        *structure = Some(st.clone());
+    }
+    let st = structure.as_ref()?;
+    let (_, tid) = st.layer_of(d.template_id)?;
+    let hint = if d.start_of_frame && st.is_switch(d.template_id) {
+        SwitchHint::UpSwitch
+    } else {
+        SwitchHint::None
+    };
+    Some((tid, hint))
+}
+
+/// Index of a simulcast layer in per-layer tables (rank - 1; 0 without a rid).
+fn rid_index(rid: Option<&Rid>) -> usize {
+    usize::from(rid.map_or(1, rid_rank).clamp(1, 3) - 1)
 }
 
 /// Rank of a simulcast rid: higher is better quality. LiveKit uses q/h/f (also 0/1/2 reversed).
@@ -957,11 +1030,13 @@ impl Engine {
                 sub,
                 track,
                 max_rank,
+                fps,
             } => {
                 if let Some(p) = self.peers.get_mut(&sub) {
                     if let Some(o) = p.media_out.iter_mut().find(|o| o.track == track) {
                         let was = o.allowed_rank();
                         o.max_rank = max_rank;
+                        o.fps = fps;
                         if was == 0 && o.allowed_rank() > 0 {
                             o.need_keyframe = o.kind == MediaKind::Video;
                         }
@@ -1171,17 +1246,14 @@ impl Engine {
                 // The dependency descriptor crossed the link byte for byte: this node drops
                 // AV1 SVC layers per subscriber exactly like the publisher's node.
                 let dd = r.dd.map(|d| Arc::new(DdBytes(d.into())));
+                let rid = r.rid.map(Rid::from);
+                let structure = &mut ft.dd_structures[rid_index(rid.as_ref())];
                 if kind == PayloadKind::Av1 {
-                    svc = av1_layer(
-                        &mut ft.dd_structure,
-                        dd.as_deref(),
-                        r.keyframe,
-                        r.rtp_ts,
-                        r.marker,
-                    );
+                    svc = av1_layer(structure, dd.as_deref(), r.keyframe, r.rtp_ts, r.marker);
                 }
+                let temporal = temporal_of(kind, vp8, svc.as_ref(), dd.as_deref(), structure);
                 let input = RtpIn {
-                    rid: r.rid.map(Rid::from),
+                    rid,
                     pt,
                     params,
                     kind,
@@ -1191,6 +1263,7 @@ impl Engine {
                     keyframe: r.keyframe,
                     vp8,
                     svc,
+                    temporal,
                     dd,
                     audio_level: r.audio_level,
                     voice_activity: r.voice_activity,
@@ -1588,6 +1661,8 @@ impl Engine {
             rid: None,
             need_keyframe: kind == MediaKind::Video,
             max_rank: 3,
+            fps: 0,
+            temporal: TemporalSelector::default(),
             alloc: Decision::Layer(u8::MAX),
             reported_paused: false,
             ts_offset: 0,
@@ -2007,6 +2082,17 @@ impl Engine {
             data.ext_vals.audio_level,
             &self.level_config,
         );
+        // VP8 temporal layers (str0m reads the TID and the layer sync bit while it
+        // depacketises; 0 without the T bit): measured here, thinned per subscriber below.
+        let frame_ts = data.time.numer() as u32;
+        let rates_at = rid_index(data.rid.as_ref());
+        let vp8_layer = match data.codec_extra {
+            CodecExtra::Vp8(e) => Some((e.layer_index, e.sync)),
+            _ => None,
+        };
+        if let Some((tid, _)) = vp8_layer {
+            ft.frame_rates[rates_at].observe(now, frame_ts, tid);
+        }
         let mut want_keyframe: Option<Option<Rid>> = None;
         for sub in &ft.subscribers {
             let Some(peer) = self.peers.get_mut(sub) else {
@@ -2048,6 +2134,8 @@ impl Engine {
                     if is_keyframe {
                         o.rid = best;
                         o.need_keyframe = false;
+                        // Another layer: another RTP timestamp base.
+                        o.temporal.reset();
                         // Continue the outgoing timeline from the last frame written.
                         if let Some((last_ts, last_at)) = o.last_out {
                             let hz = data.time.frequency().get() as u64;
@@ -2074,6 +2162,27 @@ impl Engine {
                     continue;
                 }
                 o.need_keyframe = false;
+                o.temporal.reset();
+            }
+            if let (Some((tid, sync)), true) =
+                (vp8_layer, o.fps > 0 || o.temporal.current().is_some())
+            {
+                // Frames above the temporal layer that gives the requested rate are not
+                // written; str0m numbers the written ones (sequence and picture id) without
+                // gaps, and a subscriber that joins a layer again does so at a sync frame.
+                let target = if o.fps > 0 {
+                    ft.frame_rates[rates_at].layer_for_fps(o.fps)
+                } else {
+                    ALL_TEMPORAL
+                };
+                let hint = if sync {
+                    SwitchHint::LayerSync
+                } else {
+                    SwitchHint::None
+                };
+                if !o.temporal.select(target, tid, frame_ts, hint, is_keyframe) {
+                    continue;
+                }
             }
             let ts = (data.time.numer() as i64 + o.ts_offset).max(0) as u64;
             let time = MediaTime::new(ts, data.time.frequency());
@@ -2158,15 +2267,17 @@ impl Engine {
         let (vp8, mut svc, keyframe) =
             read_payload(kind, &pkt.payload, pkt.header.timestamp, pkt.header.marker);
         let dd = pkt.header.ext_vals.user_values.get_arc::<DdBytes>();
+        let structure = &mut ft.dd_structures[rid_index(rid.as_ref())];
         if kind == PayloadKind::Av1 {
             svc = av1_layer(
-                &mut ft.dd_structure,
+                structure,
                 dd.as_deref(),
                 keyframe,
                 pkt.header.timestamp,
                 pkt.header.marker,
             );
         }
+        let temporal = temporal_of(kind, vp8, svc.as_ref(), dd.as_deref(), structure);
         let ext = &pkt.header.ext_vals;
         let input = RtpIn {
             rid,
@@ -2179,6 +2290,7 @@ impl Engine {
             keyframe,
             vp8,
             svc,
+            temporal,
             dd,
             audio_level: ext.audio_level,
             voice_activity: ext.voice_activity,
@@ -2247,6 +2359,13 @@ impl Engine {
         if let Some(svc) = &p.svc {
             ft.spatial.observe(now, svc.sid, len);
         }
+        // The packet's temporal layer (VP8 TID, or the SVC layer's), measured per simulcast
+        // layer.
+        let tid = p.temporal.map(|t| t.0);
+        let rates_at = rid_index(p.rid.as_ref());
+        if let Some(t) = tid {
+            ft.frame_rates[rates_at].observe(now, p.ts, t);
+        }
         let header = p.header();
         let video = ft.kind == MediaKind::Video;
         // str0m's view of the VP8 descriptor (for patches), parsed once for all subscribers.
@@ -2297,13 +2416,29 @@ impl Engine {
             if rebase || !o.rw.started() {
                 o.rw.rebase(now, &header);
                 o.svc.reset();
+                o.temporal.reset();
                 o.held = None;
             }
+            // The highest temporal layer that gives the subscriber the frame rate it asked for.
+            let temporal = if video && o.fps > 0 {
+                ft.frame_rates[rates_at].layer_for_fps(o.fps)
+            } else {
+                ALL_TEMPORAL
+            };
             let mut marker = p.marker;
             let mut hold = false;
+            if let (None, Some((t, hint))) = (&p.svc, p.temporal) {
+                // A non-SVC stream with temporal layers (VP8 simulcast layers are L1T3): drop
+                // whole frames above the temporal target.
+                if !o.temporal.select(temporal, t, p.ts, hint, p.keyframe) {
+                    o.rw.skip(&header);
+                    continue;
+                }
+            }
             if let Some(svc) = &p.svc {
-                // SVC: drop the spatial layers above the one this subscriber may get.
-                let choice = o.svc.select(allowed.saturating_sub(1), svc);
+                // SVC: drop the spatial layers above the one this subscriber may get, and the
+                // temporal layers above its temporal target.
+                let choice = o.svc.select(allowed.saturating_sub(1), temporal, svc);
                 if choice.want_keyframe {
                     want_keyframe = Some(None);
                 }
@@ -3141,5 +3276,92 @@ mod lookup_tests {
         let mut long = stun_request(b"srv1:cli2");
         long[2] = 0xff; // length beyond the datagram
         assert_eq!(stun_local_ufrag(&long), None);
+    }
+}
+
+#[cfg(test)]
+mod temporal_tests {
+    //! Where a packet's temporal layer comes from ([`temporal_of`]).
+    use super::*;
+
+    /// Bits, most significant first.
+    fn bits(fields: &[(u32, u32)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut n = 0usize;
+        for &(v, width) in fields {
+            for i in (0..width).rev() {
+                if n.is_multiple_of(8) {
+                    out.push(0);
+                }
+                let last = out.len() - 1;
+                out[last] |= (((v >> i) & 1) as u8) << (7 - n % 8);
+                n += 1;
+            }
+        }
+        out
+    }
+
+    /// A keyframe's dependency descriptor with libwebrtc's L1T3 structure: templates T0
+    /// (`SSS`), T1 (`-DS`), T2 (`--D`), ids 0-2.
+    fn l1t3_keyframe_dd() -> DdBytes {
+        let b = bits(&[
+            (1, 1),        // start of frame
+            (1, 1),        // end of frame
+            (0, 6),        // template 0
+            (7, 16),       // frame number
+            (1, 1),        // structure present
+            (0, 4),        // active targets, custom dtis/fdiffs/chains
+            (0, 6),        // template id offset
+            (2, 5),        // three decode targets
+            (1, 2),        // T0 -> next temporal layer
+            (1, 2),        // T1 -> next temporal layer
+            (3, 2),        // T2: end
+            (0b101010, 6), // T0: S S S
+            (0b000110, 6), // T1: - D S
+            (0b000001, 6), // T2: - - D
+            (0, 1),        // no fdiffs, x3
+            (0, 1),
+            (0, 1),
+            (0, 2), // no chains
+            (0, 1), // no resolutions
+        ]);
+        DdBytes(b.into())
+    }
+
+    fn dd(start: bool, template: u8) -> DdBytes {
+        DdBytes(vec![(u8::from(start) << 7) | template, 0, 9].into())
+    }
+
+    #[test]
+    fn temporal_layer_from_the_vp8_descriptor_or_the_dependency_descriptor() {
+        let mut st = None;
+        // Chromium's VP8 once the descriptor is negotiated: no T bit in the payload.
+        let plain = rtpfwd::vp8_descriptor(&[0x10, 0x00]);
+        assert_eq!(plain.and_then(|d| d.tid), None);
+        let key = l1t3_keyframe_dd();
+        let t = |st: &mut _, d: &DdBytes| temporal_of(PayloadKind::Vp8, plain, None, Some(d), st);
+        assert_eq!(t(&mut st, &key), Some((0, SwitchHint::UpSwitch)));
+        assert!(st.is_some(), "the structure is kept for later packets");
+        assert_eq!(t(&mut st, &dd(true, 1)), Some((1, SwitchHint::UpSwitch)));
+        assert_eq!(t(&mut st, &dd(false, 1)), Some((1, SwitchHint::None)));
+        assert_eq!(t(&mut st, &dd(true, 2)), Some((2, SwitchHint::None)));
+        assert_eq!(t(&mut st, &dd(true, 9)), None, "unknown template");
+        // Without a structure yet, or without a descriptor: no layer.
+        assert_eq!(t(&mut None, &dd(true, 1)), None);
+        assert_eq!(
+            temporal_of(PayloadKind::Vp8, plain, None, None, &mut st),
+            None
+        );
+        // The VP8 T bit wins, with its Y bit as a layer sync.
+        let tbit = rtpfwd::vp8_descriptor(&[0x90, 0x20, 0x60, 0x00]);
+        assert_eq!(
+            temporal_of(PayloadKind::Vp8, tbit, None, Some(&key), &mut st),
+            Some((1, SwitchHint::LayerSync))
+        );
+        // Audio has no layers.
+        assert_eq!(
+            temporal_of(PayloadKind::Audio, None, None, Some(&key), &mut st),
+            None
+        );
     }
 }

@@ -105,6 +105,9 @@ pub enum Command {
         sub: PeerId,
         track: TrackKey,
         max_rank: u8,
+        /// Frames per second the subscriber asked for (0: all); RTP mode drops the temporal
+        /// layers it does not need.
+        fps: u32,
     },
     /// Relay fabric: `track` is fed by flow `flow` of the room link from node `node`.
     RelayIn {

@@ -30,7 +30,7 @@
 //! Every parser here takes untrusted bytes and returns `None`/`false` on anything it does not
 //! understand; none of them can panic (see the unit tests and `fuzz/fuzz_targets/rtp.rs`).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// The codecs whose payload formats the forwarder understands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,6 +109,11 @@ pub struct Vp8Descriptor {
     pub tl0_pic_idx: Option<u8>,
     /// Temporal layer index, if the T bit is set.
     pub tid: Option<u8>,
+    /// Y: a layer sync frame (it references only the base temporal layer, so a subscriber
+    /// that did not get the frames of its layer can start receiving them here).
+    pub layer_sync: bool,
+    /// First packet of a frame (S=1, partition index 0).
+    pub begin: bool,
     /// First packet of a keyframe.
     pub keyframe_start: bool,
 }
@@ -136,6 +141,8 @@ pub fn vp8_descriptor(p: &[u8]) -> Option<Vp8Descriptor> {
         picture_id: None,
         tl0_pic_idx: None,
         tid: None,
+        layer_sync: false,
+        begin: b0 & 0x10 != 0 && b0 & 0x07 == 0,
         keyframe_start: false,
     };
     if b0 & 0x80 != 0 {
@@ -153,11 +160,12 @@ pub fn vp8_descriptor(p: &[u8]) -> Option<Vp8Descriptor> {
             at += 1;
             if x & 0x20 != 0 {
                 d.tid = Some(t >> 6);
+                d.layer_sync = t & 0x20 != 0;
             }
         }
     }
     let header = *p.get(at)?;
-    d.keyframe_start = b0 & 0x10 != 0 && b0 & 0x07 == 0 && header & 0x01 == 0;
+    d.keyframe_start = d.begin && header & 0x01 == 0;
     Some(d)
 }
 
@@ -386,6 +394,10 @@ pub struct DdStructure {
     pub template_id_offset: u8,
     /// `(spatial id, temporal id)` per template, in template order.
     pub layers: Vec<(u8, u8)>,
+    /// Bit `i`: template `i` (in template order) is a *switch* point for some decode target
+    /// (a decode target indication of 2, `SWITCH`): a subscriber may start receiving that
+    /// target's frames at a frame of this template.
+    pub switches: u64,
 }
 
 impl DdStructure {
@@ -394,6 +406,13 @@ impl DdStructure {
         let index = (usize::from(id) + DD_MAX_TEMPLATES - usize::from(self.template_id_offset))
             % DD_MAX_TEMPLATES;
         self.layers.get(index).copied()
+    }
+
+    /// Whether a frame that uses template `id` is a switch point (see [`Self::switches`]).
+    pub fn is_switch(&self, id: u8) -> bool {
+        let index = (usize::from(id) + DD_MAX_TEMPLATES - usize::from(self.template_id_offset))
+            % DD_MAX_TEMPLATES;
+        index < self.layers.len() && self.switches & (1u64 << index) != 0
     }
 }
 
@@ -489,9 +508,14 @@ pub fn parse_dd(data: &[u8]) -> Option<Dd> {
                 _ => break,
             }
         }
-        // template_dtis()
-        for _ in 0..layers.len() {
-            b.f(2 * dt_cnt)?;
+        // template_dtis(): 2 bits per decode target, 2 = SWITCH.
+        let mut switches = 0u64;
+        for i in 0..layers.len() {
+            for _ in 0..dt_cnt {
+                if b.f(2)? == 2 {
+                    switches |= 1u64 << i;
+                }
+            }
         }
         // template_fdiffs()
         for _ in 0..layers.len() {
@@ -525,6 +549,7 @@ pub fn parse_dd(data: &[u8]) -> Option<Dd> {
         dd.structure = Some(DdStructure {
             template_id_offset,
             layers,
+            switches,
         });
     }
     Some(dd)
@@ -583,6 +608,12 @@ pub struct SvcPacket {
     pub tid: u8,
     /// Last packet of its layer frame (VP9: E bit).
     pub end: bool,
+    /// First packet of a frame after which higher temporal layers may be joined: no later
+    /// frame of a higher layer references one from before it (VP9: B and U bits, U being
+    /// set by libwebrtc when every higher temporal decode target switches here; AV1: start
+    /// of a frame whose template switches some decode target, which in libwebrtc's
+    /// structures are the targets above the frame's own temporal layer or its own T0).
+    pub switch_up: bool,
     /// First packet of a keyframe (the base layer of a picture that references nothing).
     pub keyframe: bool,
     /// RTP timestamp: every layer frame of one picture carries the same one.
@@ -599,6 +630,7 @@ impl SvcPacket {
             sid: d.sid,
             tid: d.tid,
             end: d.end,
+            switch_up: d.begin && d.switch_up,
             keyframe: d.keyframe_start(),
             ts,
             marker,
@@ -621,10 +653,192 @@ impl SvcPacket {
             sid,
             tid,
             end: dd.end_of_frame,
+            switch_up: dd.start_of_frame && structure.is_switch(dd.template_id),
             keyframe,
             ts,
             marker,
         })
+    }
+}
+
+/// Temporal layers tracked per stream (VP8 and VP9 carry a 2-bit or 3-bit TID; encoders
+/// use at most three or four). A higher TID is counted with the top one.
+pub const MAX_TEMPORAL: usize = 4;
+
+/// Everything: the temporal target that forwards every layer.
+pub const ALL_TEMPORAL: u8 = (MAX_TEMPORAL - 1) as u8;
+
+/// How long [`FrameRates`] counts before it updates its rates.
+pub const FPS_WINDOW: Duration = Duration::from_secs(1);
+
+/// A request is met by a layer that has at least this share of the requested frame rate
+/// (measured rates wobble around the encoder's nominal ones; LiveKit allows the same slack).
+const FPS_TOLERANCE: f32 = 0.9;
+
+/// The frame rate of each temporal layer of one stream (one simulcast layer, or one SVC
+/// stream), measured from the packets that pass: sans-IO (`now` is an input), fixed size, no
+/// allocation.
+///
+/// A *frame* is counted on the first packet of a newer RTP timestamp (one picture: every
+/// spatial layer frame of an SVC picture has the same timestamp and TID), in the layer of its
+/// TID. Every [`FPS_WINDOW`] the counts become rates, averaged with the previous ones; after a
+/// gap of more than two windows (a paused stream) the old rates are forgotten.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct FrameRates {
+    start: Option<Instant>,
+    last_ts: Option<u32>,
+    frames: [u16; MAX_TEMPORAL],
+    fps: [f32; MAX_TEMPORAL],
+}
+
+impl FrameRates {
+    /// Count one packet of temporal layer `tid` with RTP timestamp `ts`.
+    pub fn observe(&mut self, now: Instant, ts: u32, tid: u8) {
+        let start = *self.start.get_or_insert(now);
+        let elapsed = now.saturating_duration_since(start);
+        if elapsed >= FPS_WINDOW {
+            if elapsed <= 2 * FPS_WINDOW {
+                let secs = elapsed.as_secs_f32();
+                for (f, n) in self.fps.iter_mut().zip(self.frames.iter()) {
+                    let now_fps = f32::from(*n) / secs;
+                    *f = if *f == 0.0 {
+                        now_fps
+                    } else {
+                        (*f + now_fps) / 2.0
+                    };
+                }
+            } else {
+                self.fps = [0.0; MAX_TEMPORAL];
+            }
+            self.frames = [0; MAX_TEMPORAL];
+            self.start = Some(now);
+        }
+        if self.last_ts.is_none_or(|t| (ts.wrapping_sub(t) as i32) > 0) {
+            self.last_ts = Some(ts);
+            let i = usize::from(tid).min(MAX_TEMPORAL - 1);
+            self.frames[i] = self.frames[i].saturating_add(1);
+        }
+    }
+
+    /// Frames per second of each temporal layer alone (0 until a window was measured).
+    pub fn per_layer(&self) -> [f32; MAX_TEMPORAL] {
+        self.fps
+    }
+
+    /// Frames per second a subscriber gets with layers `0..=t`, for each `t`.
+    pub fn cumulative(&self) -> [f32; MAX_TEMPORAL] {
+        let mut out = self.fps;
+        for i in 1..MAX_TEMPORAL {
+            out[i] += out[i - 1];
+        }
+        out
+    }
+
+    /// The lowest temporal layer whose cumulative frame rate meets `fps` (within
+    /// [`FPS_TOLERANCE`]); [`ALL_TEMPORAL`] for 0 (no request), before anything was measured,
+    /// or when even all layers together fall short.
+    pub fn layer_for_fps(&self, fps: u32) -> u8 {
+        if fps == 0 {
+            return ALL_TEMPORAL;
+        }
+        let want = fps as f32 * FPS_TOLERANCE;
+        let cumulative = self.cumulative();
+        // Only the layers that exist: above the highest one with frames, nothing is gained.
+        let Some(top) = self.fps.iter().rposition(|f| *f > 0.0) else {
+            return ALL_TEMPORAL;
+        };
+        cumulative
+            .iter()
+            .take(top + 1)
+            .position(|f| *f >= want)
+            .map_or(ALL_TEMPORAL, |t| t as u8)
+    }
+}
+
+/// What a packet says about joining higher temporal layers (see [`TemporalSelector`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SwitchHint {
+    None,
+    /// The first packet of a frame after which higher temporal layers can be decoded from
+    /// their next frame on (VP9 U bit, AV1 switch template).
+    UpSwitch,
+    /// The first packet of a frame of its layer that references only the base layer (VP8
+    /// Y bit): its layer can be decoded from here.
+    LayerSync,
+}
+
+/// Per-subscriber temporal layer selection: the frames of temporal layers above the one
+/// forwarded are dropped, so the subscriber gets a fraction of the frame rate. Sans-IO, pure.
+///
+/// * The stream starts (after [`TemporalSelector::reset`], at a keyframe) at the target.
+/// * **Down**: at the first packet of the next picture (a newer RTP timestamp), so a frame
+///   is never cut.
+/// * **Up**: only where the higher layers can be decoded without the frames the subscriber
+///   did not get: at a keyframe (to the target); at a forwarded frame that is an *up-switch
+///   point* (VP9 U bit, AV1 switch template: later frames of higher layers reference none
+///   from before it), to the target; or at a *layer sync* frame (VP8 Y bit: the frame
+///   references only the base layer) of a layer between the current and the target, to
+///   that layer.
+/// * A dropped frame is always a whole picture, so the frames forwarded keep their own
+///   end-of-frame marker; the caller closes the sequence gap ([`Rewriter::skip`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TemporalSelector {
+    current: Option<u8>,
+    picture_ts: Option<u32>,
+    /// Whether the newest picture is forwarded (the verdict for all its packets).
+    picture_forwarded: bool,
+}
+
+impl TemporalSelector {
+    /// The temporal layer forwarded now (`None` before the first packet).
+    pub fn current(&self) -> Option<u8> {
+        self.current
+    }
+
+    /// Forget the stream: the next packet (a new source's keyframe) starts at the target.
+    pub fn reset(&mut self) {
+        *self = TemporalSelector::default();
+    }
+
+    /// Whether to forward one packet of temporal layer `tid` with RTP timestamp `ts`,
+    /// `target` being the highest layer the subscriber should get. `hint` says whether the
+    /// packet starts an up-switch point or a layer sync frame; `keyframe`: it starts a
+    /// keyframe.
+    pub fn select(
+        &mut self,
+        target: u8,
+        tid: u8,
+        ts: u32,
+        hint: SwitchHint,
+        keyframe: bool,
+    ) -> bool {
+        let new_picture = self
+            .picture_ts
+            .is_none_or(|t| (ts.wrapping_sub(t) as i32) > 0);
+        if !new_picture {
+            // A later packet of the newest picture follows its first; an older picture's
+            // (late) packet is judged by the layer forwarded now.
+            let same = self.picture_ts == Some(ts);
+            return if same {
+                self.picture_forwarded
+            } else {
+                self.current.is_none_or(|c| tid <= c)
+            };
+        }
+        self.picture_ts = Some(ts);
+        let current = match self.current {
+            None => target,
+            Some(_) if keyframe => target,
+            Some(c) if target < c => target,
+            Some(c) if target > c && hint == SwitchHint::UpSwitch && tid <= c => target,
+            Some(c) if target > c && hint == SwitchHint::LayerSync && tid > c && tid <= target => {
+                tid
+            }
+            Some(c) => c,
+        };
+        self.current = Some(current);
+        self.picture_forwarded = tid <= current;
+        self.picture_forwarded
     }
 }
 
@@ -673,7 +887,8 @@ pub struct SvcChoice {
 ///   picture, or a higher layer: written with it). One packet per subscriber at most, held
 ///   for the gap to the publisher's next packet.
 ///
-/// Temporal layers are all forwarded (no frame-rate thinning yet).
+/// Temporal layers above the subscriber's temporal target are dropped too (whole pictures,
+/// by the embedded [`TemporalSelector`]); a dropped picture ends the previous forwarded one.
 #[derive(Debug, Clone, Default)]
 pub struct SvcSelector {
     /// The spatial layer forwarded now (`None`: not started, waiting for a keyframe).
@@ -682,6 +897,8 @@ pub struct SvcSelector {
     picture_ts: Option<u32>,
     /// The held packet's (timestamp, spatial id).
     held: Option<(u32, u8)>,
+    /// The temporal layers forwarded.
+    temporal: TemporalSelector,
 }
 
 impl SvcSelector {
@@ -696,8 +913,14 @@ impl SvcSelector {
         *self = SvcSelector::default();
     }
 
-    /// Decide about one packet, `target` being the spatial layer the subscriber should get.
-    pub fn select(&mut self, target: u8, p: &SvcPacket) -> SvcChoice {
+    /// The temporal layer forwarded now.
+    pub fn current_temporal(&self) -> Option<u8> {
+        self.temporal.current()
+    }
+
+    /// Decide about one packet, `target` being the spatial layer the subscriber should get
+    /// and `temporal` the highest temporal layer ([`ALL_TEMPORAL`]: every one).
+    pub fn select(&mut self, target: u8, temporal: u8, p: &SvcPacket) -> SvcChoice {
         let new_picture = self
             .picture_ts
             .is_none_or(|t| (p.ts.wrapping_sub(t) as i32) > 0);
@@ -729,7 +952,15 @@ impl SvcSelector {
             Some(c) => c,
         };
         self.current = Some(current);
-        let forward = p.sid <= current;
+        let hint = if p.switch_up {
+            SwitchHint::UpSwitch
+        } else {
+            SwitchHint::None
+        };
+        let in_time = self
+            .temporal
+            .select(temporal, p.tid, p.ts, hint, p.keyframe);
+        let forward = p.sid <= current && in_time;
         // The held packet ends its picture unless this packet is a forwarded layer frame of
         // the same picture above it. A late packet says nothing about the current picture:
         // it is written as it is and the held one stays.
@@ -808,11 +1039,15 @@ pub struct Rewriter {
     base: Option<u64>,
     /// Highest incoming sequence number of the current source seen (written or skipped).
     in_high: u64,
-    /// Where `seq_off` changed within the current source because packets were skipped:
-    /// `(first incoming sequence number, offset from there on)`, oldest first, at most
-    /// [`SKIP_HISTORY`] entries. A late packet (a retransmission, or one reordered by the
-    /// network) gets the offset that was in force at its place in the stream.
-    offsets: std::collections::VecDeque<(u64, u64)>,
+    /// Where `seq_off` (and `pid_off`) changed within the current source because packets
+    /// were skipped: `(first incoming sequence number, sequence offset, picture id offset)`
+    /// from there on, oldest first, at most [`SKIP_HISTORY`] entries (a run of consecutive
+    /// skipped packets takes one). A late packet (a retransmission, or one reordered by the
+    /// network) gets the offsets that were in force at its place in the stream.
+    offsets: std::collections::VecDeque<(u64, u64, u16)>,
+    /// VP8: the (incoming) picture id of the newest skipped picture, so that a dropped
+    /// picture moves the later picture ids down once, however many packets it has.
+    skipped_pid: Option<u16>,
     /// Highest outgoing sequence number written, and the timestamp, instant, picture id and
     /// TL0PICIDX written with it.
     last: Option<Last>,
@@ -843,17 +1078,17 @@ impl Rewriter {
         self.base = Some(first.seq);
         self.in_high = first.seq;
         self.offsets.clear();
+        self.skipped_pid = None;
         let Some(last) = self.last else {
             // The very first source: keep its timestamps and picture ids, number from 1.
             self.seq_off = 1u64.wrapping_sub(first.seq);
             self.ts_off = 0;
             self.pid_off = 0;
             self.tl0_off = 0;
-            self.offsets.push_back((first.seq, self.seq_off));
+            self.offsets.push_back((first.seq, self.seq_off, 0));
             return;
         };
         self.seq_off = last.seq.wrapping_add(1).wrapping_sub(first.seq);
-        self.offsets.push_back((first.seq, self.seq_off));
         let hz = u64::from(first.clock.max(1));
         let elapsed = now.saturating_duration_since(last.at).as_micros() as u64;
         let gap = (elapsed.saturating_mul(hz) / 1_000_000).max(hz / 30).max(1);
@@ -867,6 +1102,8 @@ impl Rewriter {
                 self.tl0_off = lt.wrapping_add(1).wrapping_sub(t);
             }
         }
+        self.offsets
+            .push_back((first.seq, self.seq_off, self.pid_off));
     }
 
     /// The outgoing header of `p`, or `None` if `p` predates the current source's start (or
@@ -876,7 +1113,7 @@ impl Rewriter {
         if p.seq < base {
             return None;
         }
-        let off = self.offset_at(p.seq)?;
+        let (off, pid_off) = self.offset_at(p.seq)?;
         self.in_high = self.in_high.max(p.seq);
         let seq = p.seq.wrapping_add(off);
         let ts = p.ts.wrapping_add(self.ts_off);
@@ -884,7 +1121,7 @@ impl Rewriter {
             Some((pid, tl0)) => (
                 pid.map(|(v, wide)| {
                     let mask = if wide { 0x7fff } else { 0x7f };
-                    v.wrapping_add(self.pid_off) & mask
+                    v.wrapping_add(pid_off) & mask
                 }),
                 tl0.map(|t| t.wrapping_add(self.tl0_off)),
             ),
@@ -908,9 +1145,12 @@ impl Rewriter {
         })
     }
 
-    /// A packet of the current source that is deliberately not forwarded (an SVC layer the
-    /// subscriber does not get): the packets after it move one number down, so the outgoing
-    /// stream has no gap (which the subscriber would NACK and nobody could repair).
+    /// A packet of the current source that is deliberately not forwarded (an SVC layer or a
+    /// temporal layer the subscriber does not get): the packets after it move one number
+    /// down, so the outgoing stream has no gap (which the subscriber would NACK and nobody
+    /// could repair). A skipped VP8 picture also moves the later picture ids one down (once
+    /// per picture), so that the subscriber sees no missing picture: libwebrtc's VP8
+    /// reference finder waits for every picture id between a frame and its reference.
     ///
     /// Only a packet newer than every one seen can be closed over; a late one (its
     /// neighbours already written) leaves its hole.
@@ -923,22 +1163,38 @@ impl Rewriter {
         }
         self.in_high = p.seq;
         self.seq_off = self.seq_off.wrapping_sub(1);
-        if self.offsets.len() >= SKIP_HISTORY {
-            self.offsets.pop_front();
+        if let Some((Some((pid, _)), _)) = p.vp8 {
+            if self.skipped_pid != Some(pid) {
+                self.skipped_pid = Some(pid);
+                self.pid_off = self.pid_off.wrapping_sub(1);
+            }
         }
         // Saturating: the extended sequence number is str0m's u64, far from its end in
         // practice, but it is input.
-        self.offsets
-            .push_back((p.seq.saturating_add(1), self.seq_off));
+        let from = p.seq.saturating_add(1);
+        match self.offsets.back_mut() {
+            // The packet right after the previous skip: no packet was written with the
+            // offsets in force since, so one entry covers the whole run.
+            Some(last) if last.0 == p.seq => {
+                *last = (from, self.seq_off, self.pid_off);
+            }
+            _ => {
+                if self.offsets.len() >= SKIP_HISTORY {
+                    self.offsets.pop_front();
+                }
+                self.offsets.push_back((from, self.seq_off, self.pid_off));
+            }
+        }
     }
 
-    /// The sequence offset in force at incoming `seq` (`None`: older than the history).
-    fn offset_at(&self, seq: u64) -> Option<u64> {
+    /// The sequence and picture id offsets in force at incoming `seq` (`None`: older than
+    /// the history).
+    fn offset_at(&self, seq: u64) -> Option<(u64, u16)> {
         self.offsets
             .iter()
             .rev()
-            .find(|(from, _)| *from <= seq)
-            .map(|(_, off)| *off)
+            .find(|(from, _, _)| *from <= seq)
+            .map(|(_, off, pid)| (*off, *pid))
     }
 }
 
@@ -1074,7 +1330,7 @@ mod tests {
             if let Some(d) = vp9_descriptor(&buf) {
                 let mut sel = SvcSelector::default();
                 if let Some(p) = SvcPacket::vp9(&d, 0, false) {
-                    let _ = sel.select(d.sid, &p);
+                    let _ = sel.select(d.sid, d.tid, &p);
                 }
             }
         }
@@ -1179,7 +1435,7 @@ mod tests {
                         }
                         rw.rebase(t0, &h);
                     }
-                    let c = sel.select(target, &p);
+                    let c = sel.select(target, ALL_TEMPORAL, &p);
                     asked |= c.want_keyframe;
                     if c.forward {
                         let o = rw.rewrite(t0, &h).unwrap();
@@ -1249,53 +1505,321 @@ mod tests {
             sid,
             tid: 0,
             end,
+            switch_up: false,
             keyframe: key,
             ts,
             marker,
         };
         // Keyframe picture with all three layers (one packet each): S0 and S1 ends are held
         // and released unmarked as the next layer follows; S2 carries the marker.
-        let c = sel.select(2, &pkt(0, 0, true, true, false));
+        let c = sel.select(2, ALL_TEMPORAL, &pkt(0, 0, true, true, false));
         assert!(c.forward && c.hold && c.release.is_none());
-        let c = sel.select(2, &pkt(1, 0, true, false, false));
+        let c = sel.select(2, ALL_TEMPORAL, &pkt(1, 0, true, false, false));
         assert_eq!((c.forward, c.hold, c.release), (true, true, Some(false)));
-        let c = sel.select(2, &pkt(2, 0, true, false, true));
+        let c = sel.select(2, ALL_TEMPORAL, &pkt(2, 0, true, false, true));
         assert_eq!(
             (c.forward, c.hold, c.marker, c.release),
             (true, false, true, Some(false))
         );
         assert!(!sel.holding());
         // Picture 2: only S0 and S1, no marker from the publisher.
-        let c = sel.select(2, &pkt(0, 3000, true, false, false));
+        let c = sel.select(2, ALL_TEMPORAL, &pkt(0, 3000, true, false, false));
         assert!(c.hold && c.release.is_none());
-        let c = sel.select(2, &pkt(1, 3000, true, false, false));
+        let c = sel.select(2, ALL_TEMPORAL, &pkt(1, 3000, true, false, false));
         assert_eq!((c.hold, c.release), (true, Some(false)));
         // Picture 3 begins: the held S1 end closes picture 2 with the marker.
-        let c = sel.select(2, &pkt(0, 6000, false, false, false));
+        let c = sel.select(2, ALL_TEMPORAL, &pkt(0, 6000, false, false, false));
         assert_eq!((c.forward, c.hold, c.release), (true, false, Some(true)));
         // Picture 3 skips S1: S2 of the same picture follows S0, so S0's end goes out
         // unmarked and S2 ends the picture.
-        let c = sel.select(2, &pkt(0, 6000, true, false, false));
+        let c = sel.select(2, ALL_TEMPORAL, &pkt(0, 6000, true, false, false));
         assert!(c.hold);
-        let c = sel.select(2, &pkt(2, 6000, true, false, true));
+        let c = sel.select(2, ALL_TEMPORAL, &pkt(2, 6000, true, false, true));
         assert_eq!((c.marker, c.release), (true, Some(false)));
         // A subscriber on S0 never holds: the end of S0 is its picture's end.
         let mut low = SvcSelector::default();
-        let c = low.select(0, &pkt(0, 0, true, true, false));
+        let c = low.select(0, ALL_TEMPORAL, &pkt(0, 0, true, true, false));
         assert!(c.forward && c.marker && !c.hold);
         // A packet above the forwarded layer right after a held end of the same picture
         // means no forwarded layer follows: the held one is marked.
         let mut mid = SvcSelector::default();
-        assert!(mid.select(1, &pkt(0, 0, true, true, false)).hold);
-        let c = mid.select(1, &pkt(2, 0, true, false, true));
+        assert!(
+            mid.select(1, ALL_TEMPORAL, &pkt(0, 0, true, true, false))
+                .hold
+        );
+        let c = mid.select(1, ALL_TEMPORAL, &pkt(2, 0, true, false, true));
         assert_eq!((c.forward, c.release), (false, Some(true)));
         // A late packet of an earlier picture neither releases nor replaces the held one.
-        assert!(mid.select(1, &pkt(0, 3000, true, false, false)).hold);
-        let c = mid.select(1, &pkt(0, 0, true, false, false));
+        assert!(
+            mid.select(1, ALL_TEMPORAL, &pkt(0, 3000, true, false, false))
+                .hold
+        );
+        let c = mid.select(1, ALL_TEMPORAL, &pkt(0, 0, true, false, false));
         assert_eq!((c.forward, c.hold, c.release), (true, false, None));
         assert!(mid.holding());
-        let c = mid.select(1, &pkt(1, 3000, true, false, false));
+        let c = mid.select(1, ALL_TEMPORAL, &pkt(1, 3000, true, false, false));
         assert_eq!((c.marker, c.release), (true, Some(false)));
+    }
+
+    /// A VP8 payload with the T bit: picture id (15 bits), TL0PICIDX, TID and Y.
+    fn vp8_temporal(pid: u16, tl0: u8, tid: u8, sync: bool, start: bool, key: bool) -> Vec<u8> {
+        let mut v = vp8_payload(pid, tl0, start, key);
+        v[5] = (tid << 6) | if sync { 0x20 } else { 0 };
+        v
+    }
+
+    #[test]
+    fn vp8_temporal_fields() {
+        let d = vp8_descriptor(&vp8_temporal(9, 3, 2, true, true, false)).unwrap();
+        assert_eq!((d.tid, d.layer_sync, d.begin), (Some(2), true, true));
+        let d = vp8_descriptor(&vp8_temporal(9, 3, 1, false, false, false)).unwrap();
+        assert_eq!((d.tid, d.layer_sync, d.begin), (Some(1), false, false));
+        // No T bit: no layer, no sync.
+        let d = vp8_descriptor(&[0x90, 0x80, 0x05, 0x00]).unwrap();
+        assert_eq!((d.tid, d.layer_sync, d.begin), (None, false, true));
+    }
+
+    /// The TIDs of libwebrtc's three-layer pattern (L1T3): 0 2 1 2 0 2 1 2 ...
+    fn l1t3(n: u32) -> u8 {
+        [0, 2, 1, 2][n as usize % 4]
+    }
+
+    #[test]
+    fn frame_rates_measure_each_temporal_layer() {
+        let t0 = Instant::now();
+        let mut r = FrameRates::default();
+        assert_eq!(
+            r.layer_for_fps(5),
+            ALL_TEMPORAL,
+            "nothing measured yet: everything"
+        );
+        // 20 fps for 3 s, two packets per frame (counted once), L1T3.
+        for n in 0..60u32 {
+            let at = t0 + Duration::from_millis(50 * u64::from(n));
+            r.observe(at, 4500 * n, l1t3(n));
+            r.observe(at, 4500 * n, l1t3(n));
+        }
+        let per = r.per_layer();
+        let near = |a: f32, b: f32| (a - b).abs() < 0.6;
+        assert!(
+            near(per[0], 5.0) && near(per[1], 5.0) && near(per[2], 10.0),
+            "{per:?}"
+        );
+        let cum = r.cumulative();
+        assert!(
+            near(cum[0], 5.0) && near(cum[1], 10.0) && near(cum[2], 20.0),
+            "{cum:?}"
+        );
+        assert_eq!(r.layer_for_fps(0), ALL_TEMPORAL);
+        assert_eq!(r.layer_for_fps(1), 0);
+        assert_eq!(r.layer_for_fps(5), 0);
+        assert_eq!(r.layer_for_fps(6), 1);
+        assert_eq!(r.layer_for_fps(10), 1);
+        assert_eq!(r.layer_for_fps(15), 2);
+        assert_eq!(r.layer_for_fps(20), 2);
+        assert_eq!(
+            r.layer_for_fps(60),
+            ALL_TEMPORAL,
+            "more than all layers have"
+        );
+        // Late packets (older timestamps) are not frames; a TID beyond the table counts with
+        // the top layer instead of indexing out of it.
+        r.observe(t0 + Duration::from_millis(3000), 0, 0);
+        r.observe(t0 + Duration::from_millis(3000), 4500 * 61, 7);
+        // A pause longer than two windows forgets the rates.
+        r.observe(t0 + Duration::from_secs(10), 4500 * 300, 0);
+        assert_eq!(r.per_layer(), [0.0; MAX_TEMPORAL]);
+        assert_eq!(r.layer_for_fps(5), ALL_TEMPORAL);
+    }
+
+    /// VP8 L1T3 at a temporal target: frames above it are dropped whole, the outgoing
+    /// sequence numbers and picture ids have no gap, every forwarded frame keeps its marker,
+    /// the target goes down at the next frame and up only at a layer sync frame.
+    #[test]
+    fn vp8_temporal_thinning_is_contiguous_and_switches_up_at_sync() {
+        let t0 = Instant::now();
+        let mut sel = TemporalSelector::default();
+        let mut rw = Rewriter::default();
+        // (out seq, out picture id, tid, marker) of every packet written.
+        let mut out: Vec<(u64, u16, u8, bool)> = Vec::new();
+        let mut seq = 1000u64;
+        let mut frame = |sel: &mut TemporalSelector,
+                         n: u32,
+                         target: u8,
+                         sync: bool,
+                         out: &mut Vec<(u64, u16, u8, bool)>| {
+            let tid = l1t3(n);
+            for part in 0..2u8 {
+                let payload =
+                    vp8_temporal(100 + n as u16, (n / 4) as u8, tid, sync, part == 0, n == 0);
+                let d = vp8_descriptor(&payload).unwrap();
+                let h = hdr(seq, 3000 * n, &payload);
+                seq += 1;
+                if !rw.started() {
+                    rw.rebase(t0, &h);
+                }
+                let hint = if d.begin && d.layer_sync {
+                    SwitchHint::LayerSync
+                } else {
+                    SwitchHint::None
+                };
+                let fwd = sel.select(target, tid, h.ts, hint, d.keyframe_start);
+                if fwd {
+                    let o = rw.rewrite(t0, &h).unwrap();
+                    out.push((o.seq, o.picture_id.unwrap(), tid, part == 1));
+                } else {
+                    rw.skip(&h);
+                }
+            }
+        };
+        // Base layer only (a quarter of the frame rate).
+        for n in 0..8 {
+            frame(&mut sel, n, 0, false, &mut out);
+        }
+        assert_eq!(
+            out.iter().map(|o| o.2).collect::<Vec<_>>(),
+            vec![0, 0, 0, 0]
+        );
+        // Up to TL1: not at the TL2 frame 9 without sync, nor at TL1 frame 10 without sync;
+        // TL2 frame 13 with sync is above the target; TL1 frame 14 with sync is the switch.
+        for n in 8..16 {
+            frame(&mut sel, n, 1, matches!(n, 13 | 14), &mut out);
+        }
+        assert_eq!(sel.current(), Some(1));
+        // Down to TL0 at the next frame, then up to everything at a sync frame (17: TL2).
+        frame(&mut sel, 16, 0, false, &mut out);
+        frame(&mut sel, 17, 2, true, &mut out);
+        frame(&mut sel, 18, 2, false, &mut out);
+        frame(&mut sel, 19, 2, false, &mut out);
+        let tids: Vec<u8> = out.iter().step_by(2).map(|o| o.2).collect();
+        assert_eq!(tids, vec![0, 0, 0, 0, 1, 0, 2, 1, 2]);
+        // Contiguous sequence numbers and picture ids, the marker on each frame's end.
+        for (i, o) in out.iter().enumerate() {
+            assert_eq!(o.0, i as u64 + 1, "{out:?}");
+            assert_eq!(o.1, 100 + (i / 2) as u16, "{out:?}");
+            assert_eq!(o.3, i % 2 == 1);
+        }
+        // A late (retransmitted) packet of the first forwarded frame keeps its numbers.
+        let payload = vp8_temporal(100, 0, 0, false, false, false);
+        let o = rw.rewrite(t0, &hdr(1001, 0, &payload)).unwrap();
+        assert_eq!((o.seq, o.picture_id), (2, Some(100)));
+        // A keyframe goes straight to the target.
+        let none = SwitchHint::None;
+        let mut sel = TemporalSelector::default();
+        assert!(sel.select(0, 0, 0, none, true));
+        assert!(!sel.select(0, 2, 3000, none, false));
+        assert!(sel.select(2, 0, 6000, none, true));
+        assert!(sel.select(2, 2, 9000, none, false));
+        // A late packet of an older picture is judged by the current layer.
+        assert!(sel.select(0, 2, 3000, none, false));
+        assert!(sel.select(0, 0, 12000, none, false));
+        assert!(!sel.select(0, 2, 9000, none, false));
+        // An up-switch point of a layer above the current one is not one to join there (its
+        // own references may be missing); one of a forwarded layer is.
+        let up = SwitchHint::UpSwitch;
+        assert!(!sel.select(2, 1, 15000, up, false));
+        assert_eq!(sel.current(), Some(0));
+        assert!(sel.select(2, 0, 18000, up, false));
+        assert_eq!(sel.current(), Some(2));
+    }
+
+    /// VP9 L3T3 thinned in space and time at once: pictures above the temporal target are
+    /// dropped whole, the marker ends each forwarded picture at the forwarded spatial layer,
+    /// sequence numbers stay contiguous, and the temporal target goes up at a U-bit picture.
+    #[test]
+    fn svc_selector_thins_temporal_layers() {
+        let t0 = Instant::now();
+        let mut sel = SvcSelector::default();
+        let mut rw = Rewriter::default();
+        let mut seq = 0u64;
+        // (out seq, picture, sid, marker)
+        let mut out: Vec<(u64, u32, u8, bool)> = Vec::new();
+        let mut picture =
+            |n: u32, spatial: u8, temporal: u8, up: bool, out: &mut Vec<(u64, u32, u8, bool)>| {
+                let tid = l1t3(n);
+                for sid in 0..3u8 {
+                    let mut payload = vp9_packet(n as u16, sid, tid, n > 0, true, true);
+                    if up {
+                        payload[3] |= 0x10; // U
+                    }
+                    let d = vp9_descriptor(&payload).unwrap();
+                    let ts = 3000 * n;
+                    let p = SvcPacket::vp9(&d, ts, sid == 2).unwrap();
+                    let h = InHeader {
+                        seq,
+                        ts,
+                        clock: 90_000,
+                        vp8: None,
+                    };
+                    seq += 1;
+                    if !rw.started() {
+                        rw.rebase(t0, &h);
+                    }
+                    let c = sel.select(spatial, temporal, &p);
+                    if c.forward {
+                        let o = rw.rewrite(t0, &h).unwrap();
+                        // The marker of a held packet is decided later: the test's packets are
+                        // one per layer frame, so a held one is released by the next packet.
+                        if let Some(m) = c.release {
+                            out.last_mut().unwrap().3 = m;
+                        }
+                        out.push((o.seq, n, sid, c.marker));
+                    } else {
+                        if let Some(m) = c.release {
+                            out.last_mut().unwrap().3 = m;
+                        }
+                        rw.skip(&h);
+                    }
+                }
+            };
+        // S1 at TL0: pictures 0 and 4 only, two layer frames each, the marker on S1.
+        for n in 0..8 {
+            picture(n, 1, 0, false, &mut out);
+        }
+        assert_eq!(
+            out,
+            vec![
+                (1, 0, 0, false),
+                (2, 0, 1, true),
+                (3, 4, 0, false),
+                (4, 4, 1, true)
+            ]
+        );
+        out.clear();
+        // TL1 wanted: picture 8 (TL0) has no U bit; picture 10 (TL1) has, but is above the
+        // forwarded layer; picture 12 (TL0) has: TL1 is forwarded from there on.
+        for n in 8..16 {
+            picture(n, 1, 1, matches!(n, 10 | 12), &mut out);
+        }
+        let pictures: Vec<u32> = out.iter().map(|o| o.1).collect();
+        assert_eq!(pictures, vec![8, 8, 12, 12, 14, 14]);
+        assert_eq!(sel.current_temporal(), Some(1));
+        for (i, o) in out.iter().enumerate() {
+            assert_eq!(o.0, 5 + i as u64);
+            assert_eq!(o.3, o.2 == 1, "{out:?}");
+        }
+    }
+
+    /// Consecutive skips take one history entry, so a long run of dropped frames does not
+    /// push the offsets of older packets out of the history.
+    #[test]
+    fn consecutive_skips_share_one_history_entry() {
+        let t0 = Instant::now();
+        let mut rw = Rewriter::default();
+        rw.rebase(t0, &h(0));
+        assert_eq!(rw.rewrite(t0, &h(0)).unwrap().seq, 1);
+        // 100 frames of 10 packets: 1 forwarded, 9 dropped each.
+        for f in 0..100u64 {
+            assert_eq!(rw.rewrite(t0, &h(1 + f * 10)).unwrap().seq, 2 + f);
+            for k in 2..11 {
+                rw.skip(&h(f * 10 + k));
+            }
+        }
+        assert!(rw.offsets.len() <= SKIP_HISTORY);
+        // The latest 60 forwarded packets, retransmitted, keep their numbers.
+        for f in 40..100u64 {
+            assert_eq!(rw.rewrite(t0, &h(1 + f * 10)).unwrap().seq, 2 + f);
+        }
     }
 
     /// Skipped packets close up the outgoing numbering, and a late packet (reordered or
@@ -1496,8 +2020,9 @@ mod tests {
         for idc in [1, 2, 1, 3] {
             w.put(idc, 2); // next_layer_idc
         }
-        for _ in 0..4 {
-            w.put(0xaa, 8); // dtis: 4 targets x 2 bits
+        // dtis, 4 targets x 2 bits: switch (2) in the first and third template only.
+        for dtis in [0xaa, 0xf5, 0x9f, 0x00] {
+            w.put(dtis, 8);
         }
         for fdiffs in [0u32, 1, 1, 2] {
             for _ in 0..fdiffs {
@@ -1520,11 +2045,18 @@ mod tests {
         assert_eq!(st.layer_of(5), Some((0, 0)));
         assert_eq!(st.layer_of(7), Some((1, 0)));
         assert_eq!(st.layer_of(4), None);
+        assert_eq!(st.switches, 0b0101);
+        assert!(st.is_switch(5) && !st.is_switch(6) && st.is_switch(7) && !st.is_switch(8));
+        assert!(!st.is_switch(4) && !st.is_switch(9));
         // A mandatory-only descriptor: end of a frame of template 8 (S1T1).
         let d = parse_dd(&[0x40 | 8, 0x04, 0xd3]).unwrap();
         assert!(d.end_of_frame && d.structure.is_none());
         let p = SvcPacket::av1(&d, &st, false, 90, false).unwrap();
-        assert_eq!((p.sid, p.tid, p.end), (1, 1, true));
+        assert_eq!((p.sid, p.tid, p.end, p.switch_up), (1, 1, true, false));
+        // The start of a frame of template 7 (S1T0, a switch point).
+        let d = parse_dd(&[0x80 | 7, 0x04, 0xd4]).unwrap();
+        let p = SvcPacket::av1(&d, &st, false, 90, false).unwrap();
+        assert_eq!((p.sid, p.tid, p.switch_up), (1, 0, true));
         // Truncated anywhere: refused, never a panic.
         for n in 0..w.bytes.len() - 1 {
             if n == 3 {

@@ -113,6 +113,20 @@ window.arborSetDimensions = (width, height) => {
   return n;
 };
 
+// Asks the server for a frame rate, as `RemoteTrackPublication.setVideoFPS` does
+// (UpdateTrackSettings.fps: the server forwards the temporal layers that give it).
+window.arborSetFps = (fps) => {
+  let n = 0;
+  for (const p of window.arborRoom.remoteParticipants.values()) {
+    for (const pub of p.videoTrackPublications.values()) {
+      pub.setVideoFPS(fps);
+      n += 1;
+    }
+  }
+  log(`setVideoFPS ${fps} on ${n} publications`);
+  return n;
+};
+
 // Reads the counter grid (see tests/e2e/helpers.py: 8x4 cells, rows 0-1 the 16 bits, rows 2-3
 // their complement) from every decoded frame, so a corrupt decode is caught in the browser too.
 // Each frame is drawn onto a 64x32 canvas; the centre of each cell is averaged.

@@ -12,7 +12,8 @@
 //   stdin  {"seq": 4, "cmd": "video", "page": "sub"}   -> window.arborVideoStats() (decoder stats)
 //   stdin  {"seq": 5, "cmd": "dims", "page": "sub", "width": 320, "height": 180}
 //          -> setVideoDimensions on every remote video publication of that page
-//   stdin  {"seq": 6, "cmd": "quit"}                   -> closes the browser and exits
+//   stdin  {"seq": 6, "cmd": "fps", "page": "sub", "fps": 5}  -> setVideoFPS likewise
+//   stdin  {"seq": 7, "cmd": "quit"}                   -> closes the browser and exits
 //
 // `videoFile` (a .y4m) replaces Chromium's built-in fake camera picture, so the receivers can
 // check every decoded frame. Every wait is bounded and the whole process ends by itself after
@@ -83,6 +84,9 @@ async function handle(msg) {
     case 'dims':
       if (!page) throw new Error(`no page ${msg.page}`);
       return { n: await page.evaluate(([w, h]) => window.arborSetDimensions(w, h), [msg.width, msg.height]) };
+    case 'fps':
+      if (!page) throw new Error(`no page ${msg.page}`);
+      return { n: await page.evaluate((f) => window.arborSetFps(f), msg.fps) };
     case 'quit':
       return { bye: true };
     default:
