@@ -1,7 +1,7 @@
 //! `arbor`: a self-hosted SFU that speaks the LiveKit protocol.
 //!
 //! This binary is the edge: CLI, configuration, the HTTP/WebSocket front, and the wiring of
-//! the control plane (actix actors on the system arbiter) to the media plane (its own thread).
+//! the control plane (actix actors on the system arbiter) to the media plane (its shard threads).
 
 mod auth;
 mod cluster;
@@ -42,7 +42,7 @@ struct Cli {
     /// HTTP/WebSocket port.
     #[arg(long)]
     port: Option<u16>,
-    /// UDP media port.
+    /// UDP media port (of shard 0; shard i uses this + i).
     #[arg(long)]
     udp_port: Option<u16>,
     /// ICE-TCP port (0 disables).

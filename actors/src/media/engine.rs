@@ -731,11 +731,6 @@ impl Engine {
         self
     }
 
-    /// The number of peer connections on this engine.
-    pub fn peer_count(&self) -> usize {
-        self.peers.len()
-    }
-
     /// The same engine with data-path limits other than the defaults.
     pub fn with_limits(mut self, limits: EngineLimits) -> Self {
         self.limits = limits;
