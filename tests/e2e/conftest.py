@@ -97,6 +97,15 @@ def free_port() -> int:
     raise RuntimeError("no free port")
 
 
+def free_port_range(n: int) -> int:
+    """The first of `n` consecutive free ports (a sharded server's UDP ports)."""
+    for _ in range(1000):
+        first = free_port()
+        if all(free_port() == first + k for k in range(1, n)):
+            return first
+    raise RuntimeError(f"no {n} consecutive free ports")
+
+
 @dataclasses.dataclass
 class ArborServer:
     """A running `arbor --dev` process."""
