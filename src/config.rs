@@ -954,19 +954,30 @@ mod tests {
         assert_eq!(c.media_shards(), cores.min(MAX_SHARDS));
         let mut c = Config::dev();
         c.rtc.shards = 65;
-        assert!(c.validate().unwrap_err().to_string().contains("`rtc.shards`"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("`rtc.shards`"));
         // Shard ports udp_port + i must not reach the ICE-TCP or HTTP port, nor pass 65535.
         let mut c = Config::dev();
         (c.rtc.udp_port, c.rtc.tcp_port, c.rtc.shards) = (9000, 9003, 4);
         let e = c.validate().unwrap_err().to_string();
-        assert!(e.contains("`rtc.tcp_port`") && e.contains("9000-9003"), "{e}");
+        assert!(
+            e.contains("`rtc.tcp_port`") && e.contains("9000-9003"),
+            "{e}"
+        );
         c.rtc.tcp_port = 9004;
         c.validate().unwrap();
         c.port = 9002;
         assert!(c.validate().unwrap_err().to_string().contains("`port`"));
         let mut c = Config::dev();
         (c.rtc.udp_port, c.rtc.shards) = (65535, 2);
-        assert!(c.validate().unwrap_err().to_string().contains("`rtc.udp_port`"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("`rtc.udp_port`"));
         c.rtc.shards = 1;
         c.validate().unwrap();
     }

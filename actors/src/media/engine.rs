@@ -55,8 +55,8 @@ use crate::media::relay::{
 use crate::media::rtp::{
     self as rtpfwd, DdBytes, DdSerializer, InHeader, PayloadKind, Rewriter, SvcPacket, SvcSelector,
 };
-use crate::quality::LinkStats;
 use crate::media::shard;
+use crate::quality::LinkStats;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::Arc;

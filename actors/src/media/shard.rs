@@ -76,8 +76,10 @@ pub fn ufrag_prefix(shard: usize) -> String {
 pub fn shard_of_ufrag(ufrag: &str, shards: usize) -> Option<usize> {
     let p = ufrag.get(..2)?;
     let s = usize::from_str_radix(p, 16).ok()?;
-    (s < shards && p.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
-        .then_some(s)
+    (s < shards
+        && p.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+    .then_some(s)
 }
 
 #[cfg(test)]
@@ -105,7 +107,10 @@ mod tests {
             }
             let fair = 10_000 / n;
             for c in count {
-                assert!(c > fair / 2 && c < fair * 2, "{n} shards: {c} rooms vs {fair} fair");
+                assert!(
+                    c > fair / 2 && c < fair * 2,
+                    "{n} shards: {c} rooms vs {fair} fair"
+                );
             }
         }
         assert_eq!(shard_of_room("anything", 0), 0);

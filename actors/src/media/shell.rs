@@ -116,7 +116,11 @@ impl MediaPlane {
             let port = u16::try_from(usize::from(settings.udp_bind.port()) + i)
                 .map_err(|_| MediaError::Io(std::io::Error::other("UDP port range past 65535")))?;
             // Port 0 (tests): every shard takes an ephemeral port of its own.
-            let port = if settings.udp_bind.port() == 0 { 0 } else { port };
+            let port = if settings.udp_bind.port() == 0 {
+                0
+            } else {
+                port
+            };
             let udp = std::net::UdpSocket::bind(SocketAddr::new(settings.udp_bind.ip(), port))?;
             udp.set_nonblocking(true)?;
             udps.push(udp);
@@ -233,10 +237,13 @@ impl MediaPlane {
     /// its room's shard by flow id.
     pub fn relay_connection(&self, node: u64, conn: &quinn::Connection) -> Result<(), MediaError> {
         for tx in self.shards.iter() {
-            send(tx, Command::RelayConnection {
-                node,
-                conn: conn.clone(),
-            })?;
+            send(
+                tx,
+                Command::RelayConnection {
+                    node,
+                    conn: conn.clone(),
+                },
+            )?;
         }
         Ok(())
     }
@@ -430,7 +437,10 @@ async fn read_relay(
 ) {
     while let Ok(d) = conn.read_datagram().await {
         let i = shard::shard_of_datagram(&d, route.len());
-        if route.get(i).is_none_or(|tx| tx.try_send((node, d)).is_err()) {
+        if route
+            .get(i)
+            .is_none_or(|tx| tx.try_send((node, d)).is_err())
+        {
             super::relay::RELAY_METRICS
                 .datagrams_dropped
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -631,7 +641,11 @@ async fn read_frame<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> Option<Vec<u8
     Some(data)
 }
 
-async fn handoff_tcp(mut stream: TcpStream, addr: SocketAddr, handoff: Vec<mpsc::Sender<TcpHandoff>>) {
+async fn handoff_tcp(
+    mut stream: TcpStream,
+    addr: SocketAddr,
+    handoff: Vec<mpsc::Sender<TcpHandoff>>,
+) {
     let first = match tokio::time::timeout(TCP_FIRST_FRAME_TIMEOUT, read_frame(&mut stream)).await {
         Ok(Some(f)) => f,
         _ => {
