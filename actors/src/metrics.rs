@@ -338,7 +338,13 @@ impl ShardMetrics {
     }
     fn render(&self, s: &mut String) {
         let n = self.shards.load(Relaxed);
-        let families: [(&str, &str, &str, fn(&ShardStats) -> String); 3] = [
+        type Family = (
+            &'static str,
+            &'static str,
+            &'static str,
+            fn(&ShardStats) -> String,
+        );
+        let families: [Family; 3] = [
             (
                 "arbor_media_shard_peers",
                 "gauge",

@@ -1374,19 +1374,17 @@ impl Engine {
             return Err(MediaError::DuplicatePeer(id.0));
         }
         let max = self.config.max_peers;
-        match &self.node_peers {
+        let full = match &self.node_peers {
             // Reserve a place in the node-wide count (shards add peers concurrently).
-            Some(n) => {
-                if n.fetch_update(AtomicOrdering::Relaxed, AtomicOrdering::Relaxed, |c| {
+            Some(n) => n
+                .fetch_update(AtomicOrdering::Relaxed, AtomicOrdering::Relaxed, |c| {
                     (c < max).then_some(c + 1)
                 })
-                .is_err()
-                {
-                    return Err(MediaError::TooManyPeers(max));
-                }
-            }
-            None if self.peers.len() >= max => return Err(MediaError::TooManyPeers(max)),
-            None => {}
+                .is_err(),
+            None => self.peers.len() >= max,
+        };
+        if full {
+            return Err(MediaError::TooManyPeers(max));
         }
         let mut cfg = RtcConfig::new()
             .set_ice_lite(true)
