@@ -289,7 +289,7 @@ impl Metrics {
 pub struct ShardStats {
     peers: AtomicU64,
     datagrams: AtomicU64,
-    busy_us: AtomicU64,
+    cpu_us: AtomicU64,
 }
 
 impl ShardStats {
@@ -297,7 +297,7 @@ impl ShardStats {
         ShardStats {
             peers: AtomicU64::new(0),
             datagrams: AtomicU64::new(0),
-            busy_us: AtomicU64::new(0),
+            cpu_us: AtomicU64::new(0),
         }
     }
     /// The shard's current number of peer connections.
@@ -308,9 +308,9 @@ impl ShardStats {
     pub fn add_datagrams(&self, n: usize) {
         self.datagrams.fetch_add(n as u64, Relaxed);
     }
-    /// Time the shard spent working (not waiting) in one loop iteration.
-    pub fn add_busy(&self, d: Duration) {
-        self.busy_us.fetch_add(d.as_micros() as u64, Relaxed);
+    /// The CPU time the shard's thread has used so far.
+    pub fn set_cpu(&self, d: Duration) {
+        self.cpu_us.store(d.as_micros() as u64, Relaxed);
     }
 }
 
@@ -358,10 +358,10 @@ impl ShardMetrics {
                 |x| x.datagrams.load(Relaxed).to_string(),
             ),
             (
-                "arbor_media_shard_busy_seconds_total",
+                "arbor_media_shard_cpu_seconds_total",
                 "counter",
-                "Time each media shard spent working rather than waiting.",
-                |x| format!("{:.6}", x.busy_us.load(Relaxed) as f64 / 1e6),
+                "CPU time used by each media shard's thread (sampled every 250 ms).",
+                |x| format!("{:.6}", x.cpu_us.load(Relaxed) as f64 / 1e6),
             ),
         ];
         for (name, kind, help, value) in families {
@@ -412,14 +412,14 @@ mod tests {
         m.set_shards(2);
         m.shard(0).set_peers(3);
         m.shard(1).add_datagrams(5);
-        m.shard(1).add_busy(Duration::from_millis(1500));
+        m.shard(1).set_cpu(Duration::from_millis(1500));
         let mut s = String::new();
         m.render(&mut s);
         assert!(s.contains("# TYPE arbor_media_shard_peers gauge"));
         assert!(s.contains("arbor_media_shard_peers{shard=\"0\"} 3\n"));
         assert!(s.contains("arbor_media_shard_peers{shard=\"1\"} 0\n"));
         assert!(s.contains("arbor_media_shard_datagrams_received_total{shard=\"1\"} 5\n"));
-        assert!(s.contains("arbor_media_shard_busy_seconds_total{shard=\"1\"} 1.500000\n"));
+        assert!(s.contains("arbor_media_shard_cpu_seconds_total{shard=\"1\"} 1.500000\n"));
         assert!(!s.contains("shard=\"2\""));
     }
 }

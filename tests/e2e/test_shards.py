@@ -108,12 +108,13 @@ async def test_two_rooms_on_two_shards_carry_media_both_ways(arbor2, results):
         for room, shard in ROOMS.items():
             peers = shard_sample(m, "arbor_media_shard_peers", shard)
             rx = shard_sample(m, "arbor_media_shard_datagrams_received_total", shard)
-            busy = shard_sample(m, "arbor_media_shard_busy_seconds_total", shard)
+            cpu = shard_sample(m, "arbor_media_shard_cpu_seconds_total", shard)
             assert peers == 4, f"shard {shard} ({room}) has {peers} peers, expected 4"
             assert rx > 100, f"shard {shard} ({room}) read only {rx} datagrams"
+            assert cpu > 0, f"shard {shard} ({room}) reports no CPU time"
             results(
                 f"shards=2: room {room} on shard {shard}: {peers:.0f} peers, {rx:.0f} datagrams "
-                f"read, {busy:.2f} s busy"
+                f"read, {cpu:.2f} s CPU"
             )
         frames = {
             f"{room}/{who}": len(rv.counters())
