@@ -128,3 +128,43 @@ async def test_two_rooms_on_two_shards_carry_media_both_ways(arbor2, results):
         for p in all_pubs:
             await p.stop()
         await disconnect_all(*all_rooms)
+
+
+@pytest.mark.timeout(180)
+async def test_ice_tcp_reaches_the_rooms_shard(arbor2, results):
+    """With UDP to the media ports dropped (nftables, this namespace only), the clients fall back
+    to ICE-TCP: the node's one TCP listener must hand each connection to shard 1, where room
+    "shard-a" lives (its ufrags start with "01"), and media must still flow both ways."""
+    import subprocess
+
+    table = f"arbor_tcp_only_{arbor2.udp_port}"
+    ports = f"{arbor2.udp_port}, {arbor2.udp_port + 1}"
+    ruleset = (
+        f"table inet {table} {{\n"
+        f"  chain out {{ type filter hook output priority 0; udp dport {{ {ports} }} drop; }}\n"
+        f"}}\n"
+    )
+    r = subprocess.run(["nft", "-f", "-"], input=ruleset, capture_output=True, text=True, timeout=20)
+    assert r.returncode == 0, f"nft failed: {r.stderr}"
+    rooms, pubs, recvs = [], [], {}
+    try:
+        rooms, pubs, recvs = await join_pair(arbor2.ws_url, "shard-a")
+        for who in ("p0", "p1"):
+            rv = recvs[who]
+            await wait_until(lambda: len(rv.counters()) >= 30, 60, f"30 readable frames at {who}")
+        m = server_metrics(arbor2)
+        peers = [shard_sample(m, "arbor_media_shard_peers", s) for s in (0, 1)]
+        udp = [shard_sample(m, "arbor_media_shard_datagrams_received_total", s) for s in (0, 1)]
+        assert peers == [0, 4], f"peers per shard {peers}"
+        assert udp == [0, 0], f"UDP datagrams per shard {udp}: media should have used ICE-TCP"
+        results(
+            f"shards=2, UDP blocked: room shard-a on shard 1 over ICE-TCP, readable frames "
+            f"{ {w: len(rv.counters()) for w, rv in recvs.items()} }"
+        )
+    finally:
+        for rv in recvs.values():
+            await rv.close()
+        for p in pubs:
+            await p.stop()
+        await disconnect_all(*rooms)
+        subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True, timeout=20)
