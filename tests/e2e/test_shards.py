@@ -5,8 +5,11 @@ udp_port and udp_port + 1) runs two rooms whose names hash to different shards (
 shard 0, "shard-a" to shard 1; `arbor_actors::media::shard::room_tag`). In each room two Python
 SDK participants publish a counter video track and decode each other's, so media flows both
 ways in both rooms at once. The per-shard metrics prove the placement: each shard holds the
-four peer connections of its room and reads datagrams, and each client's ICE goes to its
-shard's port (the subscriber offer's candidate).
+four peer connections of its room and reads its datagrams.
+
+With UDP to both media ports dropped (an nftables rule in the test namespace), the clients of a
+room on shard 1 fall back to ICE-TCP: the node's single TCP listener must hand their connections
+to shard 1 by the ufrag prefix, and media must flow both ways.
 """
 
 from __future__ import annotations
