@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use arbor_actors::media::shard::MAX_SHARDS;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -72,10 +73,13 @@ pub struct ClusterRef {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RtcConfig {
-    /// The single UDP port for all media.
+    /// The UDP port of media shard 0; shard `i` uses `udp_port + i`.
     pub udp_port: u16,
-    /// ICE-TCP port (0 disables ICE-TCP).
+    /// ICE-TCP port (0 disables ICE-TCP). One listener for every shard.
     pub tcp_port: u16,
+    /// Media shards: engine threads, each with its own UDP socket (`udp_port + i`); rooms are
+    /// placed on them by a hash of their name. 0 = one per available core. At most 64.
+    pub shards: usize,
     /// Address advertised in ICE candidates (default: the first non-loopback IPv4 address).
     pub node_ip: Option<IpAddr>,
     /// Local address the media sockets bind to (default 0.0.0.0).
@@ -190,6 +194,7 @@ impl Default for RtcConfig {
         RtcConfig {
             udp_port: 7882,
             tcp_port: 7881,
+            shards: 1,
             node_ip: None,
             bind: None,
             rtx_history_ms: 1000,
@@ -296,6 +301,17 @@ impl Config {
         Ok(())
     }
 
+    /// The number of media shards to run: `rtc.shards`, or with 0 the number of available
+    /// cores (`std::thread::available_parallelism`), at most [`MAX_SHARDS`].
+    pub fn media_shards(&self) -> usize {
+        match self.rtc.shards {
+            0 => std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(MAX_SHARDS),
+            n => n.min(MAX_SHARDS),
+        }
+    }
+
     /// Check every value; the error names the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.port == 0 {
@@ -307,8 +323,32 @@ impl Config {
         if self.rtc.udp_port == 0 {
             return Err(invalid("rtc.udp_port", "must be 1-65535"));
         }
-        if self.rtc.udp_port == self.rtc.tcp_port {
-            return Err(invalid("rtc.tcp_port", "must differ from rtc.udp_port"));
+        if self.rtc.shards > MAX_SHARDS {
+            return Err(invalid(
+                "rtc.shards",
+                format!("must be 0 (one per core) to {MAX_SHARDS}"),
+            ));
+        }
+        // The media shards' UDP ports: udp_port .. udp_port + shards - 1.
+        let shards = self.media_shards();
+        let last = usize::from(self.rtc.udp_port) + shards - 1;
+        if last > usize::from(u16::MAX) {
+            return Err(invalid(
+                "rtc.udp_port",
+                format!("with {shards} media shards the UDP ports run past 65535"),
+            ));
+        }
+        let udp_ports = usize::from(self.rtc.udp_port)..=last;
+        let range = if shards == 1 {
+            "rtc.udp_port".to_string()
+        } else {
+            format!("the media shards' UDP ports {}-{last}", self.rtc.udp_port)
+        };
+        if udp_ports.contains(&usize::from(self.rtc.tcp_port)) {
+            return Err(invalid("rtc.tcp_port", format!("must differ from {range}")));
+        }
+        if udp_ports.contains(&usize::from(self.port)) {
+            return Err(invalid("port", format!("must differ from {range}")));
         }
         if !(100..=10_000).contains(&self.rtc.rtx_history_ms) {
             return Err(invalid("rtc.rtx_history_ms", "must be 100-10000"));
@@ -898,6 +938,48 @@ mod tests {
                 "{var} is not documented in the sample"
             );
         }
+    }
+
+    #[test]
+    fn media_shards_are_bounded_and_their_ports_checked() {
+        let c = Config::dev();
+        assert_eq!((c.rtc.shards, c.media_shards()), (1, 1));
+        let c = Config::load(None, true, env(&[("ARBOR_RTC_SHARDS", "2")])).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.media_shards(), 2);
+        // 0 = one per core.
+        let mut c = Config::dev();
+        c.rtc.shards = 0;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(c.media_shards(), cores.min(MAX_SHARDS));
+        let mut c = Config::dev();
+        c.rtc.shards = 65;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("`rtc.shards`"));
+        // Shard ports udp_port + i must not reach the ICE-TCP or HTTP port, nor pass 65535.
+        let mut c = Config::dev();
+        (c.rtc.udp_port, c.rtc.tcp_port, c.rtc.shards) = (9000, 9003, 4);
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("`rtc.tcp_port`") && e.contains("9000-9003"),
+            "{e}"
+        );
+        c.rtc.tcp_port = 9004;
+        c.validate().unwrap();
+        c.port = 9002;
+        assert!(c.validate().unwrap_err().to_string().contains("`port`"));
+        let mut c = Config::dev();
+        (c.rtc.udp_port, c.rtc.shards) = (65535, 2);
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("`rtc.udp_port`"));
+        c.rtc.shards = 1;
+        c.validate().unwrap();
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::time::Duration;
 use actix::Addr;
 use arbor_actors::fabric::{BoxFuture, Directory, LinkIo, Resolved, LINK_QUEUE};
 use arbor_actors::manager::{AcceptLink, RoomManager};
-use arbor_actors::media::{Command, MediaHandle};
+use arbor_actors::media::MediaPlane;
 use arbor_proto::relay::encode_link_frame;
 use arbor_topology::transport::{read_link_frame, NetHandle};
 use tokio::io::AsyncWriteExt;
@@ -327,7 +327,7 @@ fn bridge(peer: u64, mut send: quinn::SendStream, mut recv: quinn::RecvStream) -
 
 /// Starts the fabric's background tasks: accepting room links, and keeping the media thread's
 /// set of node connections current.
-pub fn start(net: NetHandle, manager: Addr<RoomManager>, media: MediaHandle) {
+pub fn start(net: NetHandle, manager: Addr<RoomManager>, media: MediaPlane) {
     let mut inbound = net.accept_links(ACCEPT_QUEUE);
     tokio::spawn(async move {
         while let Some(l) = inbound.recv().await {
@@ -353,7 +353,7 @@ pub fn start(net: NetHandle, manager: Addr<RoomManager>, media: MediaHandle) {
                     continue;
                 }
                 let id = conn.stable_id();
-                if media.send(Command::RelayConnection { node, conn }).is_ok() {
+                if media.relay_connection(node, &conn).is_ok() {
                     known.insert(node, id);
                 }
             }

@@ -14,7 +14,7 @@ use axum::Router;
 
 use arbor_actors::config::RoomSettings;
 use arbor_actors::manager::{GetRoom, RoomManager};
-use arbor_actors::media::MediaHandle;
+use arbor_actors::media::MediaPlane;
 use arbor_actors::metrics::METRICS;
 use arbor_actors::RoomError;
 
@@ -26,7 +26,7 @@ use crate::signal::{self, JoinParams};
 pub struct AppState {
     pub auth: Auth,
     pub manager: Addr<RoomManager>,
-    pub media: MediaHandle,
+    pub media: MediaPlane,
     pub settings: Arc<RoomSettings>,
     pub arbiter: ArbiterHandle,
     pub max_message_bytes: usize,

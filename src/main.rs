@@ -1,7 +1,7 @@
 //! `arbor`: a self-hosted SFU that speaks the LiveKit protocol.
 //!
 //! This binary is the edge: CLI, configuration, the HTTP/WebSocket front, and the wiring of
-//! the control plane (actix actors on the system arbiter) to the media plane (its own thread).
+//! the control plane (actix actors on the system arbiter) to the media plane (its shard threads).
 
 mod auth;
 mod cluster;
@@ -21,7 +21,7 @@ use clap::{Parser, Subcommand};
 
 use arbor_actors::manager::RoomManager;
 use arbor_actors::media::engine::EngineLimits;
-use arbor_actors::media::{MediaHandle, MediaSettings};
+use arbor_actors::media::{MediaPlane, MediaSettings};
 
 use crate::config::Config;
 
@@ -42,7 +42,7 @@ struct Cli {
     /// HTTP/WebSocket port.
     #[arg(long)]
     port: Option<u16>,
-    /// UDP media port.
+    /// UDP media port (of shard 0; shard i uses this + i).
     #[arg(long)]
     udp_port: Option<u16>,
     /// ICE-TCP port (0 disables).
@@ -188,11 +188,13 @@ fn run() -> anyhow::Result<()> {
             IpAddr::V4(Ipv4Addr::UNSPECIFIED)
         }
     });
-    let media = MediaHandle::start(MediaSettings {
+    let shards = cfg.media_shards();
+    let media = MediaPlane::start(MediaSettings {
         udp_bind: SocketAddr::new(media_bind, cfg.rtc.udp_port),
         tcp_bind: (cfg.rtc.tcp_port != 0).then(|| SocketAddr::new(media_bind, cfg.rtc.tcp_port)),
         node_ip,
         max_peers: cfg.limit.max_peers,
+        shards,
         command_queue: 8192,
         limits: EngineLimits {
             rtx_history: std::time::Duration::from_millis(cfg.rtc.rtx_history_ms),
@@ -205,8 +207,10 @@ fn run() -> anyhow::Result<()> {
     })
     .with_context(|| {
         format!(
-            "starting media on UDP {} / TCP {}",
-            cfg.rtc.udp_port, cfg.rtc.tcp_port
+            "starting {shards} media shard(s) on UDP {}-{} / TCP {}",
+            cfg.rtc.udp_port,
+            usize::from(cfg.rtc.udp_port) + shards - 1,
+            cfg.rtc.tcp_port
         )
     })?;
 
@@ -214,7 +218,7 @@ fn run() -> anyhow::Result<()> {
         .node_id
         .clone()
         .unwrap_or_else(|| arbor_actors::ids::new_sid("ND_"));
-    tracing::info!(%node_ip, node_id, seed, udp = cfg.rtc.udp_port, tcp = cfg.rtc.tcp_port, "arbor starting");
+    tracing::info!(%node_ip, node_id, seed, udp = cfg.rtc.udp_port, tcp = cfg.rtc.tcp_port, shards, "arbor starting");
 
     // Control plane: actix actors on the system arbiter; HTTP on a multi-threaded runtime.
     let system = actix::System::with_tokio_rt(|| {

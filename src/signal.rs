@@ -144,7 +144,7 @@ pub async fn session(socket: WebSocket, state: AppState, params: JoinParams, roo
         client_protocol: params.client_protocol,
         room,
         room_span,
-        media: state.media.clone(),
+        media: state.media.for_room(&params.room_name),
         settings: state.settings.clone(),
         signal_tx,
     };

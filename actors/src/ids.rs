@@ -44,9 +44,14 @@ pub fn new_peer_id() -> PeerId {
     PeerId(NEXT_KEY.fetch_add(1, Ordering::Relaxed))
 }
 
-/// A new data-plane track key.
-pub fn new_track_key() -> TrackKey {
-    TrackKey(NEXT_KEY.fetch_add(1, Ordering::Relaxed))
+/// A new data-plane track key for a track of the room with tag `room_tag`
+/// ([`crate::media::shard::room_tag`]): the key (also the track's relay flow id) carries the
+/// tag, so relay datagrams find their room's media shard on every node.
+pub fn new_track_key(room_tag: u16) -> TrackKey {
+    TrackKey(crate::media::shard::tag_key(
+        room_tag,
+        NEXT_KEY.fetch_add(1, Ordering::Relaxed),
+    ))
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //!   [`participant::Participant`] owns its signal session and its two peer connections, a
 //!   [`track::Track`] owns its subscriber list. [`manager::RoomManager`] maps room names to rooms.
 //! * Media never enters a mailbox: the [`media`] engine forwards packets from the socket to the
-//!   subscriber transports on its own thread.
+//!   subscriber transports on its own threads (media shards; each room runs on one).
 
 pub mod codec;
 pub mod config;

@@ -9,13 +9,13 @@ use crate::config::RoomSettings;
 use crate::error::RoomError;
 use crate::fabric::Resolved;
 use crate::fabric::{Directory, LinkIo};
-use crate::media::MediaHandle;
+use crate::media::MediaPlane;
 use crate::room::{AttachLink, FabricRole, Room, RoomSummary, Summarize};
 
 /// Owns the set of open rooms of this node.
 pub struct RoomManager {
     settings: Arc<RoomSettings>,
-    media: MediaHandle,
+    media: MediaPlane,
     rooms: HashMap<String, Addr<Room>>,
     /// Clustered node: the room directory (rooms are origins or edges, see [`crate::fabric`]).
     fabric: Option<Arc<dyn Directory>>,
@@ -23,7 +23,7 @@ pub struct RoomManager {
 
 impl RoomManager {
     /// A new manager (not started).
-    pub fn new(settings: Arc<RoomSettings>, media: MediaHandle) -> Self {
+    pub fn new(settings: Arc<RoomSettings>, media: MediaPlane) -> Self {
         RoomManager {
             settings,
             media,
@@ -63,10 +63,12 @@ impl RoomManager {
             }),
             _ => None,
         };
+        let media = self.media.for_room(&name);
+        tracing::debug!(room = %name, shard = media.shard(), "room placed on media shard");
         let room = Room::new(
             name.clone(),
             self.settings.clone(),
-            self.media.clone(),
+            media,
             ctx.address(),
             role,
         )

@@ -4,7 +4,10 @@
 //! packet path.
 
 use std::fmt::Write;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::time::Duration;
+
+use crate::media::shard::MAX_SHARDS;
 
 /// Turns cumulative per-stream counts (str0m reports NACKs as running totals per stream in its
 /// periodic stats) into increments of a process counter.
@@ -274,7 +277,99 @@ impl Metrics {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
         }
         crate::media::relay::RELAY_METRICS.render(&mut s);
+        SHARD_METRICS.render(&mut s);
         s
+    }
+}
+
+/// Counters of one media shard, written only by its thread (one cache line each, so shards
+/// never contend).
+#[derive(Debug, Default)]
+#[repr(align(64))]
+pub struct ShardStats {
+    peers: AtomicU64,
+    datagrams: AtomicU64,
+    cpu_us: AtomicU64,
+}
+
+impl ShardStats {
+    const fn new() -> Self {
+        ShardStats {
+            peers: AtomicU64::new(0),
+            datagrams: AtomicU64::new(0),
+            cpu_us: AtomicU64::new(0),
+        }
+    }
+    /// The shard's current number of peer connections.
+    pub fn set_peers(&self, n: usize) {
+        self.peers.store(n as u64, Relaxed);
+    }
+    /// UDP datagrams read by the shard.
+    pub fn add_datagrams(&self, n: usize) {
+        self.datagrams.fetch_add(n as u64, Relaxed);
+    }
+    /// The CPU time the shard's thread has used so far.
+    pub fn set_cpu(&self, d: Duration) {
+        self.cpu_us.store(d.as_micros() as u64, Relaxed);
+    }
+}
+
+/// Per-shard counters of the media plane, labelled `shard="i"` in `/metrics`.
+#[derive(Debug)]
+pub struct ShardMetrics {
+    shards: AtomicUsize,
+    stats: [ShardStats; MAX_SHARDS],
+}
+
+/// The media shards' counters.
+pub static SHARD_METRICS: ShardMetrics = ShardMetrics {
+    shards: AtomicUsize::new(0),
+    stats: [const { ShardStats::new() }; MAX_SHARDS],
+};
+
+impl ShardMetrics {
+    /// How many shards run (rendered: shards `0..n`).
+    pub fn set_shards(&self, n: usize) {
+        self.shards.store(n.min(MAX_SHARDS), Relaxed);
+    }
+    /// The counters of shard `i` (clamped into range).
+    pub fn shard(&self, i: usize) -> &ShardStats {
+        &self.stats[i.min(MAX_SHARDS - 1)]
+    }
+    fn render(&self, s: &mut String) {
+        let n = self.shards.load(Relaxed);
+        type Family = (
+            &'static str,
+            &'static str,
+            &'static str,
+            fn(&ShardStats) -> String,
+        );
+        let families: [Family; 3] = [
+            (
+                "arbor_media_shard_peers",
+                "gauge",
+                "Peer connections on each media shard.",
+                |x| x.peers.load(Relaxed).to_string(),
+            ),
+            (
+                "arbor_media_shard_datagrams_received_total",
+                "counter",
+                "UDP datagrams read by each media shard.",
+                |x| x.datagrams.load(Relaxed).to_string(),
+            ),
+            (
+                "arbor_media_shard_cpu_seconds_total",
+                "counter",
+                "CPU time used by each media shard's thread (sampled every 250 ms).",
+                |x| format!("{:.6}", x.cpu_us.load(Relaxed) as f64 / 1e6),
+            ),
+        ];
+        for (name, kind, help, value) in families {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (i, x) in self.stats.iter().take(n).enumerate() {
+                let _ = writeln!(s, "{name}{{shard=\"{i}\"}} {}", value(x));
+            }
+        }
     }
 }
 
@@ -306,5 +401,25 @@ mod tests {
             assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
             assert!(text.lines().any(|l| l.starts_with(&format!("{name} "))));
         }
+    }
+
+    #[test]
+    fn shard_metrics_are_labelled_per_shard() {
+        let m = ShardMetrics {
+            shards: AtomicUsize::new(0),
+            stats: [const { ShardStats::new() }; MAX_SHARDS],
+        };
+        m.set_shards(2);
+        m.shard(0).set_peers(3);
+        m.shard(1).add_datagrams(5);
+        m.shard(1).set_cpu(Duration::from_millis(1500));
+        let mut s = String::new();
+        m.render(&mut s);
+        assert!(s.contains("# TYPE arbor_media_shard_peers gauge"));
+        assert!(s.contains("arbor_media_shard_peers{shard=\"0\"} 3\n"));
+        assert!(s.contains("arbor_media_shard_peers{shard=\"1\"} 0\n"));
+        assert!(s.contains("arbor_media_shard_datagrams_received_total{shard=\"1\"} 5\n"));
+        assert!(s.contains("arbor_media_shard_cpu_seconds_total{shard=\"1\"} 1.500000\n"));
+        assert!(!s.contains("shard=\"2\""));
     }
 }

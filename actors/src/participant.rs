@@ -334,7 +334,7 @@ impl Participant {
                     prefs.push((s.mid.clone(), name));
                 }
             }
-            let key = new_track_key();
+            let key = new_track_key(self.init.media.room_tag());
             bind.push((s.mid.clone(), key));
             newly.push((info, key));
         }

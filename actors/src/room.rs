@@ -2485,7 +2485,7 @@ impl Room {
             let Some(flow) = flows.get(t.sid.as_str()).copied() else {
                 continue;
             };
-            let key = crate::ids::new_track_key();
+            let key = crate::ids::new_track_key(self.media.room_tag());
             let video = t.r#type == lk::TrackType::Video as i32;
             if self
                 .media

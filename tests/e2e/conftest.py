@@ -97,6 +97,15 @@ def free_port() -> int:
     raise RuntimeError("no free port")
 
 
+def free_port_range(n: int) -> int:
+    """The first of `n` consecutive free ports (a sharded server's UDP ports)."""
+    for _ in range(1000):
+        first = free_port()
+        if all(free_port() == first + k for k in range(1, n)):
+            return first
+    raise RuntimeError(f"no {n} consecutive free ports")
+
+
 @dataclasses.dataclass
 class ArborServer:
     """A running `arbor --dev` process."""
@@ -138,16 +147,21 @@ class ArborServer:
 
 
 def start_arbor(
-    name: str, extra_args: tuple[str, ...] = (), *, bind: str = "127.0.0.1"
+    name: str,
+    extra_args: tuple[str, ...] = (),
+    *,
+    bind: str = "127.0.0.1",
+    env: Optional[dict[str, str]] = None,
 ) -> ArborServer:
     """Starts arbor on fresh ports; retries (new ports) if a port was taken meanwhile.
 
     `bind` is the HTTP/WebSocket listen address: 127.0.0.1 by default; `0.0.0.0` lets clients in
     a child network namespace (reached over another veth pair) signal to `node_ip` as well.
+    `env` adds environment variables (e.g. `ARBOR_RTC_SHARDS`).
     """
     for attempt in range(3):
         try:
-            return _start_arbor_once(name, extra_args, bind)
+            return _start_arbor_once(name, extra_args, bind, env or {})
         except PortTaken:
             if attempt == 2:
                 raise
@@ -158,7 +172,9 @@ class PortTaken(RuntimeError):
     pass
 
 
-def _start_arbor_once(name: str, extra_args: tuple[str, ...], bind: str) -> ArborServer:
+def _start_arbor_once(
+    name: str, extra_args: tuple[str, ...], bind: str, extra_env: dict[str, str]
+) -> ArborServer:
     binary = arbor_binary()
     node_ip = os.environ.get("ARBOR_NODE_IP", "10.200.0.1")
     port, tcp_port, udp_port = free_port(), free_port(), free_port()
@@ -167,6 +183,7 @@ def _start_arbor_once(name: str, extra_args: tuple[str, ...], bind: str) -> Arbo
     env.setdefault("RUST_LOG", "info")
     env.setdefault("RUST_BACKTRACE", "1")
     env.setdefault("NO_COLOR", "1")
+    env.update(extra_env)
     args = [
         str(binary),
         "--dev",

@@ -465,3 +465,24 @@ async def assert_room_serves(url: str, room_name: str, publisher_identity: str, 
         if receiver:
             await receiver.close()
         await disconnect_all(room)
+
+
+# ---------------------------------------------------------------------------------------------
+# Server metrics
+# ---------------------------------------------------------------------------------------------
+
+
+def server_metrics(server) -> dict:
+    """The server's Prometheus samples (`GET /metrics`), name (with labels) -> value."""
+    import urllib.request
+
+    out = {}
+    with urllib.request.urlopen(server.http_url + "/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                try:
+                    out[name] = float(value)
+                except ValueError:
+                    pass
+    return out

@@ -56,7 +56,7 @@ from typing import Optional
 import pytest
 from livekit import rtc
 
-from conftest import LOGS, WORK, arbor_binary, free_port
+from conftest import LOGS, WORK, arbor_binary, free_port, free_port_range
 from test_browser import JS, page_server  # noqa: F401 - the fixture is used by name
 from helpers import (
     CounterVideoPublisher,
@@ -145,8 +145,11 @@ class Cluster:
         regions: Optional[list[str]] = None,
         region_rtt: Optional[dict[tuple[str, str], int]] = None,
         extra_args: tuple[str, ...] = (),
+        shards: Optional[list[int]] = None,
     ) -> None:
         self.extra_args = extra_args
+        # Media shards per node (`ARBOR_RTC_SHARDS`); None: the default.
+        self.shards = shards
         self.regions = regions
         self.region_rtt = region_rtt or {}
         self.name = name
@@ -163,7 +166,14 @@ class Cluster:
     def start(self) -> "Cluster":
         binary = str(arbor_binary())
         # (SFU HTTP, QUIC, UDP, ICE-TCP, cluster admin HTTP)
-        ports = [tuple(free_port() for _ in range(5)) for _ in range(self.n)]
+        if self.shards:
+            # A sharded node's UDP ports are udp .. udp + shards - 1.
+            ports = [
+                (free_port(), free_port(), free_port_range(s), free_port(), free_port())
+                for s in self.shards
+            ]
+        else:
+            ports = [tuple(free_port() for _ in range(5)) for _ in range(self.n)]
         specs = []
         for i, (_http, quic, _, _, admin) in enumerate(ports):
             specs += ["--node", f"{i + 1}={self.host(i)}:{quic},{self.host(i)}:{admin}"]
@@ -204,6 +214,8 @@ class Cluster:
         env.setdefault("RUST_LOG", "info")
         env.setdefault("NO_COLOR", "1")
         env["ARBOR_CLUSTER_CONFIG"] = str(self.dir / f"node-{i + 1}.toml")
+        if self.shards:
+            env["ARBOR_RTC_SHARDS"] = str(self.shards[i])
         host = self.host(i)
         node_ip = host if self.wan else self.node_ip
         args = [
@@ -247,7 +259,9 @@ class Cluster:
 
 @pytest.fixture
 def cluster3(request):
-    c = Cluster(request.node.name[:40], 3)
+    # Indirect parameter: media shards per node (default: none given, one each).
+    shards = getattr(request, "param", None)
+    c = Cluster(request.node.name[:40], 3, shards=shards)
     try:
         c.start()
         yield c
@@ -307,6 +321,11 @@ class Subscriber:
 
 
 @pytest.mark.timeout(300)
+# Also with sharded nodes of different shard counts: relay datagrams reach the room's shard on
+# every node (the room tag in the flow id), whatever the sending node's shard count.
+# "fabric-room" has tag 0x1017: shard 1 of 2 on A, 3 of 4 on B, 4 of 5 on C (never shard 0,
+# which reads the relay connections and so has to route every datagram).
+@pytest.mark.parametrize("cluster3", [None, [2, 4, 5]], ids=["default", "shards-2-4-5"], indirect=True)
 async def test_three_nodes_publisher_on_a_viewers_on_b_and_c(cluster3, results):
     a_node, b_node, c_node = cluster3.nodes
     room_name = "fabric-room"
@@ -354,6 +373,19 @@ async def test_three_nodes_publisher_on_a_viewers_on_b_and_c(cluster3, results):
             await wait_until(lambda: arecv.tone_seconds >= 2.0, 30, f"2 s of tone at {sub.label}")
         first = min(bob.receivers["video"].frames[0].t, carol.receivers["video"].frames[0].t)
         results(f"fabric3: first relayed frame {first - t0:.2f} s after B's connect")
+        if cluster3.shards:
+            # Each node runs the room on the shard its name hashes to, and only there.
+            for node, n, want in zip(cluster3.nodes, cluster3.shards, (1, 3, 4)):
+                text = node.get("/metrics")
+                peers = {
+                    k: float(line.split()[1])
+                    for k in range(n)
+                    for line in text.splitlines()
+                    if line.startswith(f'arbor_media_shard_peers{{shard="{k}"}} ')
+                }
+                assert len(peers) == n and peers[want] >= 2, f"node {node.id}: {peers}"
+                assert all(v == 0 for k, v in peers.items() if k != want), f"node {node.id}: {peers}"
+            results(f"fabric3 sharded {cluster3.shards}: room on shards (1, 3, 4), media relayed")
 
         await wait_until(lambda: "video" in bob2.receivers, 30, "B2 subscribed to alice's video")
         await wait_until(lambda: len(bob2.receivers["video"].counters()) >= 30, 60, "frames at B2")

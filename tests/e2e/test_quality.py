@@ -36,7 +36,7 @@ from typing import Optional
 import pytest
 
 from conftest import WORK, start_arbor, stop_arbor, _safe_name
-from helpers import TonePublisher, connect, disconnect_all, make_token, wait_until
+from helpers import TonePublisher, connect, disconnect_all, make_token, server_metrics, wait_until
 from netns import ChildNet
 from quality_tools import JS, Browser, SubProc, write_counter_y4m
 
@@ -113,22 +113,6 @@ async def start_browser_publisher(server, page_base: str, clip: Path, room: str)
             await browser.close()
             raise AssertionError(f"the browser did not encode three layers within 45 s: {snd}")
         await asyncio.sleep(0.5)
-
-
-def server_metrics(server) -> dict:
-    """The server's Prometheus counters (`GET /metrics`), name -> value."""
-    import urllib.request
-
-    out = {}
-    with urllib.request.urlopen(server.http_url + "/metrics", timeout=5) as r:
-        for line in r.read().decode().splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                try:
-                    out[name] = float(value)
-                except ValueError:
-                    pass
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,7 +43,9 @@ use str0m::channel::{ChannelConfig, ChannelId, Reliability};
 use str0m::media::MediaTime;
 use str0m::media::{Direction, KeyframeRequestKind, MediaData, MediaKind, Mid, Rid};
 use str0m::net::{Protocol, Receive};
-use str0m::{Candidate, Event, IceConnectionState, Input, Output as RtcOutput, Rtc, RtcConfig};
+use str0m::{
+    Candidate, Event, IceConnectionState, IceCreds, Input, Output as RtcOutput, Rtc, RtcConfig,
+};
 
 use crate::media::alloc::{allocate, next_step_bps, AllocTrack, Decision, Recovery, SpatialRates};
 use crate::media::audio::{LevelConfig, LevelMeter};
@@ -54,8 +56,10 @@ use crate::media::rtp::{
     self as rtpfwd, DdBytes, DdSerializer, FrameRates, InHeader, PayloadKind, Rewriter, SvcPacket,
     SvcSelector, SwitchHint, TemporalSelector, ALL_TEMPORAL,
 };
+use crate::media::shard;
 use crate::quality::LinkStats;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::Arc;
 use str0m::format::{CodecExtra, PayloadParams};
 use str0m::media::Pt;
@@ -593,7 +597,7 @@ impl WorkQueue {
 /// attribute before the colon (RFC 8445 §7.2.2: `<receiver ufrag>:<sender ufrag>`). `None` if
 /// `d` is not a STUN message or carries no well-formed USERNAME. Looks at the bytes only; the
 /// owning `Rtc` still authenticates the message.
-fn stun_local_ufrag(d: &[u8]) -> Option<&str> {
+pub(crate) fn stun_local_ufrag(d: &[u8]) -> Option<&str> {
     // STUN header: type (2, top two bits zero), length (2), magic cookie (4), id (12).
     if d.len() < 20 || d[0] & 0xc0 != 0 || d[4..8] != [0x21, 0x12, 0xa4, 0x42] {
         return None;
@@ -764,6 +768,11 @@ pub struct Engine {
     next_housekeeping: Option<Instant>,
     housekeeping_count: u32,
     level_config: LevelConfig,
+    /// This engine's media shard (its number starts every local ICE ufrag).
+    shard: usize,
+    /// Peers of every shard of the node, when `max_peers` is a node-wide limit shared by
+    /// several engines (`None`: this engine's own peers count).
+    node_peers: Option<Arc<AtomicUsize>>,
 }
 
 impl Engine {
@@ -783,7 +792,17 @@ impl Engine {
             next_housekeeping: None,
             housekeeping_count: 0,
             level_config: LevelConfig::default(),
+            shard: 0,
+            node_peers: None,
         }
+    }
+
+    /// The same engine as shard `shard` of a node whose shards share `node_peers` (the
+    /// number of peers on all of them, bounded by [`EngineConfig::max_peers`]).
+    pub fn with_shard(mut self, shard: usize, node_peers: Arc<AtomicUsize>) -> Self {
+        self.shard = shard;
+        self.node_peers = Some(node_peers);
+        self
     }
 
     /// The same engine with data-path limits other than the defaults.
@@ -1425,11 +1444,21 @@ impl Engine {
         role: PeerRole,
         out: &mut dyn Output,
     ) -> Result<(), MediaError> {
-        if self.peers.len() >= self.config.max_peers {
-            return Err(MediaError::TooManyPeers(self.config.max_peers));
-        }
         if self.peers.contains_key(&id) {
             return Err(MediaError::DuplicatePeer(id.0));
+        }
+        let max = self.config.max_peers;
+        let full = match &self.node_peers {
+            // Reserve a place in the node-wide count (shards add peers concurrently).
+            Some(n) => n
+                .fetch_update(AtomicOrdering::Relaxed, AtomicOrdering::Relaxed, |c| {
+                    (c < max).then_some(c + 1)
+                })
+                .is_err(),
+            None => self.peers.len() >= max,
+        };
+        if full {
+            return Err(MediaError::TooManyPeers(max));
         }
         let mut cfg = RtcConfig::new()
             .set_ice_lite(true)
@@ -1450,6 +1479,11 @@ impl Engine {
         if role == PeerRole::Subscriber {
             cfg = cfg.enable_bwe(Some(Bitrate::kbps(BWE_INITIAL_KBPS)));
         }
+        // Every local ufrag starts with the shard's number, so the node's one ICE-TCP
+        // listener can hand a connection to this shard (`media::shard`).
+        let mut creds = IceCreds::new();
+        creds.ufrag = format!("{}{}", shard::ufrag_prefix(self.shard), creds.ufrag);
+        cfg = cfg.set_local_ice_credentials(creds);
         let mut rtc = cfg.build(now);
         for c in &self.config.candidates {
             rtc.add_local_candidate(c.clone());
@@ -1493,6 +1527,9 @@ impl Engine {
         let Some(mut peer) = self.peers.remove(&id) else {
             return;
         };
+        if let Some(n) = &self.node_peers {
+            n.fetch_sub(1, AtomicOrdering::Relaxed);
+        }
         peer.rtc.disconnect();
         if self.by_ufrag.get(&peer.local_ufrag) == Some(&id) {
             self.by_ufrag.remove(&peer.local_ufrag);
@@ -3363,5 +3400,99 @@ mod temporal_tests {
             temporal_of(PayloadKind::Audio, None, None, Some(&key), &mut st),
             None
         );
+    }
+}
+
+#[cfg(test)]
+mod shard_tests {
+    //! What the engine does for sharding: every local ICE ufrag names the engine's shard (the
+    //! node's ICE-TCP listener routes by it), and `max_peers` bounds the peers of all shards
+    //! together when they share a counter.
+    use super::*;
+    use tokio::sync::oneshot;
+
+    #[derive(Default)]
+    struct Offers(Vec<String>);
+    impl Output for Offers {
+        fn transmit(&mut self, _: Protocol, _: SocketAddr, _: SocketAddr, _: &[u8]) {}
+        fn event(&mut self, _: PeerId, e: PeerEvent) {
+            if let PeerEvent::Offer { sdp, .. } = e {
+                self.0.push(sdp);
+            }
+        }
+        fn relay(&mut self, _: u64, _: &[u8]) {}
+        fn relay_max(&self, _: u64) -> usize {
+            0
+        }
+    }
+
+    fn engine(now: Instant, max_peers: usize) -> Engine {
+        Engine::new(EngineConfig {
+            candidates: vec![],
+            udp_local: "127.0.0.1:7882".parse().unwrap(),
+            max_peers,
+            wall_anchor: (now, 0),
+            rtp_mode: true,
+        })
+    }
+
+    fn add(e: &mut Engine, now: Instant, id: u64, out: &mut Offers) -> Result<(), MediaError> {
+        let (reply, mut rx) = oneshot::channel();
+        let (events, _keep) = tokio::sync::mpsc::channel(8);
+        e.handle_command(
+            now,
+            Command::AddPeer {
+                peer: PeerId(id),
+                role: PeerRole::Subscriber,
+                events,
+                reply,
+            },
+            out,
+        );
+        rx.try_recv().expect("add_peer replies at once")
+    }
+
+    #[test]
+    fn local_ufrags_name_the_shard() {
+        let now = Instant::now();
+        let counter = Arc::new(AtomicUsize::new(0));
+        for shard_no in [0usize, 1, 3, 63] {
+            let mut e = engine(now, 8).with_shard(shard_no, counter.clone());
+            let mut out = Offers::default();
+            add(&mut e, now, 1, &mut out).unwrap();
+            let sdp = out.0.first().expect("a subscriber gets an initial offer");
+            let ufrag = sdp
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("a=ice-ufrag:"))
+                .expect("the offer has an ufrag");
+            assert_eq!(shard::shard_of_ufrag(ufrag, 64), Some(shard_no), "{ufrag}");
+            assert!(ufrag.starts_with(&shard::ufrag_prefix(shard_no)));
+        }
+    }
+
+    #[test]
+    fn max_peers_counts_every_shard() {
+        let now = Instant::now();
+        let counter = Arc::new(AtomicUsize::new(0));
+        let mut a = engine(now, 3).with_shard(0, counter.clone());
+        let mut b = engine(now, 3).with_shard(1, counter.clone());
+        let mut out = Offers::default();
+        add(&mut a, now, 1, &mut out).unwrap();
+        add(&mut b, now, 2, &mut out).unwrap();
+        add(&mut b, now, 3, &mut out).unwrap();
+        assert!(matches!(
+            add(&mut a, now, 4, &mut out),
+            Err(MediaError::TooManyPeers(3))
+        ));
+        // A duplicate is refused without taking a place.
+        assert!(matches!(
+            add(&mut b, now, 3, &mut out),
+            Err(MediaError::DuplicatePeer(3))
+        ));
+        assert_eq!(counter.load(AtomicOrdering::Relaxed), 3);
+        b.handle_command(now, Command::RemovePeer { peer: PeerId(2) }, &mut out);
+        assert_eq!(counter.load(AtomicOrdering::Relaxed), 2);
+        add(&mut a, now, 4, &mut out).unwrap();
+        assert_eq!((a.peer_count(), b.peer_count()), (2, 1));
     }
 }

@@ -1,12 +1,15 @@
 //! The media data plane: WebRTC transports (str0m) and the packet forwarder.
 //!
 //! * [`engine`] — the sans-IO core: peers, forwarding table, negotiation state.
-//! * [`shell`] — a dedicated thread that owns the UDP socket (and ICE-TCP listener), feeds the
-//!   engine, and carries [`Command`]s in and [`PeerEvent`]s out.
+//! * [`shell`] — one thread per media shard, each owning an engine and its UDP socket (shard 0
+//!   also the node's ICE-TCP listener); carries [`Command`]s in and [`PeerEvent`]s out.
+//! * [`shard`] — which shard runs a room, and how commands, relay datagrams and ICE-TCP
+//!   connections find it.
 //! * [`batch_io`] — the shell's batched UDP system calls (`recvmmsg`, `sendmmsg`, UDP GSO).
 //!
-//! The control plane (actors) talks to the data plane only through [`MediaHandle`]: bounded
-//! command queue in, one bounded event queue per peer out. Media packets never leave the shard
+//! The control plane (actors) talks to the data plane only through [`MediaHandle`] (one room's
+//! shard; [`MediaPlane`] is the node's set of shards): bounded command queue in, one bounded
+//! event queue per peer out. Media packets never leave the shard
 //! thread.
 
 pub mod alloc;
@@ -16,6 +19,7 @@ pub mod engine;
 pub mod relay;
 pub mod rtp;
 pub mod sdp;
+pub mod shard;
 pub mod shell;
 
 use std::fmt;
@@ -24,7 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::error::MediaError;
 
-pub use shell::{MediaHandle, MediaSettings};
+pub use shell::{MediaHandle, MediaPlane, MediaSettings};
 
 /// Identifies one peer connection (a publisher or a subscriber PC of one participant).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

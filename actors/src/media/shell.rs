@@ -1,12 +1,21 @@
-//! The I/O shell around the media [`Engine`]: one thread, one UDP socket for every peer, an
-//! ICE-TCP listener (RFC 4571 framing), the command queue in and per-peer event queues out.
+//! The I/O shell around the media [`Engine`]s: one thread per media shard (`rtc.shards`),
+//! each with its own engine, its own UDP socket (`udp_port + shard`, advertised in that
+//! shard's ICE candidates), its command queue in and per-peer event queues out; one ICE-TCP
+//! listener (RFC 4571 framing) for the node, which hands every connection to its shard.
+//!
+//! Rooms are placed on shards by [`shard`](super::shard) (a stable hash of the room name), so
+//! every peer of a room is on one thread and forwarding takes no lock. [`MediaPlane`] is the
+//! node's set of shards; [`MediaPlane::for_room`] gives the control plane a [`MediaHandle`]
+//! bound to a room's shard.
 //!
 //! The shell owns no media logic. It reads the clock, reads sockets, and hands everything to
 //! the engine; the engine's outputs come back through [`ShellOut`].
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::time::Instant;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use str0m::net::{Protocol, TcpType};
 use str0m::Candidate;
@@ -15,10 +24,11 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, oneshot};
 
 use super::batch_io::{self, FlushStats, RxBatch, TxBatch};
-use super::engine::{Engine, EngineConfig, EngineLimits, Output};
+use super::engine::{stun_local_ufrag, Engine, EngineConfig, EngineLimits, Output};
+use super::shard::{self, MAX_SHARDS};
 use super::{Command, PeerEvent, PeerId, PeerRole, TrackKey};
 use crate::error::MediaError;
-use crate::metrics::METRICS;
+use crate::metrics::{METRICS, SHARD_METRICS};
 
 /// Largest datagram we read. WebRTC keeps packets under the path MTU; 2 KiB is ample.
 const MAX_DATAGRAM: usize = batch_io::MAX_DATAGRAM;
@@ -30,22 +40,32 @@ const RECV_BATCH: usize = 64;
 const SEND_BATCH: usize = 1024;
 /// Outgoing frames queued per ICE-TCP connection before frames are dropped.
 const TCP_WRITE_QUEUE: usize = 512;
-/// Relay datagrams read from QUIC connections and queued for the engine (all nodes) before
-/// new ones are dropped (the hop's NACKs then repair them).
+/// Relay datagrams read from QUIC connections and queued for one shard's engine (all nodes)
+/// before new ones are dropped (the hop's NACKs then repair them).
 const RELAY_IN_QUEUE: usize = 8192;
+/// ICE-TCP connections accepted and waiting to be taken over by their shard.
+const TCP_HANDOFF_QUEUE: usize = 256;
+/// How often a shard publishes its thread's CPU time (`arbor_media_shard_cpu_seconds_total`).
+const CPU_SAMPLE_EVERY: Duration = Duration::from_millis(250);
+/// How long a new ICE-TCP connection may take to send its first frame (the STUN request
+/// that names its shard).
+const TCP_FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where and how the media plane listens.
 #[derive(Debug, Clone)]
 pub struct MediaSettings {
-    /// Local address for the UDP socket (e.g. `0.0.0.0:7882`).
+    /// Local address for shard 0's UDP socket (e.g. `0.0.0.0:7882`); shard `i` binds port
+    /// `port + i`.
     pub udp_bind: SocketAddr,
     /// Local address for the ICE-TCP listener, if enabled (e.g. `0.0.0.0:7881`).
     pub tcp_bind: Option<SocketAddr>,
     /// The address advertised in ICE candidates.
     pub node_ip: IpAddr,
-    /// Maximum number of peer connections (two per participant).
+    /// Maximum number of peer connections (two per participant), all shards together.
     pub max_peers: usize,
-    /// Capacity of the control command queue.
+    /// Number of media shards (engine threads), 1..=[`MAX_SHARDS`].
+    pub shards: usize,
+    /// Capacity of each shard's control command queue.
     pub command_queue: usize,
     /// Data-path limits of the engine (retransmission history, lookup budget).
     pub limits: EngineLimits,
@@ -56,18 +76,57 @@ pub struct MediaSettings {
     pub rtp_mode: bool,
 }
 
-/// The control plane's handle to the media plane. Cheap to clone.
+/// The node's media plane: one command queue per shard. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct MediaPlane {
+    shards: Arc<[mpsc::Sender<Command>]>,
+}
+
+/// The control plane's handle to one room's media shard. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct MediaHandle {
     tx: mpsc::Sender<Command>,
+    tag: u16,
+    shard: usize,
 }
 
-impl MediaHandle {
-    /// Bind the sockets and start the media thread.
-    pub fn start(settings: MediaSettings) -> Result<MediaHandle, MediaError> {
-        let udp = std::net::UdpSocket::bind(settings.udp_bind)?;
-        udp.set_nonblocking(true)?;
-        let udp_port = udp.local_addr()?.port();
+/// What one shard thread needs besides its engine.
+struct ShardIo {
+    shard: usize,
+    udp: std::net::UdpSocket,
+    /// The shard's UDP address as advertised (the `destination` of received datagrams).
+    advertised: SocketAddr,
+    /// The node's ICE-TCP listener (shard 0 runs it) and every shard's hand-off queue.
+    tcp_listener: Option<(std::net::TcpListener, Vec<mpsc::Sender<TcpHandoff>>)>,
+    tcp_local: Option<SocketAddr>,
+    tcp_in: mpsc::Receiver<TcpHandoff>,
+    /// Every shard's relay queue (shard 0 reads the QUIC connections and routes by flow).
+    relay_route: Vec<mpsc::Sender<(u64, bytes::Bytes)>>,
+    relay_rx: mpsc::Receiver<(u64, bytes::Bytes)>,
+    cmd_rx: mpsc::Receiver<Command>,
+}
+
+/// A new ICE-TCP connection for a shard, with the first frame already read from it.
+type TcpHandoff = (std::net::TcpStream, SocketAddr, Vec<u8>);
+
+impl MediaPlane {
+    /// Bind the sockets and start one media thread per shard.
+    pub fn start(settings: MediaSettings) -> Result<MediaPlane, MediaError> {
+        let n = settings.shards.clamp(1, MAX_SHARDS);
+        let mut udps = Vec::with_capacity(n);
+        for i in 0..n {
+            let port = u16::try_from(usize::from(settings.udp_bind.port()) + i)
+                .map_err(|_| MediaError::Io(std::io::Error::other("UDP port range past 65535")))?;
+            // Port 0 (tests): every shard takes an ephemeral port of its own.
+            let port = if settings.udp_bind.port() == 0 {
+                0
+            } else {
+                port
+            };
+            let udp = std::net::UdpSocket::bind(SocketAddr::new(settings.udp_bind.ip(), port))?;
+            udp.set_nonblocking(true)?;
+            udps.push(udp);
+        }
         let tcp = match settings.tcp_bind {
             Some(a) => {
                 let l = std::net::TcpListener::bind(a)?;
@@ -76,58 +135,143 @@ impl MediaHandle {
             }
             None => None,
         };
-        let udp_local = SocketAddr::new(settings.node_ip, udp_port);
-        let mut candidates = vec![Candidate::host(udp_local, "udp")
-            .map_err(|e| MediaError::Sdp(format!("bad node ip {}: {e}", settings.node_ip)))?];
-        let mut tcp_local = None;
-        if let Some(l) = &tcp {
-            let a = SocketAddr::new(settings.node_ip, l.local_addr()?.port());
-            tcp_local = Some(a);
-            if let Ok(c) = Candidate::builder()
-                .tcp()
-                .host(a)
-                .tcptype(TcpType::Passive)
-                .build()
-            {
-                candidates.push(c);
-            }
-        }
+        let tcp_local = match &tcp {
+            Some(l) => Some(SocketAddr::new(settings.node_ip, l.local_addr()?.port())),
+            None => None,
+        };
         let wall = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_micros() as u64);
-        let config = EngineConfig {
-            candidates,
-            udp_local,
-            max_peers: settings.max_peers,
-            wall_anchor: (Instant::now(), wall),
-            rtp_mode: settings.rtp_mode,
-        };
-        let (limits, batch) = (settings.limits, settings.batch_io);
-        let (tx, rx) = mpsc::channel(settings.command_queue.max(16));
-        std::thread::Builder::new()
-            .name("arbor-media".into())
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
+        let wall_anchor = (Instant::now(), wall);
+        let node_peers = Arc::new(AtomicUsize::new(0));
+        let (mut cmd_txs, mut tcp_txs, mut relay_txs) = (Vec::new(), Vec::new(), Vec::new());
+        let mut rxs = Vec::new();
+        for _ in 0..n {
+            let (ctx, crx) = mpsc::channel(settings.command_queue.max(16));
+            let (ttx, trx) = mpsc::channel(TCP_HANDOFF_QUEUE);
+            let (rtx, rrx) = mpsc::channel(RELAY_IN_QUEUE);
+            cmd_txs.push(ctx);
+            tcp_txs.push(ttx);
+            relay_txs.push(rtx);
+            rxs.push((crx, trx, rrx));
+        }
+        let mut tcp = tcp.map(|l| (l, tcp_txs));
+        SHARD_METRICS.set_shards(n);
+        for (i, (udp, (cmd_rx, tcp_in, relay_rx))) in udps.into_iter().zip(rxs).enumerate() {
+            let udp_local = SocketAddr::new(settings.node_ip, udp.local_addr()?.port());
+            let mut candidates = vec![Candidate::host(udp_local, "udp")
+                .map_err(|e| MediaError::Sdp(format!("bad node ip {}: {e}", settings.node_ip)))?];
+            if let Some(a) = tcp_local {
+                if let Ok(c) = Candidate::builder()
+                    .tcp()
+                    .host(a)
+                    .tcptype(TcpType::Passive)
                     .build()
                 {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        tracing::error!(error = %e, "media runtime failed to start");
-                        return;
-                    }
-                };
-                rt.block_on(run(config, limits, batch, udp, tcp, tcp_local, rx));
-            })?;
-        Ok(MediaHandle { tx })
+                    candidates.push(c);
+                }
+            }
+            let config = EngineConfig {
+                candidates,
+                udp_local,
+                max_peers: settings.max_peers,
+                wall_anchor,
+                rtp_mode: settings.rtp_mode,
+            };
+            let io = ShardIo {
+                shard: i,
+                udp,
+                advertised: udp_local,
+                tcp_listener: if i == 0 { tcp.take() } else { None },
+                tcp_local,
+                tcp_in,
+                relay_route: relay_txs.clone(),
+                relay_rx,
+                cmd_rx,
+            };
+            let (limits, batch) = (settings.limits, settings.batch_io);
+            let engine = Engine::new(config)
+                .with_limits(limits)
+                .with_shard(i, node_peers.clone());
+            std::thread::Builder::new()
+                .name(if n == 1 {
+                    "arbor-media".into()
+                } else {
+                    format!("arbor-media-{i}")
+                })
+                .spawn(move || {
+                    let rt = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            tracing::error!(error = %e, shard = i, "media runtime failed to start");
+                            return;
+                        }
+                    };
+                    rt.block_on(run(engine, batch, io));
+                })?;
+        }
+        Ok(MediaPlane {
+            shards: cmd_txs.into(),
+        })
+    }
+
+    /// The number of shards.
+    pub fn shards(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// The handle of the shard that runs room `room`.
+    pub fn for_room(&self, room: &str) -> MediaHandle {
+        let tag = shard::room_tag(room);
+        let i = shard::shard_of_tag(tag, self.shards.len());
+        MediaHandle {
+            tx: self.shards[i].clone(),
+            tag,
+            shard: i,
+        }
+    }
+
+    /// Hand the QUIC connection to relay node `node` (new or replaced) to every shard: each
+    /// sends its rooms' relay datagrams on it; shard 0 reads it and routes each datagram to
+    /// its room's shard by flow id.
+    pub fn relay_connection(&self, node: u64, conn: &quinn::Connection) -> Result<(), MediaError> {
+        for tx in self.shards.iter() {
+            send(
+                tx,
+                Command::RelayConnection {
+                    node,
+                    conn: conn.clone(),
+                },
+            )?;
+        }
+        Ok(())
+    }
+}
+
+fn send(tx: &mpsc::Sender<Command>, cmd: Command) -> Result<(), MediaError> {
+    tx.try_send(cmd).map_err(|e| match e {
+        mpsc::error::TrySendError::Full(_) => MediaError::Overloaded,
+        mpsc::error::TrySendError::Closed(_) => MediaError::EngineGone,
+    })
+}
+
+impl MediaHandle {
+    /// The tag of this handle's room ([`shard::room_tag`]): new track keys carry it.
+    pub fn room_tag(&self) -> u16 {
+        self.tag
+    }
+
+    /// The shard this handle's room runs on.
+    pub fn shard(&self) -> usize {
+        self.shard
     }
 
     /// Queue a command without waiting. Fails when the engine is gone or overloaded.
     pub fn send(&self, cmd: Command) -> Result<(), MediaError> {
-        self.tx.try_send(cmd).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => MediaError::Overloaded,
-            mpsc::error::TrySendError::Closed(_) => MediaError::EngineGone,
-        })
+        send(&self.tx, cmd)
     }
 
     /// Create a peer connection; its events arrive on `events`.
@@ -286,10 +430,19 @@ impl Output for ShellOut<'_> {
     }
 }
 
-/// Reads one relay connection's datagrams into the engine's queue until it closes.
-async fn read_relay(node: u64, conn: quinn::Connection, tx: mpsc::Sender<(u64, bytes::Bytes)>) {
+/// Reads one relay connection's datagrams until it closes, into the queue of the shard that
+/// runs each datagram's room (from the flow id, [`shard::shard_of_datagram`]).
+async fn read_relay(
+    node: u64,
+    conn: quinn::Connection,
+    route: Vec<mpsc::Sender<(u64, bytes::Bytes)>>,
+) {
     while let Ok(d) = conn.read_datagram().await {
-        if tx.try_send((node, d)).is_err() {
+        let i = shard::shard_of_datagram(&d, route.len());
+        if route
+            .get(i)
+            .is_none_or(|tx| tx.try_send((node, d)).is_err())
+        {
             super::relay::RELAY_METRICS
                 .datagrams_dropped
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -303,37 +456,40 @@ enum TcpIn {
     Closed(SocketAddr),
 }
 
-/// The media thread's loop: wait for a command, datagrams, relay datagrams, ICE-TCP frames or
+/// One media shard's loop: wait for a command, datagrams, relay datagrams, ICE-TCP frames or
 /// the engine's next deadline; hand them to the engine; then send everything the engine
 /// produced in this iteration with one flush of the [`TxBatch`].
-#[allow(clippy::too_many_arguments)]
-async fn run(
-    config: EngineConfig,
-    limits: EngineLimits,
-    batch: bool,
-    udp: std::net::UdpSocket,
-    tcp: Option<std::net::TcpListener>,
-    tcp_local: Option<SocketAddr>,
-    mut rx: mpsc::Receiver<Command>,
-) {
-    let udp_local = config.udp_local;
+async fn run(mut engine: Engine, batch: bool, io: ShardIo) {
+    let ShardIo {
+        shard,
+        udp,
+        advertised: engine_udp_local,
+        tcp_listener,
+        tcp_local,
+        mut tcp_in,
+        relay_route,
+        mut relay_rx,
+        cmd_rx: mut rx,
+    } = io;
     let udp = match UdpSocket::from_std(udp) {
         Ok(u) => u,
         Err(e) => {
-            tracing::error!(error = %e, "media UDP socket unusable");
+            tracing::error!(error = %e, shard, "media UDP socket unusable");
             return;
         }
     };
+    let udp_local = udp.local_addr().ok();
     let (tcp_tx, mut tcp_rx) = mpsc::channel::<TcpIn>(4096);
-    if let Some(l) = tcp {
+    if let Some((l, handoff)) = tcp_listener {
         match TcpListener::from_std(l) {
             Ok(l) => {
-                tokio::spawn(accept_tcp(l, tcp_tx.clone()));
+                tokio::spawn(accept_tcp(l, handoff));
             }
             Err(e) => tracing::error!(error = %e, "ICE-TCP listener unusable"),
         }
     }
-    let mut engine = Engine::new(config).with_limits(limits);
+    let stats = SHARD_METRICS.shard(shard);
+    let mut next_cpu_sample = Instant::now();
     let mut sinks: HashMap<PeerId, mpsc::Sender<PeerEvent>> = HashMap::new();
     let mut tcp_conns: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>> = HashMap::new();
     // Batched I/O: with `batch` off, one datagram per send and per read (the old behaviour,
@@ -343,8 +499,7 @@ async fn run(
     let mut rxb = RxBatch::new(if batch { RECV_BATCH } else { 1 });
     let mut relays: HashMap<u64, quinn::Connection> = HashMap::new();
     let mut relay_tasks: HashMap<u64, tokio::task::JoinHandle<()>> = HashMap::new();
-    let (relay_tx, mut relay_rx) = mpsc::channel::<(u64, bytes::Bytes)>(RELAY_IN_QUEUE);
-    tracing::info!(udp = %udp_local, tcp = ?tcp_local, batch, gso, "media engine running");
+    tracing::info!(shard, udp = ?udp_local, advertised = %engine_udp_local, tcp = ?tcp_local, batch, gso, "media engine running");
 
     loop {
         let deadline = engine.poll_timeout(Instant::now());
@@ -362,8 +517,11 @@ async fn run(
                         let same = relays.get(node).is_some_and(|c| c.stable_id() == conn.stable_id());
                         if !same {
                             relays.insert(*node, conn.clone());
-                            if let Some(t) = relay_tasks.insert(*node, tokio::spawn(read_relay(*node, conn.clone(), relay_tx.clone()))) {
-                                t.abort();
+                            // Shard 0 reads every connection for all shards.
+                            if shard == 0 {
+                                if let Some(t) = relay_tasks.insert(*node, tokio::spawn(read_relay(*node, conn.clone(), relay_route.clone()))) {
+                                    t.abort();
+                                }
                             }
                         }
                     }
@@ -374,6 +532,7 @@ async fn run(
                         next = rx.try_recv().ok();
                     }
                 }
+                stats.set_peers(engine.peer_count());
             }
             r = udp.readable() => {
                 if r.is_ok() {
@@ -384,9 +543,10 @@ async fn run(
                             let mut out = ShellOut { udp: &udp, tx: &mut txb, tcp_conns: &tcp_conns, sinks: &mut sinks, relays: &relays };
                             for i in 0..n {
                                 if let Some((d, source)) = rxb.get(i) {
-                                    engine.handle_datagram(now, Protocol::Udp, source, udp_local, d, &mut out);
+                                    engine.handle_datagram(now, Protocol::Udp, source, engine_udp_local, d, &mut out);
                                 }
                             }
+                            stats.add_datagrams(n);
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                         Err(e) => {
@@ -405,6 +565,17 @@ async fn run(
                     n += 1;
                     if n < RECV_BATCH {
                         next = relay_rx.try_recv().ok();
+                    }
+                }
+            }
+            h = tcp_in.recv() => {
+                // A new ICE-TCP connection for this shard, from the node's listener.
+                if let Some((stream, addr, first)) = h {
+                    match TcpStream::from_std(stream) {
+                        Ok(stream) => {
+                            tokio::spawn(tcp_conn(stream, addr, first, tcp_tx.clone()));
+                        }
+                        Err(e) => tracing::debug!(error = %e, %addr, "ICE-TCP hand-off failed"),
                     }
                 }
             }
@@ -433,18 +604,40 @@ async fn run(
                 relays: &relays,
             };
             engine.handle_timeout(now, &mut out);
+            stats.set_peers(engine.peer_count());
         }
         flush(&udp, &mut txb);
+        if now >= next_cpu_sample {
+            next_cpu_sample = now + CPU_SAMPLE_EVERY;
+            if let Some(cpu) = thread_cpu_time() {
+                stats.set_cpu(cpu);
+            }
+        }
     }
-    tracing::info!("media engine stopped");
+    tracing::info!(shard, "media engine stopped");
 }
 
-async fn accept_tcp(listener: TcpListener, tx: mpsc::Sender<TcpIn>) {
+/// The CPU time the calling thread has used (`CLOCK_THREAD_CPUTIME_ID`).
+fn thread_cpu_time() -> Option<Duration> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    (r == 0).then(|| Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+}
+
+/// The node's ICE-TCP listener: reads each new connection's first frame (the client's STUN
+/// binding request, whose USERNAME starts with our ufrag, and so with the shard's number) and
+/// hands the connection to that shard. A first frame that names no shard of this node closes
+/// the connection (with one shard everything goes to shard 0, as before sharding).
+async fn accept_tcp(listener: TcpListener, handoff: Vec<mpsc::Sender<TcpHandoff>>) {
     loop {
         match listener.accept().await {
             Ok((stream, addr)) => {
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(tcp_conn(stream, addr, tx.clone()));
+                tokio::spawn(handoff_tcp(stream, addr, handoff.clone()));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "ICE-TCP accept failed");
@@ -454,11 +647,55 @@ async fn accept_tcp(listener: TcpListener, tx: mpsc::Sender<TcpIn>) {
     }
 }
 
+/// Read one RFC 4571 frame (16-bit big-endian length, then the packet).
+async fn read_frame<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> Option<Vec<u8>> {
+    let mut len = [0u8; 2];
+    r.read_exact(&mut len).await.ok()?;
+    let n = u16::from_be_bytes(len) as usize;
+    if n == 0 || n > MAX_DATAGRAM {
+        return None;
+    }
+    let mut data = vec![0u8; n];
+    r.read_exact(&mut data).await.ok()?;
+    Some(data)
+}
+
+async fn handoff_tcp(
+    mut stream: TcpStream,
+    addr: SocketAddr,
+    handoff: Vec<mpsc::Sender<TcpHandoff>>,
+) {
+    let first = match tokio::time::timeout(TCP_FIRST_FRAME_TIMEOUT, read_frame(&mut stream)).await {
+        Ok(Some(f)) => f,
+        _ => {
+            tracing::debug!(%addr, "ICE-TCP connection sent no valid first frame; closing");
+            return;
+        }
+    };
+    let i = if handoff.len() == 1 {
+        Some(0)
+    } else {
+        stun_local_ufrag(&first).and_then(|u| shard::shard_of_ufrag(u, handoff.len()))
+    };
+    let Some(i) = i else {
+        tracing::debug!(%addr, "ICE-TCP first frame names no shard of this node; closing");
+        return;
+    };
+    let Ok(stream) = stream.into_std() else {
+        return;
+    };
+    if handoff[i].try_send((stream, addr, first)).is_err() {
+        tracing::warn!(%addr, shard = i, "ICE-TCP hand-off queue full; connection closed");
+    }
+}
 /// One ICE-TCP connection: RFC 4571 frames (16-bit big-endian length, then the packet).
-async fn tcp_conn(stream: TcpStream, addr: SocketAddr, tx: mpsc::Sender<TcpIn>) {
+async fn tcp_conn(stream: TcpStream, addr: SocketAddr, first: Vec<u8>, tx: mpsc::Sender<TcpIn>) {
     let (mut r, mut w) = stream.into_split();
     let (wtx, mut wrx) = mpsc::channel::<Vec<u8>>(TCP_WRITE_QUEUE);
     if tx.send(TcpIn::Open(addr, wtx)).await.is_err() {
+        return;
+    }
+    if tx.send(TcpIn::Frame(addr, first)).await.is_err() {
         return;
     }
     let writer = tokio::spawn(async move {
@@ -468,24 +705,138 @@ async fn tcp_conn(stream: TcpStream, addr: SocketAddr, tx: mpsc::Sender<TcpIn>) 
             }
         }
     });
-    let mut len = [0u8; 2];
-    loop {
-        if r.read_exact(&mut len).await.is_err() {
-            break;
-        }
-        let n = u16::from_be_bytes(len) as usize;
-        if n == 0 || n > MAX_DATAGRAM {
-            tracing::debug!(%addr, len = n, "bad ICE-TCP frame length; closing");
-            break;
-        }
-        let mut data = vec![0u8; n];
-        if r.read_exact(&mut data).await.is_err() {
-            break;
-        }
+    // Until the peer closes or sends a bad frame length.
+    while let Some(data) = read_frame(&mut r).await {
         if tx.send(TcpIn::Frame(addr, data)).await.is_err() {
             break;
         }
     }
     writer.abort();
     let _ = tx.send(TcpIn::Closed(addr)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    //! The shell's routing with real threads and sockets on loopback: room commands reach the
+    //! room's shard (its peers advertise that shard's UDP port and ufrag prefix), and the one
+    //! ICE-TCP listener hands each connection to the shard its first STUN request names.
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn stun_frame(username: &str) -> Vec<u8> {
+        let mut attrs = Vec::new();
+        attrs.extend_from_slice(&0x0006u16.to_be_bytes());
+        attrs.extend_from_slice(&(username.len() as u16).to_be_bytes());
+        attrs.extend_from_slice(username.as_bytes());
+        while attrs.len() % 4 != 0 {
+            attrs.push(0);
+        }
+        let mut d = vec![0x00, 0x01];
+        d.extend_from_slice(&(attrs.len() as u16).to_be_bytes());
+        d.extend_from_slice(&[0x21, 0x12, 0xa4, 0x42]);
+        d.extend_from_slice(&[7; 12]);
+        d.extend_from_slice(&attrs);
+        let mut f = (d.len() as u16).to_be_bytes().to_vec();
+        f.extend_from_slice(&d);
+        f
+    }
+
+    #[tokio::test]
+    async fn ice_tcp_connections_are_handed_to_the_shard_their_ufrag_names() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let addr = l.local_addr().unwrap();
+        let (mut txs, mut rxs) = (Vec::new(), Vec::new());
+        for _ in 0..3 {
+            let (tx, rx) = mpsc::channel::<TcpHandoff>(4);
+            txs.push(tx);
+            rxs.push(rx);
+        }
+        tokio::spawn(accept_tcp(TcpListener::from_std(l).unwrap(), txs));
+        for (shard, ufrag) in [(2usize, "02Abc"), (0, "00xyz"), (1, "01q")] {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            let frame = stun_frame(&format!("{ufrag}:client"));
+            c.write_all(&frame).await.unwrap();
+            let (s, from, first) = tokio::time::timeout(Duration::from_secs(5), rxs[shard].recv())
+                .await
+                .expect("handed over in time")
+                .unwrap();
+            assert_eq!(first, frame[2..]);
+            assert_eq!(from, c.local_addr().unwrap());
+            // The stream itself moved: what the client sends next is readable there.
+            c.write_all(b"more").await.unwrap();
+            let mut s = TcpStream::from_std(s).unwrap();
+            let mut buf = [0u8; 4];
+            s.read_exact(&mut buf).await.unwrap();
+            assert_eq!(&buf, b"more");
+            for (i, rx) in rxs.iter_mut().enumerate() {
+                assert!(i == shard || rx.try_recv().is_err(), "also on shard {i}");
+            }
+        }
+        // A ufrag naming no shard of this node, and a frame that is not STUN: closed.
+        for frame in [stun_frame("07abc:client"), vec![0, 3, 1, 2, 3]] {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            c.write_all(&frame).await.unwrap();
+            let mut buf = [0u8; 1];
+            let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
+                .await
+                .expect("closed in time")
+                .unwrap_or(0);
+            assert_eq!(n, 0, "the connection is closed");
+            for rx in &mut rxs {
+                assert!(rx.try_recv().is_err());
+            }
+        }
+    }
+
+    fn sdp_value<'a>(sdp: &'a str, prefix: &str) -> Vec<&'a str> {
+        sdp.lines()
+            .filter_map(|l| l.trim().strip_prefix(prefix))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn room_commands_run_on_the_rooms_shard() {
+        crate::media::init_crypto();
+        let plane = MediaPlane::start(MediaSettings {
+            udp_bind: "127.0.0.1:0".parse().unwrap(),
+            tcp_bind: None,
+            node_ip: "127.0.0.1".parse().unwrap(),
+            max_peers: 16,
+            shards: 2,
+            command_queue: 64,
+            limits: EngineLimits::default(),
+            batch_io: true,
+            rtp_mode: true,
+        })
+        .unwrap();
+        assert_eq!(plane.shards(), 2);
+        // "room-b" and "room-a" hash to shards 0 and 1 (see `shard::tests`).
+        let mut ports = Vec::new();
+        for (room, want) in [("room-b", 0usize), ("room-a", 1)] {
+            let h = plane.for_room(room);
+            assert_eq!(h.shard(), want);
+            assert_eq!(h.room_tag(), shard::room_tag(room));
+            let (events, mut rx) = mpsc::channel(16);
+            let peer = PeerId(100 + want as u64);
+            h.add_peer(peer, PeerRole::Subscriber, events)
+                .await
+                .unwrap();
+            let sdp = loop {
+                match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+                    Ok(Some(PeerEvent::Offer { sdp, .. })) => break sdp,
+                    Ok(Some(_)) => continue,
+                    other => panic!("no offer: {other:?}"),
+                }
+            };
+            let ufrag = sdp_value(&sdp, "a=ice-ufrag:")[0];
+            assert_eq!(shard::shard_of_ufrag(ufrag, 2), Some(want), "{ufrag}");
+            let cand = sdp_value(&sdp, "a=candidate:")[0].to_string();
+            ports.push(cand);
+            h.send(Command::RemovePeer { peer }).unwrap();
+        }
+        // Each shard advertises its own UDP socket.
+        let port = |c: &str| c.split_whitespace().nth(5).unwrap().to_string();
+        assert_ne!(port(&ports[0]), port(&ports[1]), "{ports:?}");
+    }
 }
