@@ -41,12 +41,22 @@ fuzz_target!(|data: &[u8]| {
     for (video, flow) in [(true, 7u64), (false, 8u64)] {
         engine.handle_command(
             now,
-            Command::RelayIn { track: TrackKey(flow + 100), node: 2, flow, video },
+            Command::RelayIn {
+                track: TrackKey(flow + 100),
+                node: 2,
+                flow,
+                video,
+            },
             &mut Sink,
         );
         engine.handle_command(
             now,
-            Command::RelayOut { track: TrackKey(flow + 100), node: 3, on: true, max_rank: 3 },
+            Command::RelayOut {
+                track: TrackKey(flow + 100),
+                node: 3,
+                on: true,
+                max_rank: 3,
+            },
             &mut Sink,
         );
     }
