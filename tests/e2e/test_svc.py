@@ -97,6 +97,21 @@ async def wait_layer(sub: SubProc, size: tuple[int, int], timeout: float, period
     return await sub.wait(ok, timeout, f"frames of the {size[0]}x{size[1]} layer, none larger")
 
 
+async def start_low_high(low: SubProc, high: SubProc, ws_url: str, room: str,
+                         subscribed_timeout: float, layer_timeout: float) -> None:
+    """Starts the two Python subscribers on `ws_url`, `low` asking for the low quality and
+    `high` for the high one, and waits until each decodes its layer (S0, S2)."""
+    for sub, quality in ((low, "low"), (high, "high")):
+        await sub.start(ws_url, make_token(sub.label, room), PUBLISHER, initial_quality=quality, dump_dir=WORK)
+    for sub in (low, high):
+        await sub.wait(lambda p: any(e.get("ev") == "subscribed" for e in p.events), subscribed_timeout,
+                       "track_subscribed")
+    first = await asyncio.gather(wait_layer(low, S0, layer_timeout), wait_layer(high, S2, layer_timeout),
+                                 return_exceptions=True)
+    if any(isinstance(r, BaseException) for r in first):
+        raise AssertionError(f"first layers not reached on {ws_url}: {first}\n{low.describe(6)}\n{high.describe(6)}")
+
+
 def _kbps(sub: SubProc, since: float) -> Optional[float]:
     """Received video kbit/s between the first and last report after `since`."""
     rows = [s for s in sub.frames_since(since) if (s.get("inbound") or {}).get("bytes_received") is not None]
@@ -133,13 +148,7 @@ async def test_svc_layers_dropped_per_subscriber(arbor_open, page_base, camera_c
         layer = list(snd["layers"].values())[0]
         assert (layer.get("mimeType") or "").lower() == f"video/{codec}", f"not publishing {codec}: {snd}"
         assert layer.get("scalabilityMode") in (None, "L3T3_KEY"), f"unexpected scalability mode: {snd}"
-        await low.start(arbor_open.ws_url, make_token("svc-low", room), PUBLISHER, initial_quality="low", dump_dir=WORK)
-        await high.start(arbor_open.ws_url, make_token("svc-high", room), PUBLISHER, initial_quality="high", dump_dir=WORK)
-        for s in (low, high):
-            await s.wait(lambda p: any(e.get("ev") == "subscribed" for e in p.events), 30, "track_subscribed")
-        first = await asyncio.gather(wait_layer(low, S0, 40), wait_layer(high, S2, 40), return_exceptions=True)
-        if any(isinstance(r, BaseException) for r in first):
-            raise AssertionError(f"first layers not reached: {first}\n{low.describe(6)}\n{high.describe(6)}")
+        await start_low_high(low, high, arbor_open.ws_url, room, 30, 40)
         # Both steady: measure what each receives over a few seconds.
         t = time.monotonic()
         await asyncio.sleep(4)

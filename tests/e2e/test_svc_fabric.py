@@ -19,12 +19,10 @@ from typing import Optional
 
 import pytest
 
-from conftest import WORK
-from helpers import make_token
 from quality_tools import Browser, SubProc
 from test_fabric import cluster3  # noqa: F401 - pytest fixture, used by name
-from test_quality import PUBLISHER, camera_clip, page_base  # noqa: F401 - fixtures, used by name
-from test_svc import S0, S2, _kbps, start_svc_publisher, wait_layer
+from test_quality import camera_clip, page_base  # noqa: F401 - fixtures, used by name
+from test_svc import S0, S2, _kbps, start_low_high, start_svc_publisher
 
 
 @pytest.mark.timeout(300)
@@ -36,15 +34,7 @@ async def test_svc_layers_dropped_on_a_remote_node(cluster3, page_base, camera_c
     low, high = SubProc("svc-remote-low"), SubProc("svc-remote-high")
     try:
         browser = await start_svc_publisher(a_node, page_base, camera_clip, room, codec)
-        await low.start(c_node.ws_url, make_token("svc-remote-low", room), PUBLISHER,
-                        initial_quality="low", dump_dir=WORK)
-        await high.start(c_node.ws_url, make_token("svc-remote-high", room), PUBLISHER,
-                         initial_quality="high", dump_dir=WORK)
-        for s in (low, high):
-            await s.wait(lambda p: any(e.get("ev") == "subscribed" for e in p.events), 40, "track_subscribed")
-        reached = await asyncio.gather(wait_layer(low, S0, 60), wait_layer(high, S2, 60), return_exceptions=True)
-        if any(isinstance(r, BaseException) for r in reached):
-            raise AssertionError(f"layers not reached on node C: {reached}\n{low.describe(6)}\n{high.describe(6)}")
+        await start_low_high(low, high, c_node.ws_url, room, 40, 60)
         t = time.monotonic()
         await asyncio.sleep(4)
         lo_kbps, hi_kbps = _kbps(low, t), _kbps(high, t)

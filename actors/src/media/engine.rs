@@ -3250,7 +3250,7 @@ mod relay_tests {
 }
 
 #[cfg(test)]
-mod lookup_tests {
+pub(crate) mod lookup_tests {
     //! The pure pieces of the engine's per-packet bookkeeping: the timer heap's lazy
     //! invalidation and the STUN ufrag parser used to find a peer without scanning.
     use super::*;
@@ -3280,7 +3280,9 @@ mod lookup_tests {
         assert!(q.heap.is_empty());
     }
 
-    fn stun_request(username: &[u8]) -> Vec<u8> {
+    /// A STUN binding request carrying only a USERNAME (also used by the shell's ICE-TCP
+    /// hand-off tests).
+    pub(crate) fn stun_request(username: &[u8]) -> Vec<u8> {
         let mut attrs = Vec::new();
         attrs.extend_from_slice(&0x0006u16.to_be_bytes());
         attrs.extend_from_slice(&(username.len() as u16).to_be_bytes());

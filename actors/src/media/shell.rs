@@ -723,19 +723,9 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    /// A STUN binding request in RFC 4571 framing (ICE-TCP).
     fn stun_frame(username: &str) -> Vec<u8> {
-        let mut attrs = Vec::new();
-        attrs.extend_from_slice(&0x0006u16.to_be_bytes());
-        attrs.extend_from_slice(&(username.len() as u16).to_be_bytes());
-        attrs.extend_from_slice(username.as_bytes());
-        while attrs.len() % 4 != 0 {
-            attrs.push(0);
-        }
-        let mut d = vec![0x00, 0x01];
-        d.extend_from_slice(&(attrs.len() as u16).to_be_bytes());
-        d.extend_from_slice(&[0x21, 0x12, 0xa4, 0x42]);
-        d.extend_from_slice(&[7; 12]);
-        d.extend_from_slice(&attrs);
+        let d = crate::media::engine::lookup_tests::stun_request(username.as_bytes());
         let mut f = (d.len() as u16).to_be_bytes().to_vec();
         f.extend_from_slice(&d);
         f
