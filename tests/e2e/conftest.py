@@ -243,10 +243,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
             )
 
 
-@pytest.fixture
-def arbor(request: pytest.FixtureRequest) -> Iterator[ArborServer]:
-    """A fresh `arbor --dev` for this test, stopped afterwards; its log is attached on failure."""
-    server = start_arbor(_safe_name(request.node.nodeid))
+def serve_arbor(request: pytest.FixtureRequest, **kwargs) -> Iterator[ArborServer]:
+    """Body of a server fixture: a fresh `arbor` (`start_arbor` arguments in `kwargs`) for this
+    test, stopped afterwards; its log is attached on failure, and the test fails if the
+    server died or logged a panic."""
+    server = start_arbor(_safe_name(request.node.nodeid), **kwargs)
     request.node.arbor_servers = [server]
     yield server
     died = not server.alive()
@@ -257,6 +258,12 @@ def arbor(request: pytest.FixtureRequest) -> Iterator[ArborServer]:
         pytest.fail(f"arbor died during the test (exit code {returncode})", pytrace=False)
     if "panicked at" in text:
         pytest.fail("arbor logged a Rust panic during the test", pytrace=False)
+
+
+@pytest.fixture
+def arbor(request: pytest.FixtureRequest) -> Iterator[ArborServer]:
+    """A fresh `arbor --dev` for this test, stopped afterwards; its log is attached on failure."""
+    yield from serve_arbor(request)
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import asyncio
 import pytest
 from livekit import rtc
 
-from conftest import _safe_name, start_arbor, stop_arbor
+from conftest import serve_arbor
 from helpers import (
     CounterVideoPublisher,
     VideoReceiver,
@@ -37,15 +37,7 @@ ROOMS = {"shard-b": 0, "shard-a": 1}
 @pytest.fixture
 def arbor2(request: pytest.FixtureRequest):
     """`arbor --dev` with two media shards."""
-    server = start_arbor(_safe_name(request.node.nodeid), env={"ARBOR_RTC_SHARDS": "2"})
-    request.node.arbor_servers = [server]
-    yield server
-    died = not server.alive()
-    stop_arbor(server)
-    if died:
-        pytest.fail("arbor died during the test", pytrace=False)
-    if "panicked at" in server.log_text():
-        pytest.fail("arbor logged a Rust panic during the test", pytrace=False)
+    yield from serve_arbor(request, env={"ARBOR_RTC_SHARDS": "2"})
 
 
 def shard_sample(m: dict, name: str, shard: int) -> float:
