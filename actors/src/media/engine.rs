@@ -1907,6 +1907,27 @@ impl Engine {
         );
     }
 
+    /// Send what was just written to a subscriber's streams: time-stamp it in str0m's send
+    /// queue and let the pacer release it now (`handle_input(Timeout(now))`), then drain.
+    ///
+    /// Without the timeout input str0m answers the write with a due timeout, which costs a
+    /// poll of the whole `Rtc`, a timer-heap round and a second timeout round; str0m's
+    /// documentation allows a timeout input at any time.
+    fn send_written(
+        now: Instant,
+        id: PeerId,
+        peer: &mut Peer,
+        queue: &mut WorkQueue,
+        out: &mut dyn Output,
+    ) {
+        METRICS.peer_timeouts.fetch_add(1, Relaxed);
+        if let Err(e) = peer.rtc.handle_input(Input::Timeout(now)) {
+            tracing::debug!(peer = id.0, error = %e, "timeout input failed");
+            peer.rtc.disconnect();
+        }
+        Self::drain(id, peer, queue, out);
+    }
+
     /// Poll one peer until it has nothing more to say. The only place that calls `poll_output`.
     fn drain(id: PeerId, peer: &mut Peer, queue: &mut WorkQueue, out: &mut dyn Output) {
         loop {
@@ -2494,7 +2515,7 @@ impl Engine {
                 if !choice.forward {
                     o.rw.skip(&header);
                     if released {
-                        Self::drain(*sub, peer, &mut self.queue, out);
+                        Self::send_written(now, *sub, peer, &mut self.queue, out);
                     }
                     continue;
                 }
@@ -2569,7 +2590,7 @@ impl Engine {
             };
             tx.write_rtp(w);
             METRICS.add_forwarded(len);
-            Self::drain(*sub, peer, &mut self.queue, out);
+            Self::send_written(now, *sub, peer, &mut self.queue, out);
         }
         if let Some(rid) = want_keyframe {
             self.request_keyframe(now, track, rid, out);
