@@ -38,7 +38,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use str0m::bwe::{Bitrate, BweKind};
-use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+use str0m::change::{DirectApi, SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::channel::{ChannelConfig, ChannelId, Reliability};
 use str0m::media::MediaTime;
 use str0m::media::{Direction, KeyframeRequestKind, MediaData, MediaKind, Mid, Rid};
@@ -189,6 +189,9 @@ struct OutTrack {
     held: Option<HeldRtp>,
     /// RTP mode: the publisher's payload type → this subscriber's (None: no match).
     pt_map: Vec<(Pt, Option<Pt>)>,
+    /// The SSRC of the str0m send stream of the open m-line, once looked up: str0m finds a
+    /// stream by mid with a scan of all of the peer's send streams, by SSRC with one hash.
+    tx_ssrc: Option<Ssrc>,
 }
 
 impl OutTrack {
@@ -746,11 +749,37 @@ fn best_layer(layers: &[(Rid, Instant)], allowed: u8, now: Instant) -> Option<Ri
     best_fit.or(lowest).map(|(_, r)| r)
 }
 
+/// Hasher for the engine's own ids ([`PeerId`], [`TrackKey`]): numbers the engine assigns
+/// itself, never taken from the network, so the lookups made per packet and subscriber need
+/// no SipHash (its DoS resistance protects maps keyed by input, such as `by_addr`).
+#[derive(Default, Clone, Copy)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        // Fibonacci hashing: a bijection that spreads sequential ids over every bit.
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+/// A map keyed by the engine's own ids (see [`IdHasher`]).
+type IdMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<IdHasher>>;
+
 /// The media engine of one shard. See the module documentation.
 pub struct Engine {
     config: EngineConfig,
-    peers: HashMap<PeerId, Peer>,
-    tracks: HashMap<TrackKey, FwdTrack>,
+    peers: IdMap<PeerId, Peer>,
+    tracks: IdMap<TrackKey, FwdTrack>,
     /// Cache: remote address → peer, filled when a peer first accepts a datagram.
     by_addr: HashMap<SocketAddr, PeerId>,
     /// Our ICE ufrag → peer: a STUN request from a new address names the peer it is for.
@@ -780,8 +809,8 @@ impl Engine {
     pub fn new(config: EngineConfig) -> Self {
         Engine {
             config,
-            peers: HashMap::new(),
-            tracks: HashMap::new(),
+            peers: IdMap::default(),
+            tracks: IdMap::default(),
             by_addr: HashMap::new(),
             by_ufrag: HashMap::new(),
             queue: WorkQueue::default(),
@@ -1628,6 +1657,7 @@ impl Engine {
         for o in &mut peer.media_out {
             if let OutState::Negotiating(m) = o.state {
                 o.state = OutState::Open(m);
+                o.tx_ssrc = None;
                 o.need_keyframe = o.kind == MediaKind::Video;
                 opened.push(o.track);
                 opened_mids.push((m, o.kind));
@@ -1709,6 +1739,7 @@ impl Engine {
             svc: SvcSelector::default(),
             held: None,
             pt_map: Vec::new(),
+            tx_ssrc: None,
         });
         let _ = now;
         self.negotiate(sub, out);
@@ -1905,6 +1936,31 @@ impl Engine {
                 mid_to_track,
             },
         );
+    }
+
+    /// The send stream of a subscriber's m-line `mid`, found by the SSRC remembered in
+    /// `cache` (looked up by mid and remembered when missing or stale).
+    ///
+    /// The cache is cleared whenever the m-line (re)opens; a stale SSRC (a stream str0m
+    /// removed) costs one packet, and the next lookup goes by mid again.
+    fn stream_tx<'a>(
+        api: &'a mut DirectApi<'_>,
+        mid: Mid,
+        cache: &mut Option<Ssrc>,
+    ) -> Option<&'a mut str0m::rtp::StreamTx> {
+        let ssrc = match *cache {
+            Some(s) => s,
+            None => {
+                let s = api.stream_tx_by_mid(mid, None)?.ssrc();
+                *cache = Some(s);
+                s
+            }
+        };
+        let tx = api.stream_tx(&ssrc);
+        if tx.is_none() {
+            *cache = None;
+        }
+        tx
     }
 
     /// Send what was just written to a subscriber's streams: time-stamp it in str0m's send
@@ -2507,7 +2563,8 @@ impl Engine {
                             .marker(m)
                             .nackable(true)
                             .ext_vals(held.ext);
-                    if let Some(tx) = peer.rtc.direct_api().stream_tx_by_mid(mid, None) {
+                    let mut api = peer.rtc.direct_api();
+                    if let Some(tx) = Self::stream_tx(&mut api, mid, &mut o.tx_ssrc) {
                         tx.write_rtp(w);
                         released = true;
                     }
@@ -2585,7 +2642,7 @@ impl Engine {
                 }
             }
             let mut api = peer.rtc.direct_api();
-            let Some(tx) = api.stream_tx_by_mid(mid, None) else {
+            let Some(tx) = Self::stream_tx(&mut api, mid, &mut o.tx_ssrc) else {
                 continue;
             };
             tx.write_rtp(w);
