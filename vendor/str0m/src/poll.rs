@@ -417,6 +417,52 @@ mod tests {
         }
     }
 
+    // Arbor patch: subsystem readiness.
+    fn subsystems_idle(rtc: &Rtc) -> bool {
+        let r = &rtc.readiness;
+        !r.ice_touched()
+            && !r.dtls_touched()
+            && !r.sctp_events_touched()
+            && !r.sctp_timeout_touched()
+    }
+
+    #[test]
+    fn readiness_idle_rtc_has_no_touched_subsystem() {
+        assert!(subsystems_idle(&idle_rtc()));
+    }
+
+    #[test]
+    fn readiness_stream_access_touches_only_the_session() {
+        let mut rtc = idle_rtc();
+        assert!(rtc.direct_api().stream_tx(&42.into()).is_some());
+        assert!(rtc.readiness.wants_events());
+        assert!(rtc.readiness.wants_timeout());
+        assert!(subsystems_idle(&rtc), "{:?}", rtc.readiness);
+    }
+
+    #[test]
+    fn readiness_other_api_mutations_touch_every_subsystem() {
+        let mut rtc = idle_rtc();
+        rtc.direct_api().set_ice_lite(true);
+        let r = &rtc.readiness;
+        assert!(r.ice_touched() && r.dtls_touched());
+        assert!(r.sctp_events_touched() && r.sctp_timeout_touched());
+    }
+
+    #[test]
+    fn readiness_timeout_not_due_leaves_sctp_and_ice_untouched() {
+        let mut rtc = idle_rtc();
+        let now = rtc.last_now + std::time::Duration::from_millis(1);
+        rtc.handle_input(Input::Timeout(now)).unwrap();
+        let r = &rtc.readiness;
+        assert!(!r.sctp_events_touched() && !r.sctp_timeout_touched());
+        assert!(!r.ice_touched(), "ICE ran 1 ms after its last run");
+        // ... until ICE_EVALUATE_INTERVAL has passed.
+        let later = now + crate::ICE_EVALUATE_INTERVAL;
+        rtc.handle_input(Input::Timeout(later)).unwrap();
+        assert!(rtc.readiness.ice_touched());
+    }
+
     #[test]
     fn narrowing_preserves_other_operations() {
         for events in [false, true] {
