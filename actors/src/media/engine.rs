@@ -900,12 +900,7 @@ impl Engine {
                 self.queue.timers.schedule(id, &mut peer.scheduled, next);
                 continue;
             }
-            METRICS.peer_timeouts.fetch_add(1, Relaxed);
-            if let Err(e) = peer.rtc.handle_input(Input::Timeout(now)) {
-                tracing::debug!(peer = id.0, error = %e, "timeout input failed");
-                peer.rtc.disconnect();
-            }
-            Self::drain(id, peer, &mut self.queue, out);
+            Self::timeout_and_drain(now, id, peer, &mut self.queue, out);
         }
         self.queue.due = due;
         if self.queue.timers.heap.len() > 2 * self.peers.len() + 1024 {
@@ -1963,13 +1958,14 @@ impl Engine {
         tx
     }
 
-    /// Send what was just written to a subscriber's streams: time-stamp it in str0m's send
-    /// queue and let the pacer release it now (`handle_input(Timeout(now))`), then drain.
+    /// Give a peer's `Rtc` a timeout input at `now`, then drain it: for a due timer, and
+    /// right after writing RTP to a subscriber, to send what was just written (str0m
+    /// time-stamps it in its send queue and the pacer releases it).
     ///
-    /// Without the timeout input str0m answers the write with a due timeout, which costs a
+    /// Without that timeout input str0m answers a write with a due timeout, which costs a
     /// poll of the whole `Rtc`, a timer-heap round and a second timeout round; str0m's
     /// documentation allows a timeout input at any time.
-    fn send_written(
+    fn timeout_and_drain(
         now: Instant,
         id: PeerId,
         peer: &mut Peer,
@@ -2572,7 +2568,7 @@ impl Engine {
                 if !choice.forward {
                     o.rw.skip(&header);
                     if released {
-                        Self::send_written(now, *sub, peer, &mut self.queue, out);
+                        Self::timeout_and_drain(now, *sub, peer, &mut self.queue, out);
                     }
                     continue;
                 }
@@ -2647,7 +2643,7 @@ impl Engine {
             };
             tx.write_rtp(w);
             METRICS.add_forwarded(len);
-            Self::send_written(now, *sub, peer, &mut self.queue, out);
+            Self::timeout_and_drain(now, *sub, peer, &mut self.queue, out);
         }
         if let Some(rid) = want_keyframe {
             self.request_keyframe(now, track, rid, out);

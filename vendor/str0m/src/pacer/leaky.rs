@@ -693,6 +693,37 @@ mod test {
         assert!(queue.is_empty());
     }
 
+    // Arbor patch: the immediate timeout after a send only while packets remain.
+    #[test]
+    fn no_immediate_timeout_after_the_last_queued_packet() {
+        let now = Instant::now();
+        let mut queue = Queue::default();
+        let mut pacer = LeakyBucketPacer::new(Bitrate::kbps(1000));
+        handle_timeout_noisy(&mut pacer, &mut queue, now);
+
+        let at = now + duration_ms(1);
+        enqueue_packet_noisy(&mut pacer, &mut queue, 1, 100, PacketKind::Video, at);
+        enqueue_packet_noisy(&mut pacer, &mut queue, 2, 100, PacketKind::Video, at);
+
+        // Two queued: the first send asks for an immediate timeout for the second.
+        let (qid, _) = pacer.poll_queue().expect("first packet released");
+        let p = queue.next_packet().unwrap();
+        pacer.register_send(at, DataSize::from(p.size()), qid);
+        queue.register_send(qid, at);
+        let t = pacer.poll_timeout().0.unwrap();
+        assert!(t <= at + Duration::from_micros(1), "immediate timeout for packet 2");
+
+        // The last one: nothing left to release, the pacer waits for its handle time.
+        handle_timeout_noisy(&mut pacer, &mut queue, at);
+        let (qid, _) = pacer.poll_queue().expect("second packet released");
+        let p = queue.next_packet().unwrap();
+        pacer.register_send(at, DataSize::from(p.size()), qid);
+        queue.register_send(qid, at);
+        assert!(queue.is_empty());
+        let t = pacer.poll_timeout().0.unwrap();
+        assert!(t >= at + PACING, "no immediate timeout after the last packet: {:?}", t - at);
+    }
+
     #[test]
     fn test_queue_drain() {
         let now = Instant::now();
